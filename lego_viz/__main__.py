@@ -1,0 +1,3 @@
+from lego_viz.cli import main
+
+raise SystemExit(main())
