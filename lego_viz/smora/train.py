@@ -117,7 +117,7 @@ def train(
         if config.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
         optimizer.step()
-        history.loss.append(float(loss))
+        history.loss.append(float(loss.detach()))
         if is_smora:
             history.load_balance.append(mean_load_balance(balance_step(model, gamma)))
         bar.set_postfix(loss=f"{history.loss[-1]:.3f}")
