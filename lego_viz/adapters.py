@@ -1,0 +1,509 @@
+"""Load and validate PEFT LoRA adapters into typed :class:`LoraAdapter` objects.
+
+An adapter can be given as a PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``
+or ``.bin``), a ``.zip`` of one, or a hub id. Everything is converted to float32 on the CPU; the
+original file is hashed so that reports and recipes can name exactly what was merged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import pickle
+import re
+import zipfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+KEY_PREFIX = "base_model.model."
+# What a zip may unpack to: enough for a rank-64 adapter on every layer of a 70B model is far beyond
+# a demo, but a zip bomb is stopped long before it fills the disk.
+MAX_UNZIPPED_BYTES = 2 * 1024**3
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<side>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
+
+
+class AdapterError(ValueError):
+    """An adapter (or a set of adapters) cannot be used; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One LoRA module: ``ΔW = scale · B @ A`` on a base layer ``W0 (d_out, d_in)``.
+
+    ``fan_in_fan_out`` marks GPT-2 ``Conv1D`` layers whose base weight is stored transposed;
+    ``A`` and ``B`` keep the shapes below either way.
+    """
+
+    A: torch.Tensor  # (r, d_in)
+    B: torch.Tensor  # (d_out, r)
+    scale: float
+    fan_in_fan_out: bool = False
+
+    @property
+    def r(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def d_in(self) -> int:
+        return self.A.shape[1]
+
+    @property
+    def d_out(self) -> int:
+        return self.B.shape[0]
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense update ``scale · B A`` of shape (d_out, d_in). Only for small layers and tests."""
+        return self.scale * (self.B @ self.A)
+
+
+@dataclass
+class LoraAdapter:
+    """A loaded LoRA adapter: its config, its LoRA modules and whatever else its file held."""
+
+    name: str
+    source: str
+    config: dict
+    modules: dict[str, LoraModule]
+    extra_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    sha256: str = ""
+    weights_file: str = ""
+
+    @property
+    def base_model(self) -> str | None:
+        return self.config.get("base_model_name_or_path")
+
+    @property
+    def ranks(self) -> list[int]:
+        return [m.r for m in self.modules.values()]
+
+    @property
+    def n_msus(self) -> int:
+        return sum(self.ranks)
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        return bool(self.config.get("fan_in_fan_out", False))
+
+    @property
+    def target_names(self) -> list[str]:
+        """Short target names (``q_proj``, ``c_attn``) in first-seen order."""
+        return list(dict.fromkeys(name.rsplit(".", 1)[-1] for name in self.modules))
+
+    def summary(self) -> dict:
+        """A small JSON-able description (the rows of ``inspect`` and of the app's adapter table)."""
+        ranks = sorted(set(self.ranks))
+        scales = sorted({round(m.scale, 6) for m in self.modules.values()})
+        return {
+            "name": self.name,
+            "base_model": self.base_model,
+            "r": ranks[0] if len(ranks) == 1 else ranks,
+            "lora_alpha": self.config.get("lora_alpha"),
+            "scale": scales[0] if len(scales) == 1 else scales,
+            "use_rslora": bool(self.config.get("use_rslora") or False),
+            "fan_in_fan_out": self.fan_in_fan_out,
+            "targets": self.target_names,
+            "modules": len(self.modules),
+            "msus": self.n_msus,
+            "extra_tensors": len(self.extra_tensors),
+            "source": self.source,
+        }
+
+
+# --------------------------------------------------------------------------- locating the files
+
+
+def _safe_extract_zip(zip_path: Path, dest: Path, max_bytes: int = MAX_UNZIPPED_BYTES) -> None:
+    """Extract a zip, refusing path traversal, absolute paths, links and oversized content."""
+    try:
+        archive = zipfile.ZipFile(zip_path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise AdapterError(f"{zip_path.name}: not a readable zip file ({exc}).") from None
+    with archive:
+        members = archive.infolist()
+        total = 0
+        for info in members:
+            name = info.filename
+            parts = Path(name).parts
+            if name.startswith(("/", "\\")) or (parts and (":" in parts[0])) or ".." in parts:
+                raise AdapterError(f"{zip_path.name}: refused entry {name!r} (absolute path or '..' escape).")
+            mode = (info.external_attr >> 16) & 0o170000
+            if mode == 0o120000:
+                raise AdapterError(f"{zip_path.name}: refused entry {name!r} (symbolic link).")
+            total += info.file_size
+            if total > max_bytes:
+                raise AdapterError(
+                    f"{zip_path.name}: uncompressed size exceeds {max_bytes / 1024**2:.0f} MiB; "
+                    "refusing to extract (zip bomb?)."
+                )
+        for info in members:
+            if info.is_dir():
+                continue
+            target = dest / info.filename
+            target.parent.mkdir(parents=True, exist_ok=True)
+            written = 0
+            with archive.open(info) as src, open(target, "wb") as out:
+                # The header sizes can lie; count what really comes out.
+                while chunk := src.read(1 << 20):
+                    written += len(chunk)
+                    if written > info.file_size or written > max_bytes:
+                        raise AdapterError(f"{zip_path.name}: entry {info.filename!r} is larger than declared.")
+                    out.write(chunk)
+
+
+def _find_adapter_dir(root: Path, label: str) -> Path:
+    """The folder under ``root`` that holds ``adapter_config.json`` (root itself or one level down)."""
+    if (root / CONFIG_NAME).is_file():
+        return root
+    found = sorted(p.parent for p in root.rglob(CONFIG_NAME))
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise AdapterError(f"{label}: no {CONFIG_NAME} found; expected a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors).")
+    raise AdapterError(f"{label}: holds {len(found)} adapters ({', '.join(p.name for p in found)}); give one at a time.")
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """Fetch only the adapter files of a hub repo (cache first); fail clearly when offline."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:  # pragma: no cover - huggingface_hub ships with transformers
+        raise AdapterError("hub ids need the huggingface_hub package; pip install huggingface_hub") from None
+    patterns = [CONFIG_NAME, *WEIGHT_NAMES]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except Exception:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise AdapterError(
+            f"{repo_id!r} is not a local path and is not in the Hugging Face cache, and HF_HUB_OFFLINE is set. "
+            "Download it on a machine with network access or give a local folder / zip."
+        )
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, etag_timeout=5))
+    except Exception as exc:
+        raise AdapterError(
+            f"{repo_id!r} is not a local path and could not be fetched from the Hugging Face hub "
+            f"({type(exc).__name__}). Offline? Give a local folder or zip of the adapter instead."
+        ) from None
+
+
+def resolve_adapter_path(spec: str | os.PathLike, workdir: Path | None = None) -> Path:
+    """Turn a folder, a zip, a file inside a PEFT folder or a hub id into the folder holding the adapter.
+
+    Args:
+        spec: what the user gave.
+        workdir: where zips are extracted (a fresh temporary folder when omitted).
+
+    Returns:
+        The folder that contains ``adapter_config.json``.
+    """
+    text = os.fspath(spec)
+    if not text or not text.strip():
+        raise AdapterError("empty adapter path: give a PEFT folder, a .zip of one, or a hub id.")
+    if "\x00" in text:
+        raise AdapterError("adapter path contains a NUL byte.")
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return _find_adapter_dir(path, text)
+    if path.is_file():
+        if zipfile.is_zipfile(path):
+            import tempfile
+
+            dest = Path(tempfile.mkdtemp(prefix="lego_viz_zip_", dir=workdir))
+            _safe_extract_zip(path, dest)
+            return _find_adapter_dir(dest, path.name)
+        if path.name == CONFIG_NAME or path.name in WEIGHT_NAMES:
+            return _find_adapter_dir(path.parent, text)
+        raise AdapterError(f"{text}: not a folder, a .zip, or a PEFT adapter file.")
+    if len(text) <= 200 and _HUB_ID.match(text) and ".." not in text:
+        return _find_adapter_dir(_hub_snapshot(text), text)
+    raise AdapterError(f"{text[:120]!r}: no such file or folder, and not a valid hub id (owner/name).")
+
+
+# --------------------------------------------------------------------------- reading the files
+
+
+def _read_config(folder: Path, label: str) -> dict:
+    path = folder / CONFIG_NAME
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise AdapterError(f"{label}: {CONFIG_NAME} is missing.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"{label}: {CONFIG_NAME} is not valid JSON ({exc}).") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{label}: {CONFIG_NAME} must hold a JSON object, got {type(config).__name__}.")
+    return config
+
+
+def _read_weights(folder: Path, label: str) -> tuple[dict[str, torch.Tensor], Path]:
+    for name in WEIGHT_NAMES:
+        path = folder / name
+        if path.is_file():
+            break
+    else:
+        raise AdapterError(f"{label}: no adapter_model.safetensors or adapter_model.bin next to {CONFIG_NAME}.")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(path), device="cpu")
+        else:
+            # weights_only refuses any pickled object that is not a tensor or a plain container,
+            # so a crafted __reduce__ never runs; map_location handles files saved from CUDA.
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise AdapterError(
+            f"{label}: {path.name} holds pickled objects other than tensors; refused for safety ({str(exc).splitlines()[0][:160]}). "
+            "Re-save it as safetensors."
+        ) from None
+    except Exception as exc:
+        raise AdapterError(f"{label}: {path.name} is corrupt or truncated ({type(exc).__name__}: {str(exc)[:160]}).") from None
+    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+        raise AdapterError(f"{label}: {path.name} must hold a flat mapping of tensor names to tensors.")
+    return tensors, path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module name ending in it."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _positive_number(value, what: str, label: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise AdapterError(f"{label}: {what} must be a positive number, got {value!r}.")
+    return float(value)
+
+
+def _module_scale(config: dict, module: str, label: str) -> tuple[int, float]:
+    r = _pattern_value(config.get("rank_pattern"), module, config.get("r"))
+    alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", r))
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise AdapterError(f"{label}: r must be a positive integer for {module}, got {r!r}.")
+    alpha = _positive_number(alpha, f"lora_alpha for {module}", label)
+    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    return r, scale
+
+
+def _validate_config(config: dict, label: str) -> None:
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type != "LORA":
+        raise AdapterError(
+            f"{label}: peft_type is {config.get('peft_type')!r}; only LORA adapters are supported."
+        )
+    if config.get("use_dora"):
+        raise AdapterError(f"{label}: DoRA adapters (use_dora=true) are not LoRA sums of rank-one units; not supported.")
+    r = config.get("r")
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise AdapterError(f"{label}: r must be a positive integer, got {r!r}.")
+    if r > 65536:
+        raise AdapterError(f"{label}: r={r} is implausibly large (max 65536).")
+    _positive_number(config.get("lora_alpha", r), "lora_alpha", label)
+
+
+def build_modules(
+    tensors: dict[str, torch.Tensor], config: dict, label: str, weights_name: str
+) -> tuple[dict[str, LoraModule], dict[str, torch.Tensor], list[str]]:
+    """Pair up ``lora_A``/``lora_B`` tensors into validated :class:`LoraModule` objects.
+
+    Returns:
+        (modules, extra tensors kept aside, warnings)
+    """
+    pairs: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    extra: dict[str, torch.Tensor] = {}
+    warnings: list[str] = []
+    for key, tensor in tensors.items():
+        short = key[len(KEY_PREFIX):] if key.startswith(KEY_PREFIX) else key
+        match = _LORA_KEY.match(short)
+        if match is None:
+            extra[short] = tensor
+            continue
+        pairs.setdefault(match["module"], {})[match["side"]] = (key, tensor)
+    modules: dict[str, LoraModule] = {}
+    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+    for module, sides in pairs.items():
+        for side in ("A", "B"):
+            if side not in sides:
+                other = "A" if side == "B" else "B"
+                raise AdapterError(
+                    f"{label}: {weights_name} has {sides[other][0]} but no matching lora_{side} tensor for module {module}."
+                )
+        (key_a, A), (key_b, B) = sides["A"], sides["B"]
+        if A.dim() != 2 or B.dim() != 2:
+            warnings.append(f"{module}: {A.dim()}-D LoRA tensors (conv/embedding LoRA) are not supported and were left out.")
+            extra[key_a] = A
+            extra[key_b] = B
+            continue
+        r, scale = _module_scale(config, module, label)
+        if A.shape[0] != B.shape[1]:
+            raise AdapterError(
+                f"{label}: {key_a} is {tuple(A.shape)} but {key_b} is {tuple(B.shape)}; "
+                "expected A (r, d_in) and B (d_out, r) with the same r."
+            )
+        if A.shape[0] != r:
+            raise AdapterError(
+                f"{label}: {key_a} has r={A.shape[0]} rows but the config says r={r} for {module} "
+                "(r / rank_pattern); the config and the weights do not belong together."
+            )
+        A32, B32 = A.detach().to(torch.float32), B.detach().to(torch.float32)
+        for key, tensor in ((key_a, A32), (key_b, B32)):
+            if not torch.isfinite(tensor).all():
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise AdapterError(f"{label}: {weights_name} tensor {key} has {bad} NaN/inf values.")
+        modules[module] = LoraModule(A=A32.contiguous(), B=B32.contiguous(), scale=scale, fan_in_fan_out=fan_in_fan_out)
+    if not modules:
+        raise AdapterError(f"{label}: {weights_name} holds no lora_A/lora_B weight pairs.")
+    if extra:
+        heads = sorted({k.split(".")[0] if "." not in k else k.rsplit(".", 1)[0] for k in extra})
+        shown = ", ".join(heads[:4]) + (" …" if len(heads) > 4 else "")
+        warnings.append(
+            f"{len(extra)} non-LoRA tensors ({shown}) are task-specific heads or modules_to_save; "
+            "kept aside and left out of merges."
+        )
+    return modules, extra, warnings
+
+
+def load_adapter(spec: str | os.PathLike, name: str | None = None, workdir: Path | None = None) -> LoraAdapter:
+    """Load and validate one PEFT LoRA adapter.
+
+    Args:
+        spec: a PEFT folder, a ``.zip`` of one, a file inside one, or a hub id.
+        name: display name (default: the folder name).
+        workdir: where zips are extracted.
+
+    Returns:
+        The adapter with float32 ``A``/``B`` per module and per-module scale.
+
+    Raises:
+        AdapterError: with a message naming the adapter, file and tensor at fault.
+    """
+    folder = resolve_adapter_path(spec, workdir)
+    label = name or (Path(os.fspath(spec)).stem if Path(os.fspath(spec)).suffix == ".zip" else folder.name)
+    label = label or os.fspath(spec)
+    config = _read_config(folder, label)
+    _validate_config(config, label)
+    tensors, weights_path = _read_weights(folder, label)
+    modules, extra, warnings = build_modules(tensors, config, label, weights_path.name)
+    return LoraAdapter(
+        name=label,
+        source=os.fspath(spec),
+        config=config,
+        modules=modules,
+        extra_tensors=extra,
+        warnings=warnings,
+        sha256=_sha256(weights_path),
+        weights_file=weights_path.name,
+    )
+
+
+# --------------------------------------------------------------------------- sets of adapters
+
+
+def same_base(a: str | None, b: str | None) -> bool:
+    """Whether two ``base_model_name_or_path`` values name the same model.
+
+    Hub models moved into organisations (``gpt2`` → ``openai-community/gpt2``); a bare name equals an
+    ``org/name`` with the same name. Anything else must match exactly (case-insensitive).
+    """
+    if a is None or b is None:
+        return True
+    a, b = a.strip().rstrip("/").lower(), b.strip().rstrip("/").lower()
+    if a == b:
+        return True
+    if "/" in a and "/" in b:
+        return False
+    return a.rsplit("/", 1)[-1] == b.rsplit("/", 1)[-1]
+
+
+def check_compatible(adapters: Sequence[LoraAdapter], allow_base_mismatch: bool = False) -> list[str]:
+    """Check that adapters can be merged: same base model and the same shape per shared module.
+
+    Args:
+        adapters: the adapters to merge.
+        allow_base_mismatch: accept different base-model names (shapes must still agree), e.g. a
+            fine-tune of the same architecture; a warning is returned instead of an error.
+
+    Returns:
+        Warnings (partial module overlap, base names accepted despite differing).
+    """
+    if not adapters:
+        raise AdapterError("no adapters given: select at least one adapter.")
+    names = [a.name for a in adapters]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise AdapterError(f"adapter names must be unique; repeated: {', '.join(dup)}. Rename one.")
+    warnings: list[str] = []
+    first = adapters[0]
+    for other in adapters[1:]:
+        if not same_base(first.base_model, other.base_model):
+            message = (
+                f"adapter {other.name!r} was trained on {other.base_model!r} but {first.name!r} on "
+                f"{first.base_model!r}; adapters for different base models cannot be merged"
+            )
+            if not allow_base_mismatch:
+                raise AdapterError(message + " (pass allow_base_mismatch / --allow-base-mismatch if the architectures are identical).")
+            warnings.append(message + "; allowed by request.")
+        if first.fan_in_fan_out != other.fan_in_fan_out:
+            raise AdapterError(
+                f"adapter {other.name!r} has fan_in_fan_out={other.fan_in_fan_out} but {first.name!r} has "
+                f"{first.fan_in_fan_out}; they target different layer types."
+            )
+    shapes: dict[str, tuple[str, int, int]] = {}
+    for adapter in adapters:
+        for module, lora in adapter.modules.items():
+            seen = shapes.setdefault(module, (adapter.name, lora.d_in, lora.d_out))
+            if (seen[1], seen[2]) != (lora.d_in, lora.d_out):
+                raise AdapterError(
+                    f"adapter {adapter.name!r} targets {module} with d_in={lora.d_in}, d_out={lora.d_out} but "
+                    f"{seen[0]!r} has d_in={seen[1]}, d_out={seen[2]}; they were trained on different models."
+                )
+    if len(adapters) > 1:
+        common = set.intersection(*(set(a.modules) for a in adapters))
+        if not common:
+            raise AdapterError(
+                "the adapters share no target module (e.g. "
+                + "; ".join(f"{a.name}: {next(iter(a.modules))}" for a in adapters[:3])
+                + "); there is nothing to merge."
+            )
+        partial = len(shapes) - len(common)
+        if partial:
+            warnings.append(f"{partial} of {len(shapes)} modules are present in only some adapters; they merge only those MSUs.")
+    return warnings
+
+
+def load_adapters(specs: Iterable[str | os.PathLike], names: Sequence[str] | None = None) -> list[LoraAdapter]:
+    """Load several adapters, de-duplicating display names."""
+    adapters: list[LoraAdapter] = []
+    for i, spec in enumerate(specs):
+        adapter = load_adapter(spec, name=names[i] if names else None)
+        base, n = adapter.name, 2
+        while any(a.name == adapter.name for a in adapters):
+            adapter.name = f"{base}_{n}"
+            n += 1
+        adapters.append(adapter)
+    return adapters
+
+
+def module_order(adapters: Sequence[LoraAdapter]) -> list[str]:
+    """All module names of a set of adapters, in first-seen order."""
+    return list(dict.fromkeys(m for a in adapters for m in a.modules))

@@ -1,0 +1,208 @@
+"""Command line: ``python -m lego_viz {inspect,check,merge,...}``.
+
+Bad input exits with code 2 and one line on stderr (no traceback); feature packages add their own
+subcommands through a ``register(subparsers)`` function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Sequence
+
+from lego_viz.adapters import AdapterError, LoraAdapter, check_compatible, load_adapters
+
+# Packages that contribute subcommands; a missing one (e.g. a trimmed install) is skipped.
+_PLUGINS = ("lego_viz.zoo.cli", "lego_viz.smora.cli")
+
+
+class UsageError(Exception):
+    """Bad command-line input: printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse prints usage + exits 2; keep it to one line
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 1,0.5; got {text!r}") from None
+
+
+def _k_value(text: str) -> int | dict[str, int]:
+    """``8`` or ``q_proj=8,v_proj=4,*=6`` (per-module ranks)."""
+    try:
+        if "=" not in text:
+            return int(text)
+        return {key.strip(): int(value) for key, value in (part.split("=", 1) for part in text.split(",") if part.strip())}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or NAME=INT,... ; got {text!r}") from None
+
+
+def _load(specs: Sequence[str]) -> list[LoraAdapter]:
+    if not specs:
+        raise UsageError("give at least one adapter (a PEFT folder, a .zip of one, or a hub id).")
+    return load_adapters(specs)
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    adapters = _load(args.adapters)
+    rows = [a.summary() for a in adapters]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for adapter, row in zip(adapters, rows):
+        print(f"{row['name']}  ({row['source']})")
+        print(f"  base      {row['base_model']}")
+        print(f"  r         {row['r']}   lora_alpha {row['lora_alpha']}   scale {row['scale']}"
+              f"{'   (rslora)' if row['use_rslora'] else ''}{'   fan_in_fan_out' if row['fan_in_fan_out'] else ''}")
+        print(f"  targets   {', '.join(row['targets'])}  ({row['modules']} modules)")
+        print(f"  MSUs      {row['msus']}")
+        for warning in adapter.warnings:
+            print(f"  note      {warning}")
+    return 0
+
+
+# --------------------------------------------------------------------------- check
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from lego_viz.invariance import check_concat_sum, check_permutation
+
+    adapters = _load(args.adapters)
+    warnings = check_compatible(adapters, allow_base_mismatch=args.allow_base_mismatch) if len(adapters) > 1 else []
+    results = {
+        "permutation": check_permutation(adapters, seed=args.seed, tolerance=args.tolerance),
+        "concat_sum": check_concat_sum(adapters, weights=args.weights, tolerance=args.tolerance),
+    }
+    if args.json:
+        payload = {key: r.to_dict(per_module=args.per_module) for key, r in results.items()}
+        payload["warnings"] = warnings
+        print(json.dumps(payload, indent=2))
+    else:
+        for key, r in results.items():
+            badge = "PASS" if r.passed else "FAIL"
+            print(f"{badge}  {key:<12} max rel. error {r.max_rel_error:.2e}  mean {r.mean_rel_error:.2e}  "
+                  f"(tolerance {r.tolerance:.0e}, {len(r.per_module)} modules, probe {r.probe_max_rel_error:.2e}, {r.seconds:.2f} s)")
+        for warning in warnings:
+            print(f"note  {warning}")
+    return 0 if all(r.passed for r in results.values()) else 1
+
+
+# --------------------------------------------------------------------------- merge
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from lego_viz.export import export_adapter, load_recipe
+    from lego_viz.merge import merge
+
+    options = {}
+    if args.recipe:
+        if args.adapters:
+            raise UsageError("give either adapters or --recipe, not both.")
+        recipe = load_recipe(args.recipe)
+        adapters = load_adapters([entry["path"] for entry in recipe["adapters"]], [entry["name"] for entry in recipe["adapters"]])
+        for entry, adapter in zip(recipe["adapters"], adapters):
+            if entry.get("sha256") and entry["sha256"] != adapter.sha256:
+                print(f"warning: {adapter.name} changed since the recipe was written (sha256 differs)", file=sys.stderr)
+        method, k, weights = recipe["method"], recipe.get("k"), recipe.get("weights")
+        options.update(recipe.get("options") or {})
+        allow = bool(recipe.get("allow_base_mismatch"))
+    else:
+        adapters = _load(args.adapters)
+        method, k, weights, allow = args.method, args.k, args.weights, args.allow_base_mismatch
+        for key in ("features", "param_reweight", "seed", "n_init", "density", "preset"):
+            value = getattr(args, key)
+            if value is not None:
+                options[key] = value
+        if args.no_output_reweight:
+            options["output_reweight"] = False
+    merged = merge(adapters, method=method, k=k, weights=weights, allow_base_mismatch=allow, **options)
+    checks = None
+    if not args.no_checks:
+        from lego_viz.invariance import check_concat_sum, check_permutation
+
+        checks = {
+            "permutation": check_permutation(adapters).to_dict(per_module=False),
+            "concat_sum": check_concat_sum(adapters, merged.weights).to_dict(per_module=False),
+        }
+    out = export_adapter(merged, args.out, force=args.force, adapters=adapters, checks=checks)
+    ranks = sorted(set(merged.ranks.values()))
+    print(f"merged {len(adapters)} adapters with {method} → rank {ranks[0] if len(ranks) == 1 else ranks} "
+          f"over {len(merged.modules)} modules in {merged.timings['total']:.2f} s → {out}")
+    for warning in dict.fromkeys(merged.warnings):
+        print(f"note: {warning}")
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m lego_viz", description="See, check and merge LoRA adapters unit by unit (LoRA-LEGO).")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("inspect", help="per adapter: base, r, alpha, scale, targets, number of MSUs")
+    p.add_argument("adapters", nargs="+", metavar="ADAPTER", help="PEFT folder, .zip of one, or hub id")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("check", help="permutation and concatenation–summation checks (weight space)")
+    p.add_argument("adapters", nargs="+", metavar="ADAPTER")
+    p.add_argument("--json", action="store_true", help="print a JSON object")
+    p.add_argument("--per-module", action="store_true", help="with --json: include every module's error")
+    p.add_argument("--weights", type=_float_list, default=None, help="comma-separated weights for concat-sum")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tolerance", type=float, default=1e-5, help="pass threshold on relative error (default 1e-5)")
+    p.add_argument("--allow-base-mismatch", action="store_true")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("merge", help="merge adapters and export a PEFT folder + report + recipe")
+    p.add_argument("adapters", nargs="*", metavar="ADAPTER")
+    p.add_argument("--recipe", help="re-run the merge described by a recipe.yaml")
+    p.add_argument("--method", default="lego", help="lego, linear, svd, peft_linear, ties, dare_linear")
+    p.add_argument("--k", type=_k_value, default=None, help="target rank, or per module: q_proj=8,v_proj=4,*=6")
+    p.add_argument("--weights", type=_float_list, default=None, help="comma-separated, one per adapter")
+    p.add_argument("--features", choices=("raw", "canonical", "normalized"), default=None)
+    p.add_argument("--param-reweight", choices=("none", "l2", "linf"), default=None)
+    p.add_argument("--no-output-reweight", action="store_true")
+    p.add_argument("--preset", default=None, help="lego preset: paper")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--n-init", type=int, default=None)
+    p.add_argument("--density", type=float, default=None, help="ties / dare_linear density")
+    p.add_argument("--allow-base-mismatch", action="store_true", help="merge adapters whose base names differ (same shapes)")
+    p.add_argument("--no-checks", action="store_true", help="skip the invariance checks written to the report")
+    p.add_argument("--out", required=True, help="output folder (must be empty unless --force)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    p.set_defaults(func=cmd_merge)
+
+    for module_name in _PLUGINS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name and module_name.startswith(exc.name):
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except (UsageError, AdapterError, ValueError, KeyError, OSError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

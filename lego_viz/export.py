@@ -1,0 +1,200 @@
+"""Write a merged adapter as a PEFT folder, with ``merge_report.json`` and ``recipe.yaml`` (DESIGN §7).
+
+Writes are atomic: everything goes to a temporary sibling folder that is renamed into place at the
+end, so an interrupted export leaves neither a half-written adapter nor stray temp files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from lego_viz.adapters import CONFIG_NAME, KEY_PREFIX, AdapterError, LoraAdapter
+from lego_viz.invariance import Factored, relative_error
+from lego_viz.merge import MergedAdapter
+
+REPORT_NAME = "merge_report.json"
+RECIPE_NAME = "recipe.yaml"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+class ExportError(AdapterError):
+    """The export cannot be written where asked; the message says what to do."""
+
+
+def peft_config(merged: MergedAdapter) -> dict:
+    """An ``adapter_config.json`` for the merge: scale 1 (``lora_alpha = r``), exact module names."""
+    ranks = merged.ranks
+    common = max(set(ranks.values()), key=list(ranks.values()).count)
+    odd = {name: r for name, r in ranks.items() if r != common}
+    return {
+        "peft_type": "LORA",
+        "task_type": merged.template_config.get("task_type"),
+        "base_model_name_or_path": merged.base_model,
+        "r": common,
+        "lora_alpha": common,
+        # Units are folded, so every module has scale 1: alpha = r, also where the rank differs.
+        "rank_pattern": odd,
+        "alpha_pattern": dict(odd),
+        "target_modules": sorted(ranks),
+        "fan_in_fan_out": bool(merged.template_config.get("fan_in_fan_out", False)),
+        "bias": "none",
+        "lora_dropout": 0.0,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "revision": None,
+    }
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in ("lego-viz", "torch", "peft", "transformers", "safetensors"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    versions["lego-viz"] = __import__("lego_viz").__version__
+    return versions
+
+
+def reconstruction_errors(merged: MergedAdapter, adapters: list[LoraAdapter]) -> dict[str, float]:
+    """Per module, ``‖ΔW_merged − Σ w_t ΔW_t‖ / ‖Σ w_t ΔW_t‖`` from factors (no dense matrix)."""
+    errors = {}
+    for name, lora in merged.modules.items():
+        parts = [Factored.of(a.modules[name], w) for a, w in zip(adapters, merged.weights) if name in a.modules]
+        errors[name] = relative_error(Factored.concat(parts), Factored.of(lora))
+    return errors
+
+
+def build_report(merged: MergedAdapter, adapters: list[LoraAdapter] | None = None, checks: dict | None = None) -> dict:
+    report = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "method": merged.method,
+        "options": merged.options,
+        "seed": merged.options.get("seed"),
+        "weights": merged.weights,
+        "inputs": merged.sources,
+        "base_model": merged.base_model,
+        "ranks": merged.ranks,
+        "cluster_sizes": merged.cluster_sizes(),
+        "timings_s": merged.timings,
+        "warnings": merged.warnings,
+        "versions": _versions(),
+    }
+    if adapters is not None:
+        errors = reconstruction_errors(merged, adapters)
+        report["relative_error_vs_weighted_sum"] = {
+            "max": max(errors.values()), "mean": sum(errors.values()) / len(errors), "per_module": errors,
+        }
+    if checks:
+        report["invariance"] = checks
+    return report
+
+
+def _portable(source: str) -> str:
+    """Local sources as absolute paths (the recipe may run from elsewhere); hub ids as they are."""
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else source
+
+
+def recipe(merged: MergedAdapter) -> dict:
+    """What ``python -m lego_viz merge --recipe`` needs to redo this merge."""
+    options = {key: value for key, value in merged.options.items() if key != "k"}
+    return {
+        "lego_viz_recipe": 1,
+        "adapters": [{"path": _portable(s["source"]), "name": s["name"], "sha256": s["sha256"]} for s in merged.sources],
+        "weights": merged.weights,
+        "method": merged.method,
+        "k": merged.options.get("k"),
+        "options": options,
+        "allow_base_mismatch": any("allowed by request" in w for w in merged.warnings),
+    }
+
+
+def _write(folder: Path, merged: MergedAdapter, report: dict) -> None:
+    tensors = {}
+    for name, lora in merged.modules.items():
+        tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = lora.A.detach().to(torch.float32).contiguous().cpu()
+        tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = lora.B.detach().to(torch.float32).contiguous().cpu()
+    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    (folder / CONFIG_NAME).write_text(json.dumps(peft_config(merged), indent=2) + "\n", encoding="utf-8")
+    (folder / REPORT_NAME).write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+    (folder / RECIPE_NAME).write_text(yaml.safe_dump(recipe(merged), sort_keys=False), encoding="utf-8")
+
+
+def export_adapter(
+    merged: MergedAdapter,
+    out_dir: str | os.PathLike,
+    force: bool = False,
+    adapters: list[LoraAdapter] | None = None,
+    checks: dict | None = None,
+) -> Path:
+    """Write ``merged`` as a PEFT LoRA folder that ``PeftModel.from_pretrained`` loads.
+
+    Args:
+        merged: the merge result.
+        out_dir: target folder; must not exist or be empty unless ``force``.
+        force: replace a non-empty folder.
+        adapters: the source adapters, to put reconstruction errors in the report.
+        checks: invariance results to put in the report.
+
+    Returns:
+        The folder written.
+    """
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a folder; choose another --out.")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ExportError(f"{out} is not empty; choose an empty folder or pass --force to replace it.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = build_report(merged, adapters, checks)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        _write(tmp, merged, report)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}-{time.monotonic_ns()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def zip_export(folder: str | os.PathLike, zip_path: str | os.PathLike) -> Path:
+    """Zip an exported folder (flat: the PEFT files at the zip's top level inside one folder)."""
+    folder, zip_path = Path(folder), Path(zip_path)
+    base = shutil.make_archive(str(zip_path.with_suffix("")), "zip", root_dir=folder.parent, base_dir=folder.name)
+    return Path(base)
+
+
+def load_recipe(path: str | os.PathLike) -> dict:
+    """Read and validate a ``recipe.yaml``."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ExportError(f"recipe {path} does not exist.") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ExportError(f"recipe {path} is not valid YAML ({str(exc).splitlines()[0]}).") from None
+    if not isinstance(data, dict) or data.get("lego_viz_recipe") != 1 or not isinstance(data.get("adapters"), list):
+        raise ExportError(f"{path} is not a lego-viz recipe (expected keys lego_viz_recipe: 1, adapters, method).")
+    return data

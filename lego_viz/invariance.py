@@ -1,0 +1,268 @@
+"""Permutation and concatenation–summation checks, in weight space and in output space (DESIGN §3).
+
+Weight-space errors are computed from the factors alone: for ``D = U V`` with ``U (d_out, m)`` and
+``V (m, d_in)``, ``‖D‖_F = ‖R_U R_Vᵀ‖_F`` where ``R_U``, ``R_V`` are the triangular QR factors of
+``U`` and ``Vᵀ``. That costs ``O((d_in + d_out)·m²)`` and, unlike expanding the Gram identity
+``sum((UᵀU)∘(VVᵀ))``, does not cancel catastrophically when ``D`` is nearly zero — which is exactly
+the case a passing check produces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from lego_viz.adapters import LoraAdapter, LoraModule
+from lego_viz.msu import module_msus, permute_adapter
+
+DEFAULT_TOLERANCE = 1e-5  # float32 factors: observed errors are ~1e-7, so 1e-5 leaves margin without hiding bugs
+
+
+@dataclass
+class Factored:
+    """A low-rank matrix ``B @ A`` kept as factors."""
+
+    B: torch.Tensor  # (d_out, m)
+    A: torch.Tensor  # (m, d_in)
+
+    @staticmethod
+    def of(module: LoraModule, weight: float = 1.0) -> Factored:
+        return Factored(module.B * (module.scale * weight), module.A)
+
+    def __sub__(self, other: Factored) -> Factored:
+        return Factored(torch.cat([self.B, -other.B], dim=1), torch.cat([self.A, other.A], dim=0))
+
+    @staticmethod
+    def concat(parts: Sequence[Factored]) -> Factored:
+        return Factored(torch.cat([p.B for p in parts], dim=1), torch.cat([p.A for p in parts], dim=0))
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B A) x`` for x (d_in, p), through the factors."""
+        return self.B @ (self.A @ x)
+
+
+def factored_norm(f: Factored) -> float:
+    """Frobenius norm of ``B A`` without forming it."""
+    r_b = torch.linalg.qr(f.B, mode="r").R
+    r_a = torch.linalg.qr(f.A.T, mode="r").R
+    return float(torch.linalg.matrix_norm(r_b @ r_a.T))
+
+
+def gram_norm(f: Factored) -> float:
+    """The same norm via ``sum((BᵀB)∘(AAᵀ))`` (float64). Fast and fine for norms, not for differences."""
+    B, A = f.B.double(), f.A.double()
+    return float(((B.T @ B) * (A @ A.T)).sum().clamp_min(0).sqrt())
+
+
+def relative_error(reference: Factored, candidate: Factored) -> float:
+    """``‖ref − cand‖_F / ‖ref‖_F``, from factors (0 when both are zero)."""
+    denom = factored_norm(reference)
+    diff = factored_norm(reference - candidate)
+    if denom == 0.0:
+        return 0.0 if diff == 0.0 else float("inf")
+    return diff / denom
+
+
+def probe_relative_error(reference: Factored, candidate: Factored, n_probes: int = 4, seed: int = 0) -> float:
+    """Freivalds-style estimate of the same error: ``‖(ref − cand) x‖ / ‖ref x‖`` on random ``x``."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(reference.A.shape[1], n_probes, generator=gen, dtype=reference.A.dtype)
+    ref = reference.apply(x)
+    denom = float(ref.norm())
+    diff = float((ref - candidate.apply(x)).norm())
+    if denom == 0.0:
+        return 0.0 if diff == 0.0 else float("inf")
+    return diff / denom
+
+
+@dataclass
+class CheckResult:
+    """Outcome of one invariance check over many modules."""
+
+    name: str
+    tolerance: float
+    per_module: dict[str, float] = field(default_factory=dict)
+    probe_max_rel_error: float = 0.0
+    seconds: float = 0.0
+    expect_pass: bool = True  # False for the deliberate counter-example (shuffling A alone)
+    output_max_abs_diff: float | None = None
+
+    @property
+    def max_rel_error(self) -> float:
+        return max(self.per_module.values(), default=0.0)
+
+    @property
+    def mean_rel_error(self) -> float:
+        return sum(self.per_module.values()) / max(len(self.per_module), 1)
+
+    @property
+    def passed(self) -> bool:
+        return self.max_rel_error <= self.tolerance
+
+    def to_dict(self, per_module: bool = True) -> dict:
+        data = asdict(self)
+        if not per_module:
+            data.pop("per_module")
+        data.update(max_rel_error=self.max_rel_error, mean_rel_error=self.mean_rel_error, passed=self.passed)
+        return data
+
+
+def _run(name: str, pairs: Iterator[tuple[str, Factored, Factored]], tolerance: float, expect_pass: bool = True) -> CheckResult:
+    start = time.perf_counter()
+    result = CheckResult(name=name, tolerance=tolerance, expect_pass=expect_pass)
+    for key, reference, candidate in pairs:
+        result.per_module[key] = relative_error(reference, candidate)
+        result.probe_max_rel_error = max(result.probe_max_rel_error, probe_relative_error(reference, candidate))
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def check_permutation(
+    adapters: Sequence[LoraAdapter], seed: int = 0, tolerance: float = DEFAULT_TOLERANCE, shuffle: str = "both"
+) -> CheckResult:
+    """Shuffle the ranks of every module and compare ΔW before and after (DESIGN §3.1).
+
+    Args:
+        adapters: adapters to check (each on its own).
+        seed: RNG seed of the permutations.
+        tolerance: pass threshold on the relative Frobenius error.
+        shuffle: ``"both"`` permutes rows of A with the matching columns of B (invariant);
+            ``"a_only"`` permutes A alone — the counter-example that breaks the pairing.
+    """
+    if shuffle not in ("both", "a_only"):
+        raise ValueError(f"shuffle must be 'both' or 'a_only', got {shuffle!r}.")
+    gen = torch.Generator().manual_seed(seed)
+
+    def pairs():
+        for adapter in adapters:
+            permuted, _ = permute_adapter(adapter, gen)
+            for name, lora in adapter.modules.items():
+                moved = permuted.modules[name]
+                if shuffle == "a_only":
+                    moved = LoraModule(A=moved.A, B=lora.B, scale=lora.scale, fan_in_fan_out=lora.fan_in_fan_out)
+                yield f"{adapter.name}:{name}", Factored.of(lora), Factored.of(moved)
+
+    label = "permutation" if shuffle == "both" else "permutation_a_only"
+    return _run(label, pairs(), tolerance, expect_pass=shuffle == "both")
+
+
+def check_concat_sum(
+    adapters: Sequence[LoraAdapter], weights: Sequence[float] | None = None, tolerance: float = DEFAULT_TOLERANCE
+) -> CheckResult:
+    """Compare ``Σ_t w_t ΔW_t`` with the single LoRA made of all concatenated units (DESIGN §3.2)."""
+    weights = list(weights) if weights is not None else [1.0] * len(adapters)
+    modules = list(dict.fromkeys(m for a in adapters for m in a.modules))
+
+    def pairs():
+        for name in modules:
+            parts = [Factored.of(a.modules[name], w) for a, w in zip(adapters, weights) if name in a.modules]
+            table = module_msus(adapters, name, weights)
+            B, A = table.factors()
+            yield name, Factored.concat(parts), Factored(B, A)
+
+    return _run("concat_sum", pairs(), tolerance)
+
+
+# --------------------------------------------------------------------------- output space
+
+
+@contextlib.contextmanager
+def lora_hooks(model: torch.nn.Module, *module_sets: Mapping[str, LoraModule]) -> Iterator[None]:
+    """Temporarily add LoRA updates to a model's layers with forward hooks.
+
+    Each mapping is module name (relative to the base model, as in PEFT keys without
+    ``base_model.model.``) → LoRA module; several mappings add up. ``y += s·(x Aᵀ) Bᵀ`` works for
+    ``nn.Linear`` and for GPT-2 ``Conv1D`` alike, since both map ``(…, d_in) → (…, d_out)``.
+    """
+    named = dict(model.named_modules())
+    grouped: dict[str, list[LoraModule]] = {}
+    for mapping in module_sets:
+        for name, lora in mapping.items():
+            if name not in named:
+                raise KeyError(f"the model has no module {name!r}; the adapter was trained on a different architecture.")
+            grouped.setdefault(name, []).append(lora)
+    handles = []
+
+    def make_hook(loras: list[LoraModule]):
+        def hook(_module, inputs, output):
+            x = inputs[0]
+            extra = sum(lora.scale * ((x @ lora.A.to(x).T) @ lora.B.to(x).T) for lora in loras)
+            return output + extra
+
+        return hook
+
+    try:
+        for name, loras in grouped.items():
+            handles.append(named[name].register_forward_hook(make_hook(loras)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def logits_with(model: torch.nn.Module, input_ids: torch.Tensor, *module_sets: Mapping[str, LoraModule]) -> torch.Tensor:
+    """Logits of ``model`` on ``input_ids`` with the given LoRA module sets applied."""
+    with lora_hooks(model, *module_sets):
+        out = model(input_ids=input_ids)
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+def output_max_abs_diff(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    reference: Sequence[Mapping[str, LoraModule]],
+    candidate: Sequence[Mapping[str, LoraModule]],
+) -> float:
+    """Max abs difference of logits: reference module sets applied together vs candidate sets."""
+    ref = logits_with(model, input_ids, *reference)
+    cand = logits_with(model, input_ids, *candidate)
+    return float((ref - cand).abs().max())
+
+
+def concatenated_modules(adapters: Sequence[LoraAdapter], weights: Sequence[float] | None = None) -> dict[str, LoraModule]:
+    """One LoRA (scale 1, folded) per module holding every adapter's units: rank Σ r_t."""
+    from lego_viz.msu import adapter_msus, table_to_module
+
+    return {name: table_to_module(t) for name, t in adapter_msus(adapters, weights).items()}
+
+
+def weighted_modules(adapter: LoraAdapter, weight: float) -> dict[str, LoraModule]:
+    """The adapter's modules with the weight folded into the scale."""
+    return {
+        n: LoraModule(A=m.A, B=m.B, scale=m.scale * weight, fan_in_fan_out=m.fan_in_fan_out)
+        for n, m in adapter.modules.items()
+    }
+
+
+def check_outputs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    adapters: Sequence[LoraAdapter],
+    weights: Sequence[float] | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Both invariances in output space: max abs logit differences.
+
+    Returns:
+        ``permutation`` (first adapter vs its shuffled copy), ``permutation_a_only`` (the broken
+        shuffle), ``concat_sum`` (all adapters applied together vs their concatenation).
+    """
+    weights = list(weights) if weights is not None else [1.0] * len(adapters)
+    gen = torch.Generator().manual_seed(seed)
+    first = adapters[0]
+    shuffled, _ = permute_adapter(first, gen)
+    broken = {
+        n: LoraModule(A=shuffled.modules[n].A, B=m.B, scale=m.scale, fan_in_fan_out=m.fan_in_fan_out)
+        for n, m in first.modules.items()
+    }
+    summed = [weighted_modules(a, w) for a, w in zip(adapters, weights)]
+    return {
+        "permutation": output_max_abs_diff(model, input_ids, [first.modules], [shuffled.modules]),
+        "permutation_a_only": output_max_abs_diff(model, input_ids, [first.modules], [broken]),
+        "concat_sum": output_max_abs_diff(model, input_ids, summed, [concatenated_modules(adapters, weights)]),
+    }

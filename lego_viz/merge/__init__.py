@@ -1,0 +1,130 @@
+"""Merge methods behind one call: ``merge(adapters, method="lego", k=8, weights=None, **options)``.
+
+Each method lives in its own module and registers itself in :data:`MERGE_METHODS` with the options it
+accepts; unknown methods or options are errors that list the valid ones.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+
+from lego_viz.adapters import LoraAdapter, _pattern_value, check_compatible, module_order
+from lego_viz.merge import exact, lego, peft_style  # noqa: F401  (registration)
+from lego_viz.merge.base import MERGE_METHODS, MergedAdapter, MergeError, MergeMethod, Option
+from lego_viz.merge.lego import PRESETS
+from lego_viz.msu import _weights
+
+__all__ = ["MERGE_METHODS", "PRESETS", "MergeError", "MergeMethod", "MergedAdapter", "Option", "merge", "resolve_k"]
+
+
+def resolve_k(adapters: Sequence[LoraAdapter], k: int | Mapping[str, int] | None) -> dict[str, int]:
+    """Per-module target rank, validated against the number of units ``n`` of each module.
+
+    Args:
+        k: one rank for every module; or a mapping from module names or name patterns (PEFT
+            rank_pattern style, e.g. ``"q_proj"``) to ranks, with an optional ``"*"`` default;
+            or None for the largest source rank.
+    """
+    default_rank = max(max(a.ranks) for a in adapters)
+    result = {}
+    for name in module_order(adapters):
+        n = sum(a.modules[name].r for a in adapters if name in a.modules)
+        if k is None:
+            rank = min(default_rank, n)
+        elif isinstance(k, Mapping):
+            patterns = {key: v for key, v in k.items() if key != "*"}
+            rank = _pattern_value(patterns, name, k.get("*", min(default_rank, n)))
+        else:
+            rank = k
+        if isinstance(rank, bool) or not isinstance(rank, int):
+            raise MergeError(f"k must be a whole number, got {rank!r} for module {name}.")
+        if rank < 1 or rank > n:
+            raise MergeError(
+                f"k={rank} is out of range for module {name}: it has n={n} units (MSUs), so 1 ≤ k ≤ {n}. "
+                "k larger than the number of units is an error, not a clamp: lower k."
+            )
+        result[name] = rank
+    return result
+
+
+def _resolve_options(spec: MergeMethod, options: dict) -> dict:
+    preset = options.pop("preset", None)
+    if preset is not None:
+        if spec.name != "lego" or preset not in PRESETS:
+            valid = ", ".join(PRESETS) if spec.name == "lego" else "none"
+            raise MergeError(f"unknown preset {preset!r} for method {spec.name!r}; valid presets: {valid}.")
+        options = {**PRESETS[preset], **options}
+    unknown = sorted(set(options) - set(spec.options))
+    if unknown:
+        valid = ", ".join(spec.options) or "none"
+        raise MergeError(f"unknown option(s) {', '.join(unknown)} for method {spec.name!r}; valid options: {valid}.")
+    resolved = {name: opt.default for name, opt in spec.options.items()}
+    for name, value in options.items():
+        resolved[name] = spec.options[name].validate(name, spec.name, value)
+    return resolved
+
+
+def merge(
+    adapters: Sequence[LoraAdapter],
+    method: str = "lego",
+    k: int | Mapping[str, int] | None = None,
+    weights: Sequence[float] | None = None,
+    allow_base_mismatch: bool = False,
+    name: str | None = None,
+    **options,
+) -> MergedAdapter:
+    """Merge LoRA adapters into one.
+
+    Args:
+        adapters: adapters for the same base model (checked).
+        method: one of :data:`MERGE_METHODS` (``lego``, ``linear``, ``svd``, ``peft_linear``, ``ties``, ``dare_linear``).
+        k: target rank (``lego``, ``svd``): an int, a per-module mapping, or None (largest source rank).
+        weights: one per adapter, default 1.
+        allow_base_mismatch: accept different base-model names when shapes agree.
+        name: name of the merged adapter.
+        **options: method options (see ``MERGE_METHODS[method].options``); ``preset="paper"`` for lego.
+
+    Returns:
+        A :class:`MergedAdapter` with scale-1 modules, settings, timings and (lego) cluster labels.
+    """
+    spec = MERGE_METHODS.get(method)
+    if spec is None:
+        raise MergeError(f"unknown merge method {method!r}; valid methods: {', '.join(MERGE_METHODS)}.")
+    resolved = _resolve_options(spec, dict(options))
+    adapters = list(adapters)
+    warnings = check_compatible(adapters, allow_base_mismatch=allow_base_mismatch)
+    weights = _weights(adapters, weights)
+    if spec.takes_k:
+        ranks = resolve_k(adapters, k)
+    elif k is not None:
+        raise MergeError(f"method {method!r} takes no k: its rank is fixed by the inputs. Drop k or choose lego/svd.")
+    else:
+        ranks = None
+    start = time.perf_counter()
+    output = spec.fn(adapters, weights, ranks, resolved)
+    elapsed = time.perf_counter() - start
+    first = adapters[0]
+    template = {key: first.config.get(key) for key in ("task_type", "fan_in_fan_out", "bias") if key in first.config}
+    record = dict(resolved)
+    if spec.takes_k:
+        record["k"] = k if isinstance(k, int) or k is None else dict(k)
+    return MergedAdapter(
+        name=name or f"{method}_merge",
+        method=method,
+        options=record,
+        modules=output.modules,
+        sources=[
+            {"name": a.name, "source": a.source, "sha256": a.sha256, "base_model": a.base_model,
+             "r": a.config.get("r"), "lora_alpha": a.config.get("lora_alpha"), "weights_file": a.weights_file}
+            for a in adapters
+        ],
+        base_model=first.base_model,
+        template_config=template,
+        weights=[w if math.isfinite(w) else 0.0 for w in weights],
+        labels=output.labels,
+        unit_owner=output.unit_owner,
+        timings={**output.timings, "total": elapsed},
+        warnings=warnings + output.warnings + [w for a in adapters for w in a.warnings],
+    )

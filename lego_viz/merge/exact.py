@@ -1,0 +1,70 @@
+"""Exact and low-rank-exact baselines: ``linear`` (concatenation) and factored ``svd`` (DESIGN §5)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from lego_viz.adapters import LoraAdapter, LoraModule, module_order
+from lego_viz.merge.base import MergeError, MethodOutput, register
+from lego_viz.msu import module_msus, table_to_module
+
+
+@register(
+    "linear",
+    "Exact weighted sum Σ w_t ΔW_t by concatenating all units (rank Σ r_t; PEFT 'cat').",
+    options={},
+    takes_k=False,
+)
+def linear(adapters: Sequence[LoraAdapter], weights: list[float], k: Mapping[str, int] | None, options: dict) -> MethodOutput:
+    out = MethodOutput(modules={})
+    for name in module_order(adapters):
+        table = module_msus(adapters, name, weights)
+        out.modules[name] = table_to_module(table)
+        out.unit_owner[name] = table.adapter_index
+    return out
+
+
+def truncated_svd_factors(B: torch.Tensor, A: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-k factors of ``B A`` without forming it.
+
+    QR of both factors leaves a small core ``R_B R_Aᵀ`` whose SVD is the SVD of ``B A``.
+    Singular values go on the B side, as PEFT's ``svd`` combination does.
+
+    Args:
+        B: (d_out, n); A: (n, d_in).
+
+    Returns:
+        ``(B_k (d_out, k), A_k (k, d_in))``.
+    """
+    q_b, r_b = torch.linalg.qr(B)
+    q_a, r_a = torch.linalg.qr(A.T)
+    u, s, vh = torch.linalg.svd(r_b @ r_a.T)
+    k_eff = min(k, s.shape[0])
+    B_k = (q_b @ u[:, :k_eff]) * s[:k_eff]
+    A_k = vh[:k_eff] @ q_a.T
+    if k_eff < k:  # the update has lower rank than asked for: pad with zero units
+        B_k = torch.cat([B_k, B_k.new_zeros(B_k.shape[0], k - k_eff)], dim=1)
+        A_k = torch.cat([A_k, A_k.new_zeros(k - k_eff, A_k.shape[1])], dim=0)
+    return B_k, A_k
+
+
+@register(
+    "svd",
+    "Best rank-k approximation of the weighted sum, computed on the factors (equals PEFT 'svd').",
+    options={},
+    takes_k=True,
+)
+def svd(adapters: Sequence[LoraAdapter], weights: list[float], k: Mapping[str, int] | None, options: dict) -> MethodOutput:
+    out = MethodOutput(modules={})
+    for name in module_order(adapters):
+        table = module_msus(adapters, name, weights)
+        rank = k[name]
+        limit = min(table.d_in, table.d_out)
+        if rank > limit:
+            raise MergeError(f"k={rank} exceeds min(d_in, d_out)={limit} of module {name}; a rank-{rank} SVD does not exist.")
+        B_k, A_k = truncated_svd_factors(*table.factors(), rank)
+        out.modules[name] = LoraModule(A=A_k.contiguous(), B=B_k.contiguous(), scale=1.0, fan_in_fan_out=table.fan_in_fan_out)
+    return out
+

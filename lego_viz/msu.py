@@ -1,0 +1,193 @@
+"""Minimal Semantic Units: the rank-one pieces ``b̃_i ã_iᵀ`` a LoRA update is the sum of.
+
+Every unit is stored *folded*: the module scale ``s`` is split as ``sqrt(s)`` onto both vectors, so
+``ΔW = Σ_i b̃_i ã_iᵀ`` and the scale never travels separately (DESIGN §2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from lego_viz.adapters import AdapterError, LoraAdapter, LoraModule
+
+FEATURE_MODES = ("raw", "canonical", "normalized")
+# Below this a vector counts as zero: an untrained lora_B is exactly zero, and we must not divide by it.
+_TINY = 1e-30
+
+
+def fold(module: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
+    """Folded units of one module.
+
+    Returns:
+        ``a`` (r, d_in) and ``b`` (r, d_out) with ``ΔW = bᵀ a`` (row i of each is unit i).
+    """
+    root = module.scale**0.5
+    return module.A * root, module.B.T * root
+
+
+def canonicalize(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Remove the scale and sign ambiguity of rank-one units, keeping ``bᵀ a`` unchanged.
+
+    Rescales each unit so ``‖ã‖ = ‖b̃‖`` and flips both signs so the largest-magnitude entry of ``ã``
+    is positive. Units whose update is zero (either half zero) become exactly zero.
+
+    Args:
+        a: (n, d_in) folded A rows.
+        b: (n, d_out) folded B columns, as rows.
+    """
+    norm_a = a.norm(dim=1, keepdim=True)
+    norm_b = b.norm(dim=1, keepdim=True)
+    zero = (norm_a <= _TINY) | (norm_b <= _TINY)
+    # c = sqrt(‖b‖/‖a‖) moves weight from the longer half to the shorter; computed in log space
+    # so that norms near the float range limits cannot overflow.
+    log_c = 0.5 * (torch.log(norm_b.clamp_min(_TINY)) - torch.log(norm_a.clamp_min(_TINY)))
+    c = torch.exp(log_c)
+    a_c = torch.where(zero, torch.zeros_like(a), a * c)
+    b_c = torch.where(zero, torch.zeros_like(b), b / c)
+    peak = a_c.gather(1, a_c.abs().argmax(dim=1, keepdim=True))
+    sign = torch.where(peak < 0, -1.0, 1.0).to(a.dtype)
+    return a_c * sign, b_c * sign
+
+
+@dataclass
+class MSUTable:
+    """All units of one module across a set of adapters (weights already applied to ``b``)."""
+
+    module: str
+    a: torch.Tensor  # (n, d_in)
+    b: torch.Tensor  # (n, d_out)
+    adapter_index: torch.Tensor  # (n,) long, index into adapter_names
+    rank_index: torch.Tensor  # (n,) long, row of the source adapter's A
+    adapter_names: list[str]
+    fan_in_fan_out: bool = False
+
+    @property
+    def n(self) -> int:
+        return self.a.shape[0]
+
+    @property
+    def d_in(self) -> int:
+        return self.a.shape[1]
+
+    @property
+    def d_out(self) -> int:
+        return self.b.shape[1]
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B (d_out, n), A (n, d_in))`` with ``ΔW = B A`` (scale 1)."""
+        return self.b.T, self.a
+
+    def canonical(self) -> MSUTable:
+        a, b = canonicalize(self.a, self.b)
+        return self._replace(a, b)
+
+    def features(self, mode: str = "raw") -> torch.Tensor:
+        """What k-means and the map see, (n, d_in + d_out).
+
+        ``raw``: ``[ã; b̃]``; ``canonical``: the canonical pair; ``normalized``: each half of the
+        canonical pair L2-normalised (direction only).
+        """
+        if mode not in FEATURE_MODES:
+            raise ValueError(f"unknown feature mode {mode!r}; expected one of {', '.join(FEATURE_MODES)}.")
+        if mode == "raw":
+            return torch.cat([self.a, self.b], dim=1)
+        a, b = canonicalize(self.a, self.b)
+        if mode == "normalized":
+            a = a / a.norm(dim=1, keepdim=True).clamp_min(_TINY)
+            b = b / b.norm(dim=1, keepdim=True).clamp_min(_TINY)
+        return torch.cat([a, b], dim=1)
+
+    def norms(self) -> dict[str, torch.Tensor]:
+        """Per-unit ``‖ã‖``, ``‖b̃‖`` and the Frobenius norm of the rank-one update ``‖ã‖·‖b̃‖``."""
+        norm_a, norm_b = self.a.norm(dim=1), self.b.norm(dim=1)
+        return {"norm_a": norm_a, "norm_b": norm_b, "norm_update": norm_a * norm_b}
+
+    def permute(self, perm: torch.Tensor) -> MSUTable:
+        """The same units in another order (the update is unchanged: DESIGN §3.1)."""
+        return MSUTable(
+            self.module, self.a[perm], self.b[perm], self.adapter_index[perm], self.rank_index[perm],
+            self.adapter_names, self.fan_in_fan_out,
+        )
+
+    def _replace(self, a: torch.Tensor, b: torch.Tensor) -> MSUTable:
+        return MSUTable(self.module, a, b, self.adapter_index, self.rank_index, self.adapter_names, self.fan_in_fan_out)
+
+
+def _weights(adapters: Sequence[LoraAdapter], weights: Sequence[float] | None) -> list[float]:
+    if weights is None:
+        return [1.0] * len(adapters)
+    weights = [float(w) for w in weights]
+    if len(weights) != len(adapters):
+        raise AdapterError(f"got {len(weights)} weights for {len(adapters)} adapters; give one weight per adapter.")
+    if not all(torch.isfinite(torch.tensor(w)) for w in weights):
+        raise AdapterError(f"weights must be finite numbers, got {weights}.")
+    if all(w == 0 for w in weights):
+        raise AdapterError("all adapter weights are zero; the merge would be empty. Give at least one non-zero weight.")
+    return weights
+
+
+def module_msus(adapters: Sequence[LoraAdapter], module: str, weights: Sequence[float] | None = None) -> MSUTable:
+    """Concatenate the folded units of ``module`` from every adapter that has it (DESIGN §3.2).
+
+    Args:
+        adapters: the adapter set.
+        module: module name, e.g. ``model.layers.0.self_attn.q_proj``.
+        weights: one per adapter (default 1); applied to the ``b̃`` half.
+    """
+    weights = _weights(adapters, weights)
+    parts_a, parts_b, owners, ranks = [], [], [], []
+    fan_in_fan_out = False
+    for t, (adapter, w) in enumerate(zip(adapters, weights)):
+        lora = adapter.modules.get(module)
+        if lora is None:
+            continue
+        a, b = fold(lora)
+        parts_a.append(a)
+        parts_b.append(b * w)
+        owners.append(torch.full((lora.r,), t, dtype=torch.long))
+        ranks.append(torch.arange(lora.r))
+        fan_in_fan_out = lora.fan_in_fan_out
+    if not parts_a:
+        raise AdapterError(f"no adapter has module {module!r}.")
+    return MSUTable(
+        module=module,
+        a=torch.cat(parts_a),
+        b=torch.cat(parts_b),
+        adapter_index=torch.cat(owners),
+        rank_index=torch.cat(ranks),
+        adapter_names=[a.name for a in adapters],
+        fan_in_fan_out=fan_in_fan_out,
+    )
+
+
+def adapter_msus(adapters: Sequence[LoraAdapter], weights: Sequence[float] | None = None) -> dict[str, MSUTable]:
+    """:func:`module_msus` for every module of the set, in first-seen order."""
+    modules = list(dict.fromkeys(m for a in adapters for m in a.modules))
+    return {m: module_msus(adapters, m, weights) for m in modules}
+
+
+def table_to_module(table: MSUTable) -> LoraModule:
+    """Rebuild a LoRA module (scale 1, folded) from units."""
+    return LoraModule(A=table.a.contiguous(), B=table.b.T.contiguous(), scale=1.0, fan_in_fan_out=table.fan_in_fan_out)
+
+
+def permute_adapter(adapter: LoraAdapter, generator: torch.Generator | None = None) -> tuple[LoraAdapter, dict[str, torch.Tensor]]:
+    """A copy of ``adapter`` with the ranks of every module shuffled (rows of A with columns of B).
+
+    Returns:
+        The permuted adapter and the permutation used per module.
+    """
+    modules, perms = {}, {}
+    for name, lora in adapter.modules.items():
+        perm = torch.randperm(lora.r, generator=generator)
+        perms[name] = perm
+        modules[name] = LoraModule(A=lora.A[perm], B=lora.B[:, perm], scale=lora.scale, fan_in_fan_out=lora.fan_in_fan_out)
+    copy = LoraAdapter(
+        name=adapter.name, source=adapter.source, config=adapter.config, modules=modules,
+        extra_tensors=adapter.extra_tensors, warnings=list(adapter.warnings), sha256=adapter.sha256,
+        weights_file=adapter.weights_file,
+    )
+    return copy, perms
