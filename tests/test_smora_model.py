@@ -22,7 +22,7 @@ from lego_viz.smora import (
     smora_parameters,
     smora_state_dict,
 )
-from lego_viz.smora.train import TrainConfig, train
+from lego_viz.smora.train import TrainConfig, count_real_tokens, train_smora
 
 VOCAB, HIDDEN, LAYERS = 20, 16, 2
 LINEAR_PER_LAYER = 7  # q, k, v, o, gate, up, down
@@ -184,12 +184,27 @@ def test_training_smoke_loss_decreases_and_balance_is_recorded() -> None:
     inject_smora(model, SMoRAConfig(r=8, k=2, lora_alpha=8.0, target_modules=("all-linear",), gamma=0.01))
     start = torch.randint(1, VOCAB, (8, 1), generator=torch.Generator().manual_seed(0))
     data = (start + torch.arange(10)) % (VOCAB - 1) + 1  # counting sequences: learnable, unknown to the base
-    batch = {"input_ids": data, "attention_mask": torch.ones_like(data), "labels": data}
-    history = train(model, lambda step: batch, TrainConfig(steps=25, lr=1e-2), progress=False)
+    mask = torch.ones_like(data)
+    mask[:, -2:] = 0  # padding: must not count as router load
+    batch = {"input_ids": data, "attention_mask": mask, "labels": data.masked_fill(mask == 0, -100)}
+    history = train_smora(model, lambda rng: batch, TrainConfig(steps=25, lr=1e-2, warmup_steps=0), progress=False)
     assert len(history.loss) == len(history.load_balance) == 25
     # a random tiny base learns slowly; 25 steps still cut the loss by > 5% (measured ≈ 7%), a frozen
     # or gradient-less adapter would stay at the first value
     assert sum(history.loss[-3:]) / 3 < 0.95 * history.loss[0]
     assert all(1.0 <= b <= 8 / 2 for b in history.load_balance)
+    assert all(layer.router.load.sum() == 0 and layer.router.count_mask is None for layer in smora_layers(model).values())
     assert not model.training
     assert any(layer.router.bias.abs().sum() > 0 for layer in smora_layers(model).values())
+
+
+def test_padding_is_not_router_load() -> None:
+    model = tiny_llama()
+    inject_smora(model, SMoRAConfig(r=8, k=2, rank_partition=2))  # 4 routes, 1 chosen per token
+    data = token_batch(0, batch=3, seq=6)
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4])
+    model.train()
+    with count_real_tokens(model), torch.no_grad():
+        model(input_ids=data, attention_mask=mask)
+    assert all(layer.router.load.sum() == mask.sum() for layer in smora_layers(model).values())
+    assert all(layer.router.count_mask is None for layer in smora_layers(model).values())
