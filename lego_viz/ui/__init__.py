@@ -1,0 +1,78 @@
+"""The Gradio explorer: `build_demo()` assembles the tabs; the only package of lego_viz that imports gradio."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import gradio as gr
+
+from lego_viz.projection import warm_up
+from lego_viz.ui import export_tab, invariance_tab, learn, load_tab, map_tab, run_tab
+from lego_viz.ui.runtime import MAX_FILE_SIZE, SESSION_TTL_S
+from lego_viz.ui.state import Session, cleanup
+
+CSS = """
+.lego-badges { line-height: 2.1; }
+.lego-badge { color: white; border-radius: 999px; padding: 2px 10px; font-weight: 600; font-size: 0.85em; }
+"""
+
+
+def launch_options() -> dict:
+    """Keyword arguments for `demo.launch` that the app relies on (upload limit, styling)."""
+    return {"max_file_size": MAX_FILE_SIZE, "css": CSS, "theme": gr.themes.Soft()}
+
+
+def _smora_tab():
+    # The SMoRA tab is optional: the app works without it while it is being written.
+    if importlib.util.find_spec("lego_viz.ui.smora_tab") is None:
+        return None
+    from lego_viz.ui.smora_tab import build_smora_tab
+
+    return build_smora_tab
+
+
+def build_demo(public: bool = False) -> gr.Blocks:
+    """Build the explorer app.
+
+    Args:
+        public: a public deployment (a Space): typed local paths are refused, only uploads and hub ids load.
+
+    Returns:
+        The `gr.Blocks` app, with its queue configured; call `.launch(**launch_options())`.
+    """
+    warm_up()  # import umap and compile its kernels while the user reads the first tab
+    with gr.Blocks(title="LoRA-LEGO explorer", delete_cache=(1800, 3600)) as demo:
+        session = gr.State(Session(), time_to_live=SESSION_TTL_S, delete_callback=cleanup)
+        gr.Markdown(learn.INTRO)
+        with gr.Tabs():
+            with gr.Tab("1 · Load adapters", id="load"):
+                load = load_tab.build(session, public)
+            with gr.Tab("2 · MSU map & merge", id="map"):
+                msu_map = map_tab.build(session)
+            with gr.Tab("3 · Invariance checks", id="invariance"):
+                checks = invariance_tab.build(session)
+            with gr.Tab("4 · Run the models", id="run"):
+                run_tab.build(session)
+            with gr.Tab("5 · Export", id="export"):
+                export_tab.build(session)
+            build_smora = _smora_tab()
+            if build_smora is not None:
+                with gr.Tab("6 · SMoRA", id="smora"):
+                    build_smora()
+        _wire_follow_ups(session, load, msu_map, checks)
+    demo.queue(default_concurrency_limit=2)
+    return demo
+
+
+def _wire_follow_ups(session: gr.State, load: load_tab.LoadTab, msu_map: map_tab.MapTab, checks: invariance_tab.InvarianceTab) -> None:
+    """After a load or a selection change: fit the map controls, redraw the map, re-run the checks."""
+    refresh = {"fn": map_tab.refresh_controls, "inputs": [session, msu_map.selection, msu_map.k], "outputs": [msu_map.selection, msu_map.k]}
+    redraw = {"fn": map_tab.cluster, "inputs": [session, *msu_map.inputs], "outputs": [session, *msu_map.outputs]}
+    recheck = {"fn": invariance_tab.check, "inputs": [session, *checks.inputs], "outputs": checks.outputs}
+    for event in load.loaded:
+        # .success: a failed load shows its error and leaves everything else alone.
+        event.success(**refresh, api_visibility="private").success(**redraw, api_visibility="private").success(
+            **recheck, api_visibility="private"
+        )
+    for event in load.selected:
+        event.success(**refresh, api_visibility="private").success(**redraw, api_visibility="private")

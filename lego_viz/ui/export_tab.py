@@ -1,0 +1,74 @@
+"""Tab 5: download the current merge as a zipped PEFT folder, with the snippet that loads it."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+
+from lego_viz.export import export_adapter, zip_export
+from lego_viz.ui import learn
+from lego_viz.ui.errors import user_errors
+from lego_viz.ui.merging import merged_session
+from lego_viz.ui.state import Session
+
+
+@dataclass
+class ExportTab:
+    """The components other tabs wire to."""
+
+    button: gr.Button
+    file: gr.File
+    snippet: gr.Code
+    summary: gr.Markdown
+
+
+def _folder_name(session: Session) -> str:
+    settings = session.settings
+    name = f"{settings.method}_k{settings.k}_merge" if settings.method in ("lego", "svd") else f"{settings.method}_merge"
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+@user_errors
+def export(session: Session) -> tuple[Session, str, str, str]:
+    """Write the current merge (computed if needed) as a PEFT folder + report + recipe, zipped.
+
+    Returns:
+        (session, zip path, loading snippet, summary markdown)
+    """
+    session = merged_session(session)
+    adapters, _ = session.selected()
+    # One temp folder per export; the previous one goes now, the last one with the session.
+    if session.export_dir:
+        shutil.rmtree(session.export_dir, ignore_errors=True)
+    workdir = Path(tempfile.mkdtemp(prefix="lego_viz_export_"))
+    session = dataclasses.replace(session, export_dir=str(workdir))
+    name = _folder_name(session)
+    folder = export_adapter(session.merged, workdir / name, adapters=adapters)
+    archive = zip_export(folder, workdir / f"{name}.zip")
+    snippet = learn.PEFT_SNIPPET.format(base_model=session.merged.base_model or "<base model>", folder=name)
+    ranks = sorted(set(session.merged.ranks.values()))
+    summary = (
+        f"`{archive.name}` · {archive.stat().st_size / 1024:.0f} KiB · method **{session.merged.method}**, "
+        f"rank {', '.join(map(str, ranks))}, {len(session.merged.modules)} modules from {len(adapters)} adapters."
+    )
+    return session, str(archive), snippet, summary
+
+
+def build(session: gr.State) -> ExportTab:
+    """Lay out the export tab and wire its button."""
+    with gr.Row():
+        with gr.Column(scale=3):
+            button = gr.Button("Build the merged adapter (.zip)", variant="primary", elem_id="export")
+            summary = gr.Markdown(elem_id="export-summary")
+            file = gr.File(label="Merged adapter: PEFT folder + merge_report.json + recipe.yaml", interactive=False, elem_id="export-file")
+            snippet = gr.Code(learn.PEFT_SNIPPET.format(base_model="<base model>", folder="<merge folder>"), language="python", label="Load it with PEFT", interactive=False)
+        with gr.Column(scale=2):
+            gr.Markdown(learn.EXPORT)
+    button.click(export, [session], [session, file, snippet, summary], api_name="export")
+    return ExportTab(button, file, snippet, summary)

@@ -1,0 +1,87 @@
+"""The "Learn" texts shown beside each panel, for someone who has just heard of LoRA."""
+
+INTRO = """
+# LoRA-LEGO explorer
+A LoRA adapter is a sum of **rank-one pieces**. This app lets you see those pieces, check the two facts
+that make them behave like LEGO bricks, and build one adapter out of several by clustering them.
+Start with **Load demo zoo** (six tiny adapters, one per toy task), then walk through the tabs.
+"""
+
+LOAD = """
+### What is in an adapter?
+A LoRA adapter changes a frozen weight matrix `W0` (size `d_out × d_in`) by
+
+`ΔW = s · B A`, with `A` of size `r × d_in`, `B` of size `d_out × r` and the scale `s = α / r`.
+
+Written out, that is a sum of `r` rank-one matrices: `ΔW = Σᵢ s · bᵢ aᵢᵀ`, where `aᵢ` is row `i` of
+`A` and `bᵢ` is column `i` of `B`. Each pair `(aᵢ, bᵢ)` is a **Minimal Semantic Unit (MSU)**.
+An adapter of rank 8 on 28 layers therefore holds 8 × 28 = 224 MSUs — the `#MSUs` column.
+
+**Use** picks which adapters take part in the map, the checks and the merge; **weight** scales an
+adapter's contribution (`w · ΔW`, applied to the `b` side of its MSUs).
+"""
+
+MAP = """
+### The MSU map
+Every dot is one MSU `(aᵢ, bᵢ)`, drawn as the vector `[aᵢ ; bᵢ]` squeezed to 2-D (UMAP keeps
+neighbours close; PCA is the fast linear view). Dots from one module type are comparable, so
+"all" shows one panel per module type instead of mixing shapes.
+
+**Feature mode** is what the clustering sees: `raw` vectors; `canonical`, which first removes
+the harmless ambiguities of a unit (`(a, b)`, `(−a, −b)` and `(2a, b/2)` give the same `b aᵀ`);
+`normalized`, which keeps only directions.
+
+**k** is the rank of the merged adapter: the MSUs of each module are grouped into `k` clusters
+and each cluster becomes one rank. Moving k only re-colours the dots — the map itself does not
+move, because the points do not depend on k.
+
+**Reweighting.** Averaging vectors that point in slightly different directions makes the average
+shorter, so *parameter reweighting* rescales each cluster centre to the mean length of its
+members. *Output reweighting* multiplies the merged update by `sqrt(r̄ / k)` to keep the size of
+the layer's output close to that of one source adapter.
+
+The heatmap shows, for one module, how many MSUs of each adapter landed in each cluster: a
+column with one bright cell is a skill kept intact; mixed columns are shared units.
+"""
+
+INVARIANCE = """
+### Why MSUs behave like LEGO bricks
+1. **Permutation invariance.** Reordering the ranks — rows of `A` *together with* the matching
+   columns of `B` — changes nothing: `B A = Σᵢ bᵢ aᵢᵀ` does not care about the order of the sum.
+2. **Concatenation = summation.** Stacking the `A`s of two adapters and putting their `B`s side by
+   side gives one adapter of rank `r₁ + r₂` whose update is exactly `ΔW₁ + ΔW₂`.
+
+The check runs both in **weight space** (relative error of `ΔW`) and in **output space** (the
+model's logits on a prompt). Both errors should be at float round-off (about 1e-7).
+
+The **broken** rows shuffle the rows of `A` *without* shuffling `B`: every `aᵢ` gets paired with
+the wrong `bⱼ`, and the update changes completely. The pairing is the unit — that is what "minimal
+semantic unit" means.
+"""
+
+RUN = """
+### Does the merge still do the tasks?
+Each zoo adapter was trained on one toy task (the task name opens the prompt, e.g. `reverse: lego=`).
+Type a prompt and compare the base model, each selected adapter and the current merge.
+
+The **accuracy table** scores every method on held-out prompts of each task; the **k-sweep** shows
+how accuracy and the error of the merged `ΔW` (against the exact weighted sum) change with `k`.
+LEGO keeps units whole; `svd` keeps the best rank-`k` approximation of the sum.
+"""
+
+EXPORT = """
+### Take the merge with you
+The download is an ordinary PEFT LoRA folder (`r = k`, `lora_alpha = k`, so the scale is 1 and
+already folded into the weights), plus `merge_report.json` (inputs, hashes, every option,
+cluster sizes, timings) and `recipe.yaml`, which re-runs the same merge from the command line.
+"""
+
+PEFT_SNIPPET = """\
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+
+base = AutoModelForCausalLM.from_pretrained("{base_model}")
+model = PeftModel.from_pretrained(base, "{folder}")  # the unzipped folder
+# Re-run the same merge from the command line (the recipe names the source adapters):
+#   python -m lego_viz merge --recipe {folder}/recipe.yaml --out merged_again
+"""

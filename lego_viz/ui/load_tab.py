@@ -1,0 +1,218 @@
+"""Tab 1: load adapters (demo zoo, uploads, paths or hub ids) and choose which take part, with what weight."""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gradio as gr
+
+from lego_viz.adapters import CONFIG_NAME, AdapterError, LoraAdapter, load_adapter
+from lego_viz.ui import learn
+from lego_viz.ui.errors import user_errors
+from lego_viz.ui.runtime import MAX_ADAPTERS, UPLOAD_TYPES
+from lego_viz.ui.state import Session
+
+HEADERS = ["adapter", "base model", "r", "α", "scale", "targets", "modules", "#MSUs", "notes"]
+
+
+@dataclass
+class LoadTab:
+    """The components other tabs wire to."""
+
+    zoo_button: gr.Button
+    load_button: gr.Button
+    clear_button: gr.Button
+    files: gr.File
+    paths: gr.Textbox
+    replace: gr.Checkbox
+    table: gr.Dataframe
+    status: gr.Markdown
+    use: list[gr.Checkbox]
+    weights: list[gr.Slider]
+    loaded: list = field(default_factory=list)  # events that load adapters (followed up by other tabs)
+    selected: list = field(default_factory=list)  # events that change the selection
+
+    @property
+    def outputs(self) -> list:
+        """What every load-like event updates, after the session state."""
+        return [self.table, self.status, *self.use, *self.weights]
+
+
+def _fmt(value) -> str:
+    if isinstance(value, list):
+        return ", ".join(_fmt(v) for v in value)
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def adapter_rows(session: Session) -> list[list[str]]:
+    """One table row per loaded adapter."""
+    rows = []
+    for adapter in session.adapters:
+        info = adapter.summary()
+        rows.append([
+            info["name"], str(info["base_model"]), _fmt(info["r"]), _fmt(info["lora_alpha"]), _fmt(info["scale"]),
+            ", ".join(info["targets"]), str(info["modules"]), str(info["msus"]), " ".join(adapter.warnings),
+        ])
+    return rows
+
+
+def _view(session: Session, status: str) -> tuple:
+    """The session plus every output of a load-like event, slots filled in load order."""
+    n = len(session.adapters)
+    use = [
+        gr.update(visible=i < n, label=session.adapters[i].name if i < n else "", value=i < n and session.use[i])
+        for i in range(MAX_ADAPTERS)
+    ]
+    weights = [
+        gr.update(visible=i < n, label=f"weight · {session.adapters[i].name}" if i < n else "weight", value=session.weights[i] if i < n else 1.0)
+        for i in range(MAX_ADAPTERS)
+    ]
+    return (session, adapter_rows(session), status, *use, *weights)
+
+
+def _status(session: Session, added: Sequence[LoraAdapter]) -> str:
+    total = sum(a.n_msus for a in session.adapters)
+    names = ", ".join(f"`{a.name}`" for a in added)
+    return f"Loaded {len(added)} adapter(s): {names}. The session holds {len(session.adapters)} adapters and {total} MSUs."
+
+
+def _warn(adapters: Sequence[LoraAdapter]) -> None:
+    for adapter in adapters:
+        for message in adapter.warnings:
+            gr.Warning(f"{adapter.name}: {message}")
+
+
+@functools.lru_cache(maxsize=1)
+def _zoo_adapters(stamp: tuple[tuple[str, float], ...]) -> tuple[LoraAdapter, ...]:
+    # Keyed by paths and mtimes, so a rebuilt zoo is re-read; the objects are never mutated.
+    return tuple(load_adapter(path, name=Path(path).name) for path, _ in stamp)
+
+
+def zoo_adapters() -> tuple[LoraAdapter, ...]:
+    """The demo zoo's task adapters, loaded once per process."""
+    from lego_viz.zoo.model import adapter_dirs
+
+    dirs = adapter_dirs()
+    if not dirs:
+        raise FileNotFoundError("the demo zoo is not built (no adapters under assets/zoo); run `python scripts/build_zoo.py`")
+    return _zoo_adapters(tuple((str(p), (p / "adapter_config.json").stat().st_mtime) for p in dirs.values()))
+
+
+@user_errors
+def load_zoo(session: Session) -> tuple:
+    """Replace the session's adapters with the demo zoo."""
+    adapters = zoo_adapters()
+    session = session.with_adapters(adapters, replace=True)
+    return _view(session, _status(session, adapters))
+
+
+def _is_local_path(spec: str) -> bool:
+    return spec.startswith(("/", "\\", ".", "~")) or Path(spec).expanduser().exists()
+
+
+def _load_uploads(files: Sequence[str], workdir: Path) -> list[LoraAdapter]:
+    bad = [Path(f).name for f in files if Path(f).suffix.lower() not in UPLOAD_TYPES]
+    if bad:
+        raise AdapterError(f"cannot use {', '.join(bad)}: upload .zip files or adapter_config.json + adapter_model.safetensors/.bin")
+    adapters = [load_adapter(f, workdir=workdir) for f in files if Path(f).suffix.lower() == ".zip"]
+    loose = [Path(f) for f in files if Path(f).suffix.lower() != ".zip"]
+    if loose:
+        if [p.name for p in loose].count(CONFIG_NAME) != 1:
+            raise AdapterError(
+                f"loose files must be one adapter: exactly one {CONFIG_NAME} with its adapter_model.safetensors (or .bin); "
+                "upload several adapters as one .zip each"
+            )
+        folder = workdir / "upload"
+        folder.mkdir()
+        for path in loose:
+            shutil.copyfile(path, folder / path.name)
+        adapters.append(load_adapter(folder, name="upload"))
+    return adapters
+
+
+def load_sources(session: Session, files: Sequence[str] | None, paths: str | None, replace: bool, public: bool) -> tuple:
+    """Load uploads and typed paths / hub ids into the session (nothing changes if any one fails)."""
+    specs = [line.strip() for line in (paths or "").splitlines() if line.strip()]
+    if public:
+        local = [s for s in specs if _is_local_path(s)]
+        if local:
+            raise AdapterError(f"local paths are disabled on this public app ({local[0]}); upload a .zip or give a hub id")
+    if not files and not specs:
+        raise AdapterError("nothing to load: upload adapter files, or type a folder path or hub id")
+    workdir = Path(tempfile.mkdtemp(prefix="lego_viz_upload_"))
+    try:
+        # Everything is read into memory, so the extracted files can go right away.
+        adapters = _load_uploads(list(files or []), workdir) + [load_adapter(s, workdir=workdir) for s in specs]
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    session = session.with_adapters(adapters, replace=bool(replace))
+    _warn(adapters)
+    return _view(session, _status(session, adapters))
+
+
+@user_errors
+def clear(session: Session) -> tuple:
+    """Drop every adapter (and the merge) from the session."""
+    return _view(Session(export_dir=session.export_dir), "No adapters loaded.")
+
+
+@user_errors
+def select(session: Session, *values) -> Session:
+    """Store the use-checkboxes and weight sliders (first MAX_ADAPTERS values, then as many weights)."""
+    return session.with_selection(values[:MAX_ADAPTERS], values[MAX_ADAPTERS:])
+
+
+def build(session: gr.State, public: bool) -> LoadTab:
+    """Lay out the load tab and wire its own events (cross-tab follow-ups are wired by `build_demo`)."""
+    with gr.Row():
+        with gr.Column(scale=3):
+            with gr.Row():
+                zoo_button = gr.Button("Load demo zoo", variant="primary", elem_id="load-zoo")
+                clear_button = gr.Button("Clear", variant="secondary", elem_id="clear")
+            files = gr.File(
+                label="Upload PEFT adapters: one .zip per adapter, or adapter_config.json + adapter_model.safetensors",
+                file_count="multiple", file_types=UPLOAD_TYPES, height=110,
+            )
+            paths = gr.Textbox(
+                label="…or local folders / hub ids, one per line", lines=2, visible=not public,
+                placeholder="assets/zoo/adapters/reverse\nowner/some-lora",
+            )
+            with gr.Row():
+                replace = gr.Checkbox(value=False, label="replace the current adapters", scale=2)
+                load_button = gr.Button("Load", scale=1, elem_id="load")
+            status = gr.Markdown("No adapters loaded.", elem_id="load-status")
+            table = gr.Dataframe(headers=HEADERS, value=[], interactive=False, wrap=True, label="Loaded adapters", elem_id="adapter-table")
+            gr.Markdown("**Use** an adapter in the map, checks and merge, and set its **weight** `w` (its update counts as `w · ΔW`):")
+            use, weights = [], []
+            for i in range(MAX_ADAPTERS):
+                with gr.Row(equal_height=True):
+                    use.append(gr.Checkbox(value=True, label="", visible=False, scale=1, min_width=140, elem_id=f"use-{i}"))
+                    weights.append(gr.Slider(-1.0, 2.0, value=1.0, step=0.05, label="weight", visible=False, scale=3, elem_id=f"weight-{i}"))
+        with gr.Column(scale=2):
+            gr.Markdown(learn.LOAD)
+    tab = LoadTab(zoo_button, load_button, clear_button, files, paths, replace, table, status, use, weights)
+    outputs = [session, *tab.outputs]
+    tab.loaded = [
+        zoo_button.click(load_zoo, [session], outputs, api_name="load_zoo"),
+        load_button.click(load_handler(public), [session, files, paths, replace], outputs, api_name="load"),
+    ]
+    clear_button.click(clear, [session], outputs, api_name="clear")
+    # .input / .release fire on user actions only, not when a load fills the slots.
+    triggers = [c.input for c in use] + [s.release for s in weights]
+    tab.selected = [t(select, [session, *use, *weights], session, api_visibility="private", trigger_mode="always_last") for t in triggers]
+    return tab
+
+
+def load_handler(public: bool):
+    """`load_sources` bound to the app's public flag, with user-facing errors."""
+
+    @user_errors
+    def load(session: Session, files: list[str] | None, paths: str | None, replace: bool) -> tuple:
+        return load_sources(session, files, paths, replace, public)
+
+    return load

@@ -1,0 +1,139 @@
+"""Tab 2: the MSU map and the merge controls. Changing k re-clusters and recolours; the map stays put."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gradio as gr
+
+from lego_viz.export import reconstruction_errors
+from lego_viz.merge import MERGE_METHODS
+from lego_viz.msu import FEATURE_MODES
+from lego_viz.projection import PROJECTION_METHODS, ProjectionConfig
+from lego_viz.ui import learn
+from lego_viz.ui.errors import user_errors
+from lego_viz.ui.merging import max_k, merged_session
+from lego_viz.ui.msu_map import ALL, build_facets, select_modules, selector_choices
+from lego_viz.ui.plots import COLOUR_BY, cluster_heatmap, msu_map_figure
+from lego_viz.ui.state import MergeSettings, Session
+
+PARAM_REWEIGHT = ("none", "l2", "linf")
+
+
+@dataclass
+class MapTab:
+    """The components other tabs wire to."""
+
+    selection: gr.Dropdown
+    projection: gr.Radio
+    colour_by: gr.Radio
+    method: gr.Dropdown
+    k: gr.Slider
+    features: gr.Radio
+    param_reweight: gr.Radio
+    output_reweight: gr.Checkbox
+    seed: gr.Number
+    button: gr.Button
+    plot: gr.Plot
+    heatmap: gr.Plot
+    summary: gr.Markdown
+
+    @property
+    def inputs(self) -> list:
+        """Inputs of `cluster`, after the session state."""
+        return [
+            self.selection, self.projection, self.colour_by, self.method, self.k, self.features,
+            self.param_reweight, self.output_reweight, self.seed,
+        ]
+
+    @property
+    def outputs(self) -> list:
+        """Outputs of `cluster`, after the session state."""
+        return [self.plot, self.heatmap, self.summary]
+
+
+@user_errors
+def refresh_controls(session: Session, selection: str, k: float) -> tuple:
+    """Fit the selector entries and the k range to the selected adapters."""
+    adapters, _ = session.selected()
+    choices = selector_choices(adapters)
+    top = max_k(adapters)
+    return (
+        gr.update(choices=choices, value=selection if selection in choices else ALL),
+        gr.update(maximum=top, value=min(int(k), top)),
+    )
+
+
+def _summary(session: Session, gaps: dict[str, float]) -> str:
+    merged, settings = session.merged, session.settings
+    spec = MERGE_METHODS[settings.method]
+    ranks = sorted(set(merged.ranks.values()))
+    rank = ranks[0] if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]}"
+    mean_gap = sum(gaps.values()) / len(gaps)
+    lines = [
+        f"**{settings.method}** → merged rank **{rank}** on {len(merged.modules)} modules "
+        f"in {merged.timings.get('total', 0.0) * 1000:.0f} ms. *{spec.description}*",
+        f"Distance to the exact weighted sum Σ w·ΔW: mean **{mean_gap:.1%}**, worst {max(gaps.values()):.1%} (relative Frobenius error).",
+    ]
+    if not merged.labels:
+        lines.append("This method does not cluster MSUs, so *colour by cluster* has nothing to show; colour by adapter instead.")
+    lines += [f"⚠ {w}" for w in dict.fromkeys(merged.warnings)][:3]
+    return "\n\n".join(lines)
+
+
+@user_errors
+def cluster(
+    session: Session, selection: str, projection: str, colour_by: str, method: str, k: float, features: str,
+    param_reweight: str, output_reweight: bool, seed: float,
+) -> tuple:
+    """Merge with the controls' settings (reused if unchanged) and draw the map and the cluster heatmap.
+
+    Returns:
+        (session, map figure, heatmap figure or None, summary markdown)
+    """
+    settings = MergeSettings(method, int(k), features, param_reweight, bool(output_reweight), int(seed))
+    session = merged_session(session, settings)
+    adapters, weights = session.selected()
+    merged = session.merged
+    modules = select_modules(adapters, selection)
+    # The projection seed is fixed: a new merge seed must not move the points.
+    facets = build_facets(adapters, weights, modules, features, ProjectionConfig(method=projection), merged.labels or None)
+    subtitle = f"{sum(f.n for f in facets)} MSUs · {projection.upper()} of {features} features · coloured by {colour_by}"
+    figure = msu_map_figure(facets, colour_by, subtitle)
+    heatmap = None
+    if merged.labels:
+        focus = modules[0]
+        heatmap = cluster_heatmap(merged.cluster_composition(focus).T, [a.name for a in adapters], focus)
+    return session, figure, heatmap, _summary(session, reconstruction_errors(merged, adapters))
+
+
+def build(session: gr.State) -> MapTab:
+    """Lay out the map tab and wire its own events."""
+    defaults = MergeSettings()
+    with gr.Row():
+        with gr.Column(scale=1, min_width=300):
+            selection = gr.Dropdown([ALL], value=ALL, label="Show", info="one module, one type across layers, one layer, or all", elem_id="map-selection")
+            projection = gr.Radio(list(PROJECTION_METHODS), value="umap", label="Projection", info="UMAP keeps neighbours; PCA is linear and instant")
+            colour_by = gr.Radio(list(COLOUR_BY), value="cluster", label="Colour by", elem_id="colour-by")
+            method = gr.Dropdown(list(MERGE_METHODS), value=defaults.method, label="Merge method", elem_id="merge-method")
+            k = gr.Slider(1, 64, value=defaults.k, step=1, label="k — rank of the merge (clusters per module)", elem_id="k-slider")
+            features = gr.Radio(list(FEATURE_MODES), value=defaults.features, label="Features k-means sees")
+            param_reweight = gr.Radio(list(PARAM_REWEIGHT), value=defaults.param_reweight, label="Parameter reweighting")
+            output_reweight = gr.Checkbox(value=defaults.output_reweight, label="Output reweighting (× sqrt(r̄ / k))")
+            seed = gr.Number(value=defaults.seed, precision=0, minimum=0, label="Seed")
+            button = gr.Button("Merge and draw", variant="primary", elem_id="cluster")
+        with gr.Column(scale=3):
+            plot = gr.Plot(label="MSU map", elem_id="msu-map")
+            summary = gr.Markdown(elem_id="merge-summary")
+            heatmap = gr.Plot(label="Cluster composition", elem_id="cluster-heatmap")
+    with gr.Accordion("Learn: what is on this map?", open=True):
+        gr.Markdown(learn.MAP)
+    tab = MapTab(selection, projection, colour_by, method, k, features, param_reweight, output_reweight, seed, button, plot, heatmap, summary)
+    cluster_args = {"fn": cluster, "inputs": [session, *tab.inputs], "outputs": [session, *tab.outputs]}
+    button.click(**cluster_args, api_name="cluster")
+    # Slider and text-like controls fire on release/submit, so dragging does not queue a merge per pixel.
+    k.release(**cluster_args, api_visibility="private", trigger_mode="always_last", show_progress="minimal")
+    seed.submit(**cluster_args, api_visibility="private")
+    for control in (selection, projection, colour_by, method, features, param_reweight, output_reweight):
+        control.input(**cluster_args, api_visibility="private", trigger_mode="always_last", show_progress="minimal")
+    return tab

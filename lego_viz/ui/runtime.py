@@ -1,0 +1,64 @@
+"""Where the app runs: device choice, the optional ZeroGPU decorator, public (Space) mode."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+
+F = TypeVar("F", bound=Callable)
+
+# Upload limits: a LoRA of a 7B model at r = 16 is ~40 MB; the demo never needs more.
+MAX_FILE_SIZE = "100mb"
+UPLOAD_TYPES = [".zip", ".json", ".safetensors", ".bin"]
+# Adapter slots in the load panel; a Space session never needs more.
+MAX_ADAPTERS = 12
+# Seconds an idle session's state (and its temp files) survive.
+SESSION_TTL_S = 2 * 3600
+
+
+def device() -> str:
+    """`"cuda"` when a GPU is visible, else `"cpu"`."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def public_mode(flag: bool = False) -> bool:
+    """Whether the app runs for the public (a Space): then local paths are refused.
+
+    Args:
+        flag: `--public` from the command line.
+    """
+    return flag or bool(os.environ.get("SPACE_ID")) or os.environ.get("LEGO_VIZ_PUBLIC", "") not in ("", "0")
+
+
+@functools.cache
+def _spaces_gpu() -> Callable | None:
+    if importlib.util.find_spec("spaces") is None:
+        return None
+    import spaces
+
+    return spaces.GPU
+
+
+def on_gpu(fn: F) -> F:
+    """Wrap a model-running function in `spaces.GPU` when the `spaces` package exists (ZeroGPU).
+
+    Elsewhere the function is returned unchanged, so the app works on any CPU machine.
+    """
+    gpu = _spaces_gpu()
+    return fn if gpu is None else gpu(fn)
+
+
+def server_port(default: int = 7860) -> int:
+    """The port from `PORT` or `GRADIO_SERVER_PORT` (hosting platforms set one of them)."""
+    for name in ("PORT", "GRADIO_SERVER_PORT"):
+        value = os.environ.get(name)
+        if value:
+            if not value.isdigit() or not 0 < int(value) < 65536:
+                raise ValueError(f"{name}={value!r} is not a valid port number")
+            return int(value)
+    return default

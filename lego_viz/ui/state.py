@@ -1,0 +1,99 @@
+"""Per-session state of the app, kept in one `gr.State` and replaced (never mutated) by each event.
+
+Handlers build a new `Session` and return it; when a handler raises `gr.Error` Gradio leaves the
+state as it was, so a failed load or merge never leaves a half-updated session behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from lego_viz.adapters import AdapterError, LoraAdapter, check_compatible
+from lego_viz.ui.runtime import MAX_ADAPTERS
+
+
+@dataclass(frozen=True)
+class MergeSettings:
+    """The merge controls of the map tab, validated the same way for the UI and the API."""
+
+    method: str = "lego"
+    k: int = 8
+    features: str = "canonical"
+    param_reweight: str = "l2"
+    output_reweight: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"k must be at least 1, got {self.k}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be non-negative, got {self.seed}")
+
+    def options(self) -> dict:
+        """Every option the controls set, by merge-option name (each method takes the ones it knows)."""
+        return {
+            "features": self.features, "param_reweight": self.param_reweight,
+            "output_reweight": self.output_reweight, "seed": self.seed,
+        }
+
+
+@dataclass(frozen=True)
+class Session:
+    """What one browser tab (or one `gradio_client`) has loaded and computed."""
+
+    adapters: tuple[LoraAdapter, ...] = ()
+    use: tuple[bool, ...] = ()
+    weights: tuple[float, ...] = ()
+    settings: MergeSettings = field(default_factory=MergeSettings)
+    merged: object | None = None  # MergedAdapter of the current selection and settings, if computed
+    export_dir: str | None = None  # temp folder of the last export, removed with the session
+
+    def with_adapters(self, adapters: Sequence[LoraAdapter], replace: bool) -> Session:
+        """A session holding `adapters` (added to or replacing the current ones), all selected at weight 1."""
+        kept = () if replace else self.adapters
+        combined = list(kept) + _unique_names(adapters, {a.name for a in kept})
+        if len(combined) > MAX_ADAPTERS:
+            raise AdapterError(f"at most {MAX_ADAPTERS} adapters per session; remove some (Clear) before adding more.")
+        if combined:
+            check_compatible(combined)
+        return dataclasses.replace(
+            self,
+            adapters=tuple(combined),
+            use=(self.use if not replace else ()) + (True,) * (len(combined) - len(kept)),
+            weights=(self.weights if not replace else ()) + (1.0,) * (len(combined) - len(kept)),
+            merged=None,
+        )
+
+    def with_selection(self, use: Sequence[bool], weights: Sequence[float]) -> Session:
+        """The same adapters with another selection; the merge is dropped since it no longer matches."""
+        n = len(self.adapters)
+        return dataclasses.replace(self, use=tuple(bool(u) for u in use[:n]), weights=tuple(float(w) for w in weights[:n]), merged=None)
+
+    def selected(self) -> tuple[list[LoraAdapter], list[float]]:
+        """The adapters ticked "use" and their weights; raises when none is."""
+        pairs = [(a, w) for a, u, w in zip(self.adapters, self.use, self.weights) if u]
+        if not pairs:
+            raise AdapterError("no adapter selected: load the demo zoo or an adapter, and tick 'use' for at least one.")
+        return [a for a, _ in pairs], [w for _, w in pairs]
+
+
+def _unique_names(adapters: Sequence[LoraAdapter], taken: set[str]) -> list[LoraAdapter]:
+    # Renames copies, never the caller's objects, which may be shared (e.g. the cached zoo).
+    result = []
+    taken = set(taken)
+    for adapter in adapters:
+        name, n = adapter.name, 2
+        while name in taken:
+            name, n = f"{adapter.name}_{n}", n + 1
+        taken.add(name)
+        result.append(adapter if name == adapter.name else dataclasses.replace(adapter, name=name))
+    return result
+
+
+def cleanup(session: Session | None) -> None:
+    """Remove a session's temp files (the `gr.State` delete callback)."""
+    if session is not None and session.export_dir:
+        shutil.rmtree(session.export_dir, ignore_errors=True)
