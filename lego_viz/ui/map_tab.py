@@ -112,11 +112,16 @@ def build(session: gr.State) -> MapTab:
     defaults = MergeSettings()
     with gr.Row():
         with gr.Column(scale=1, min_width=300):
-            selection = gr.Dropdown([ALL], value=ALL, label="Show", info="one module, one type across layers, one layer, or all", elem_id="map-selection")
+            selection = gr.Dropdown(
+                [ALL], value=ALL, label="Show", info="one module, one type across layers, one layer, or all", elem_id="map-selection",
+                # API callers never see the refreshed choices; select_modules validates the value instead.
+                allow_custom_value=True,
+            )
             projection = gr.Radio(list(PROJECTION_METHODS), value="umap", label="Projection", info="UMAP keeps neighbours; PCA is linear and instant")
             colour_by = gr.Radio(list(COLOUR_BY), value="cluster", label="Colour by", elem_id="colour-by")
             method = gr.Dropdown(list(MERGE_METHODS), value=defaults.method, label="Merge method", elem_id="merge-method")
-            k = gr.Slider(1, 64, value=defaults.k, step=1, label="k — rank of the merge (clusters per module)", elem_id="k-slider")
+            # The range fits the selection after each load; API callers get this wide one and merge() checks k.
+            k = gr.Slider(1, 256, value=defaults.k, step=1, label="k — rank of the merge (clusters per module)", elem_id="k-slider")
             features = gr.Radio(list(FEATURE_MODES), value=defaults.features, label="Features k-means sees")
             param_reweight = gr.Radio(list(PARAM_REWEIGHT), value=defaults.param_reweight, label="Parameter reweighting")
             output_reweight = gr.Checkbox(value=defaults.output_reweight, label="Output reweighting (× sqrt(r̄ / k))")
