@@ -32,6 +32,16 @@ class ExportError(AdapterError):
     """The export cannot be written where asked; the message says what to do."""
 
 
+# Task types whose PEFT wrapper expects trained heads (modules_to_save); a merge leaves heads out, so
+# exporting them would make PEFT look for head weights that are not there.
+_HEAD_TASKS = {"SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"}
+
+
+def export_task_type(merged: MergedAdapter) -> str | None:
+    task = merged.template_config.get("task_type")
+    return None if task in _HEAD_TASKS else task
+
+
 def peft_config(merged: MergedAdapter) -> dict:
     """An ``adapter_config.json`` for the merge: scale 1 (``lora_alpha = r``), exact module names."""
     ranks = merged.ranks
@@ -39,7 +49,7 @@ def peft_config(merged: MergedAdapter) -> dict:
     odd = {name: r for name, r in ranks.items() if r != common}
     return {
         "peft_type": "LORA",
-        "task_type": merged.template_config.get("task_type"),
+        "task_type": export_task_type(merged),
         "base_model_name_or_path": merged.base_model,
         "r": common,
         "lora_alpha": common,
@@ -96,6 +106,10 @@ def build_report(merged: MergedAdapter, adapters: list[LoraAdapter] | None = Non
         "warnings": merged.warnings,
         "versions": _versions(),
     }
+    task = merged.template_config.get("task_type")
+    if task in _HEAD_TASKS:
+        report["warnings"] = [*report["warnings"], f"task_type {task} exported as null: its classification head is "
+                              "task-specific and not part of the merge; load the adapter on a base with the head you want."]
     if adapters is not None:
         errors = reconstruction_errors(merged, adapters)
         report["relative_error_vs_weighted_sum"] = {
