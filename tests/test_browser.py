@@ -1,0 +1,128 @@
+"""A real browser (Playwright driving Debian's chromium) clicks through the app and saves screenshots.
+
+Needs `/usr/bin/chromium` (`apt-get install -y chromium`; Playwright's own browser download is not
+used). Screenshots go to `test-artifacts/screenshots/`, or to `$LEGO_VIZ_SCREENSHOTS` (the README's
+come from `LEGO_VIZ_SCREENSHOTS=assets/screenshots` with the demo zoo built).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+from conftest import make_adapter, save_peft_folder
+
+from lego_viz.ui import build_demo, launch_options
+from lego_viz.ui.models import zoo_available
+
+CHROMIUM = os.environ.get("LEGO_VIZ_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SHOTS = Path(os.environ.get("LEGO_VIZ_SCREENSHOTS", Path(__file__).resolve().parents[1] / "test-artifacts" / "screenshots"))
+# Generous: the first map waits for UMAP's one-off numba compilation on a busy 2-core machine.
+SLOW_MS = 180_000
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path(CHROMIUM).is_file() and shutil.which("chromium") is None, reason=f"no chromium at {CHROMIUM} (apt-get install -y chromium)"),
+]
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    demo = build_demo()
+    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **launch_options())
+    try:
+        with sync_api.sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM if Path(CHROMIUM).is_file() else shutil.which("chromium"), args=CHROMIUM_ARGS)
+            context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+            page = context.new_page()
+            page.set_default_timeout(SLOW_MS)
+            page.goto(url)
+            yield page
+            browser.close()
+    finally:
+        demo.close()
+
+
+def _shoot(page, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.wait_for_timeout(500)  # let plotly finish its transition
+    page.screenshot(path=str(SHOTS / f"{name}.png"))
+
+
+def _legend(page) -> list[str]:
+    return [item.text_content() for item in page.locator("#msu-map .legendtext").all()]
+
+
+def _drag_k(page, fraction: float) -> None:
+    """Drag the k slider like a person does (the map updates on release)."""
+    track = page.locator("#k-slider input[type=range]").bounding_box()
+    y = track["y"] + track["height"] / 2
+    page.mouse.move(track["x"] + track["width"] - 4, y)
+    page.mouse.down()
+    page.mouse.move(track["x"] + track["width"] * fraction, y, steps=8)
+    page.mouse.up()
+
+
+def test_click_through_the_app(page, tmp_path_factory):
+    # 1. Load: the demo zoo when it is built, else toy adapters typed as paths.
+    if zoo_available():
+        page.locator("#load-zoo").click()
+    else:
+        root = tmp_path_factory.mktemp("browser_adapters")
+        folders = [save_peft_folder(make_adapter(n, r=4, seed=i), root / n) for i, n in enumerate("abc")]
+        page.get_by_label("…or local folders / hub ids, one per line").fill("\n".join(map(str, folders)))
+        page.locator("#load").click()
+    page.locator("#load-status").get_by_text("Loaded").wait_for()
+    page.locator("#adapter-table").get_by_role("row").nth(3).wait_for()  # header + at least 3 adapters
+    _shoot(page, "1_load")
+
+    # 2. The map: one legend entry per cluster; moving k redraws it with the new number of clusters.
+    page.get_by_role("tab", name="2 · MSU map & merge").click()
+    page.locator("#msu-map .js-plotly-plot").wait_for()
+    page.wait_for_function("document.querySelectorAll('#msu-map .legendtext').length > 0")
+    before = int(page.locator("#k-slider input[type=number]").input_value())
+    assert len(_legend(page)) == before
+    _drag_k(page, 0.3)
+    after = int(page.locator("#k-slider input[type=number]").input_value())
+    assert after != before
+    page.wait_for_function(f"document.querySelectorAll('#msu-map .legendtext').length === {after}")
+    assert _legend(page) == [f"cluster {j}" for j in range(after)]
+    page.locator("#cluster-heatmap .js-plotly-plot").wait_for()
+    _shoot(page, "2_map")
+
+    # 3. Invariance: the checks pass and the broken pairing breaks.
+    page.get_by_role("tab", name="3 · Invariance checks").click()
+    page.locator("#check").click()
+    badges = page.locator("#invariance-badges .lego-badge")
+    badges.first.wait_for()
+    verdicts = badges.all_text_contents()
+    spaces = 2 if zoo_available() else 1  # output space needs the zoo base model
+    assert "FAIL" not in verdicts
+    assert verdicts.count("PASS") == 2 * spaces and verdicts.count("BREAKS, as it should") == spaces
+    _shoot(page, "3_invariance")
+
+    # 4. Run the models (needs the zoo base).
+    if zoo_available():
+        page.get_by_role("tab", name="4 · Run the models").click()
+        page.locator("#run").click()
+        page.locator("#run-outputs").get_by_role("row").nth(3).wait_for()  # header, base, adapters, merge
+        _shoot(page, "4_run")
+
+    # 5. Export: the download is a zip of a PEFT folder.
+    page.get_by_role("tab", name="5 · Export").click()
+    page.locator("#export").click()
+    link = page.locator("#export-file a").first
+    link.wait_for()
+    with page.expect_download() as download:
+        link.click()
+    target = tmp_path_factory.mktemp("download") / download.value.suggested_filename
+    download.value.save_as(target)
+    with zipfile.ZipFile(target) as zf:
+        assert {"adapter_config.json", "adapter_model.safetensors", "merge_report.json", "recipe.yaml"} <= {Path(n).name for n in zf.namelist()}
+    _shoot(page, "5_export")
