@@ -121,8 +121,14 @@ class LoraAdapter:
 # --------------------------------------------------------------------------- locating the files
 
 
-def _safe_extract_zip(zip_path: Path, dest: Path, max_bytes: int = MAX_UNZIPPED_BYTES) -> None:
+def printable(text: str) -> str:
+    """File names may hold bytes that are not UTF-8 (surrogate escapes); show them as \\xNN."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _safe_extract_zip(zip_path: Path, dest: Path, max_bytes: int | None = None) -> None:
     """Extract a zip, refusing path traversal, absolute paths, links and oversized content."""
+    max_bytes = MAX_UNZIPPED_BYTES if max_bytes is None else max_bytes
     try:
         archive = zipfile.ZipFile(zip_path)
     except (zipfile.BadZipFile, OSError) as exc:
@@ -207,6 +213,8 @@ def resolve_adapter_path(spec: str | os.PathLike, workdir: Path | None = None) -
         The folder that contains ``adapter_config.json``.
     """
     text = os.fspath(spec)
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
     if not text or not text.strip():
         raise AdapterError("empty adapter path: give a PEFT folder, a .zip of one, or a hub id.")
     if "\x00" in text:
@@ -223,10 +231,10 @@ def resolve_adapter_path(spec: str | os.PathLike, workdir: Path | None = None) -
             return _find_adapter_dir(dest, path.name)
         if path.name == CONFIG_NAME or path.name in WEIGHT_NAMES:
             return _find_adapter_dir(path.parent, text)
-        raise AdapterError(f"{text}: not a folder, a .zip, or a PEFT adapter file.")
+        raise AdapterError(f"{printable(text)}: not a folder, a .zip, or a PEFT adapter file.")
     if len(text) <= 200 and _HUB_ID.match(text) and ".." not in text:
         return _find_adapter_dir(_hub_snapshot(text), text)
-    raise AdapterError(f"{text[:120]!r}: no such file or folder, and not a valid hub id (owner/name).")
+    raise AdapterError(f"{printable(text[:120])!r}: no such file or folder, and not a valid hub id (owner/name).")
 
 
 # --------------------------------------------------------------------------- reading the files
@@ -263,14 +271,22 @@ def _read_weights(folder: Path, label: str) -> tuple[dict[str, torch.Tensor], Pa
             tensors = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise AdapterError(
-            f"{label}: {path.name} holds pickled objects other than tensors; refused for safety ({str(exc).splitlines()[0][:160]}). "
-            "Re-save it as safetensors."
+            f"{label}: {path.name} holds pickled objects other than tensors (which could run code); refused for safety. "
+            f"Re-save it as safetensors.{_offending_global(exc)}"
         ) from None
     except Exception as exc:
         raise AdapterError(f"{label}: {path.name} is corrupt or truncated ({type(exc).__name__}: {str(exc)[:160]}).") from None
     if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
         raise AdapterError(f"{label}: {path.name} must hold a flat mapping of tensor names to tensors.")
     return tensors, path
+
+
+def _offending_global(exc: Exception) -> str:
+    """The 'Unsupported global: GLOBAL posix.system' part of torch's refusal, if present."""
+    for line in str(exc).splitlines():
+        if "Unsupported global" in line:
+            return f" ({line.strip().rstrip('.')[:120]})"
+    return ""
 
 
 def _sha256(path: Path) -> str:
@@ -399,7 +415,7 @@ def load_adapter(spec: str | os.PathLike, name: str | None = None, workdir: Path
     """
     folder = resolve_adapter_path(spec, workdir)
     label = name or (Path(os.fspath(spec)).stem if Path(os.fspath(spec)).suffix == ".zip" else folder.name)
-    label = label or os.fspath(spec)
+    label = printable(label or os.fspath(spec))
     config = _read_config(folder, label)
     _validate_config(config, label)
     tensors, weights_path = _read_weights(folder, label)

@@ -147,15 +147,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m lego_viz", description="See, check and merge LoRA adapters unit by unit (LoRA-LEGO).")
+    parser = _Parser(prog="python -m lego_viz", allow_abbrev=False, description="See, check and merge LoRA adapters unit by unit (LoRA-LEGO).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("inspect", help="per adapter: base, r, alpha, scale, targets, number of MSUs")
+    p = sub.add_parser("inspect", allow_abbrev=False, help="per adapter: base, r, alpha, scale, targets, number of MSUs")
     p.add_argument("adapters", nargs="+", metavar="ADAPTER", help="PEFT folder, .zip of one, or hub id")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("check", help="permutation and concatenation–summation checks (weight space)")
+    p = sub.add_parser("check", allow_abbrev=False, help="permutation and concatenation–summation checks (weight space)")
     p.add_argument("adapters", nargs="+", metavar="ADAPTER")
     p.add_argument("--json", action="store_true", help="print a JSON object")
     p.add_argument("--per-module", action="store_true", help="with --json: include every module's error")
@@ -165,14 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-base-mismatch", action="store_true")
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("merge", help="merge adapters and export a PEFT folder + report + recipe")
+    p = sub.add_parser("merge", allow_abbrev=False, help="merge adapters and export a PEFT folder + report + recipe")
     p.add_argument("adapters", nargs="*", metavar="ADAPTER")
     p.add_argument("--recipe", help="re-run the merge described by a recipe.yaml")
     p.add_argument("--method", default="lego", help="lego, linear, svd, peft_linear, ties, dare_linear")
     p.add_argument("--k", type=_k_value, default=None, help="target rank, or per module: q_proj=8,v_proj=4,*=6")
     p.add_argument("--weights", type=_float_list, default=None, help="comma-separated, one per adapter")
-    p.add_argument("--features", choices=("raw", "canonical", "normalized"), default=None)
-    p.add_argument("--param-reweight", choices=("none", "l2", "linf"), default=None)
+    p.add_argument("--features", default=None, help="raw, canonical (default) or normalized")
+    p.add_argument("--param-reweight", default=None, help="none, l2 (default) or linf")
     p.add_argument("--no-output-reweight", action="store_true")
     p.add_argument("--preset", default=None, help="lego preset: paper")
     p.add_argument("--seed", type=int, default=None)

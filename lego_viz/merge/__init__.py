@@ -91,7 +91,8 @@ def merge(
     """
     spec = MERGE_METHODS.get(method)
     if spec is None:
-        raise MergeError(f"unknown merge method {method!r}; valid methods: {', '.join(MERGE_METHODS)}.")
+        names = sorted(MERGE_METHODS, key=lambda m: m != "lego")  # the headline method first
+        raise MergeError(f"unknown merge method {method!r}; valid methods: {', '.join(names)}.")
     resolved = _resolve_options(spec, dict(options))
     adapters = list(adapters)
     warnings = check_compatible(adapters, allow_base_mismatch=allow_base_mismatch)
