@@ -22,6 +22,7 @@ farthest from their centroid, a final assignment step, and the best of
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from numbers import Integral, Real
 
 import torch
@@ -132,7 +133,7 @@ def gram_kmeans(
     max_iter: int = 100,
     tol: float = 1e-4,
     generator: torch.Generator | None = None,
-    n_features: int | None = None,
+    n_features: int | Sequence[int] | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """k-means with k-means++ seeding on a batch of Gram matrices.
 
@@ -146,9 +147,10 @@ def gram_kmeans(
             data's mean per-feature variance as in scikit-learn.
         generator: CPU generator for the seeding draws (the same draws serve every
             problem, so results do not depend on batching or on the device).
-        n_features: Feature dimension ``d`` of the points behind ``gram``, used only to
-            turn total variance into mean per-feature variance for ``tol``; defaults to
-            ``n`` (the dimension of the span of the centred points, plus one).
+        n_features: Feature dimension ``d`` of the points behind ``gram`` — one for all
+            problems or one per problem — used only to turn total variance into mean
+            per-feature variance for ``tol``; defaults to ``n`` (the dimension of the span of
+            the centred points, plus one).
 
     Returns:
         ``(labels, inertia, n_iter)``: labels ``(batch, n)`` long, inertia ``(batch,)`` —
@@ -161,6 +163,10 @@ def gram_kmeans(
     if gram.dtype not in (torch.float32, torch.float64):
         gram = gram.float()
     b, n, _ = gram.shape
+    dims = torch.as_tensor(n if n_features is None else n_features, dtype=gram.dtype).to(gram.device)
+    if dims.dim() > 1 or (dims.dim() == 1 and dims.shape[0] != b) or not bool((dims >= 1).all()):
+        raise ValueError(f"n_features must be one number >= 1 or one per problem ({b}), got {n_features!r}")
+    dims = dims.expand(b)
     n_local_trials = 2 + int(math.log(n_clusters))
     uniforms = torch.rand((n_init, n_clusters, n_local_trials), generator=generator, dtype=torch.float64)
     uniforms = uniforms.to(gram.device, gram.dtype)
@@ -168,7 +174,9 @@ def gram_kmeans(
     # spends more time faulting in fresh memory than computing.
     chunk = max(1, _CHUNK_ELEMENTS // (n_init * n_clusters * n))
     results = [
-        _kmeans_chunk(gram[start : start + chunk], n_clusters, uniforms, max_iter, tol, n_features or n)
+        _kmeans_chunk(
+            gram[start : start + chunk], n_clusters, uniforms, max_iter, tol, dims[start : start + chunk]
+        )
         for start in range(0, b, chunk)
     ]
     labels, inertia, n_iter = (torch.cat(parts) for parts in zip(*results))
@@ -176,7 +184,7 @@ def gram_kmeans(
 
 
 def _kmeans_chunk(
-    gram: torch.Tensor, k: int, uniforms: torch.Tensor, max_iter: int, tol: float, n_features: int
+    gram: torch.Tensor, k: int, uniforms: torch.Tensor, max_iter: int, tol: float, n_features: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, n, _ = gram.shape
     gram = _double_centre(gram)
@@ -338,14 +346,15 @@ class GramKMeans:
         X: torch.Tensor | None = None,
         *,
         gram: torch.Tensor | None = None,
-        n_features: int | None = None,
+        n_features: int | Sequence[int] | torch.Tensor | None = None,
     ) -> GramKMeans:
         """Cluster points ``X`` or the points behind ``gram``.
 
         Args:
             X: Points, ``(n, d)`` or ``(batch, n, d)``; bf16/fp16 are computed in float32.
             gram: Instead of ``X``: Gram matrices ``X Xᵀ``, ``(n, n)`` or ``(batch, n, n)``.
-            n_features: With ``gram``, the feature dimension ``d`` (only scales ``tol``).
+            n_features: With ``gram``, the feature dimension ``d`` of the points, one value or one
+                per problem (only scales ``tol``, as scikit-learn's mean per-feature variance).
 
         Returns:
             ``self``, with ``labels_``, ``inertia_`` and ``n_iter_`` set.

@@ -83,6 +83,19 @@ def test_batch_chunking_does_not_change_results(monkeypatch: pytest.MonkeyPatch)
     assert torch.allclose(whole.inertia_, chunked.inertia_, rtol=1e-5)  # float32 rounding only
 
 
+def test_per_problem_n_features_equals_separate_runs() -> None:
+    # n_features only scales tol; a loose tol makes it matter, so each problem must get its own.
+    x = torch.stack([_gaussian(60, 5, seed) for seed in range(3)])
+    dims = [1, 50, 5000]
+    batched = GramKMeans(4, n_init=2, tol=0.5, random_state=0).fit(gram=pairwise_gram(x), n_features=dims)
+    for i, d in enumerate(dims):
+        single = GramKMeans(4, n_init=2, tol=0.5, random_state=0).fit(gram=pairwise_gram(x[i]), n_features=d)
+        assert torch.equal(batched.labels_[i], single.labels_)
+        assert batched.n_iter_[i] == single.n_iter_
+    with pytest.raises(ValueError, match=r"one per problem \(3\)"):
+        GramKMeans(4).fit(gram=pairwise_gram(x), n_features=[1, 2])
+
+
 def test_deterministic_for_fixed_random_state() -> None:
     x = _gaussian(120, 10, 7)
     first = GramKMeans(8, random_state=11).fit(x)
