@@ -98,7 +98,7 @@ class SMoRALinear(nn.Module):
         source = torch.full((config.r,), -1, dtype=torch.long) if unit_source is None else unit_source
         if source.shape != (config.r,):
             raise ValueError(f"unit_source must have shape ({config.r},), got {tuple(source.shape)}")
-        self.register_buffer("unit_source", source.to(device=factory["device"], dtype=torch.long))
+        self.register_buffer("unit_source", source.to(device=factory["device"], dtype=torch.long).clone())
 
     @property
     def d_in(self) -> int:

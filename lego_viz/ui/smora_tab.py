@@ -1,0 +1,292 @@
+"""Tab "SMoRA router": which ranks a router picks, per token and per task, and where the picked units come from.
+
+All numbers come from `lego_viz.smora` (probes on the shipped SMoRA adapters); this module only turns
+them into Plotly figures and wires them to widgets.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from pathlib import Path
+
+import gradio as gr
+import plotly.graph_objects as go
+import torch
+from plotly.subplots import make_subplots
+
+from lego_viz.smora.assets import (
+    adapter_modules,
+    load_shipped,
+    saved_tensor,
+    shipped_adapters,
+    shipped_results,
+)
+from lego_viz.smora.io import read_smora_config
+from lego_viz.smora.probe import TaskRouting, TokenRouting, task_routing, token_routing
+from lego_viz.smora.routing import load_balance
+from lego_viz.smora.stats import source_share
+from lego_viz.ui.errors import user_errors
+from lego_viz.ui.models import ModelPool
+from lego_viz.ui.plots import PALETTE
+from lego_viz.ui.runtime import device, on_gpu
+from lego_viz.zoo.evaluate import generate
+from lego_viz.zoo.tasks import TASKS, held_out
+
+# Held-out texts per task behind the task × rank and load figures (one batch per task: fast).
+TASK_TEXTS = 48
+# Which experiment runs draw the load-balance-over-training figure of each shipped adapter.
+TRAINING_RUNS = {
+    "multitask": {"smora": "with balancing", "smora_no_balance": "without balancing"},
+    "merged_router": {"merged_router": "router over merged MSUs"},
+}
+DEFAULT_MODULE = "model.layers.1.mlp.down_proj"
+_GATE_SCALE = [[0.0, "#ffffff"], [1e-6, "#e3eef9"], [1.0, "#08306b"]]  # 0 (inactive) stays white
+_LAYOUT = {"template": "plotly_white", "margin": {"l": 10, "r": 10, "t": 50, "b": 10}}
+
+INTRO = """
+**SMoRA** treats each rank of a LoRA as an expert: per token, a router scores the ranks
+(`σ = sigmoid(W_g x)`), adds a balancing bias `β`, keeps the top-k and gates them so the gates sum to k.
+*multitask* is one SMoRA adapter trained on all zoo tasks; *merged_router* keeps the zoo task adapters'
+MSUs frozen, concatenated, and only trains a router that picks k of them per token — a dynamic merge.
+"""
+
+
+@functools.cache
+def _pool(name: str) -> ModelPool:
+    return ModelPool(lambda: load_shipped(name, device=device())[:2], max_size=1)
+
+
+def _folder(name: str) -> Path:
+    folders = shipped_adapters()
+    if name not in folders:
+        raise ValueError(f"unknown SMoRA adapter {name!r}; choose one of {sorted(folders)}")
+    return folders[name]
+
+
+@functools.cache
+def _units(name: str) -> tuple[list[str], list[str], torch.Tensor | None]:
+    """Unit labels, source names and per-unit source index (None for a plain SMoRA adapter)."""
+    config, _ = read_smora_config(_folder(name))
+    if not config.sources:
+        return [f"rank {i}" for i in range(config.r)], [], None
+    folder = _folder(name)
+    source = saved_tensor(folder, f"{adapter_modules(folder)[0]}.unit_source")  # the same in every layer
+    seen: dict[int, int] = {}
+    labels = []
+    for s in source.tolist():  # "reverse·3": the 4th unit that came from the reverse adapter
+        labels.append(f"{config.sources[s]}·{seen.setdefault(s, 0)}")
+        seen[s] += 1
+    return labels, list(config.sources), source
+
+
+@on_gpu
+def _route(name: str, prompt: str) -> tuple[str, TokenRouting]:
+    with _pool(name).borrow() as (model, tokenizer):
+        completion = generate(model, tokenizer, [prompt])[0]
+        return completion, token_routing(model, tokenizer, prompt + completion)
+
+
+@functools.cache
+@on_gpu
+def _task_routing(name: str) -> TaskRouting:
+    texts = {task: [p + a for p, a in held_out(task, TASK_TEXTS)] for task in TASKS}
+    with _pool(name).borrow() as (model, tokenizer):
+        return task_routing(model, tokenizer, texts)
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _token_labels(tokens: Sequence[str]) -> list[str]:
+    # position first: the same character twice must stay two rows
+    return [f"{i:>2} {t}" for i, t in enumerate(tokens)]
+
+
+def gates_figure(tokens: Sequence[str], gates: torch.Tensor, units: Sequence[str], sources: Sequence[str],
+                 unit_source: torch.Tensor | None, title: str) -> go.Figure:
+    """Token × rank heatmap of gates (0 = inactive); for merged units a strip shows each unit's source."""
+    rows = 2 if unit_source is not None else 1
+    fig = make_subplots(rows=rows, cols=1, shared_xaxes=True, row_heights=[0.06, 0.94][-rows:], vertical_spacing=0.01)
+    labels = _token_labels(tokens)
+    heat = go.Heatmap(
+        z=gates.tolist(), x=list(units), y=labels, name="gates", colorscale=_GATE_SCALE, zmin=0, colorbar={"title": "gate"},
+        hovertemplate="token %{y}<br>%{x}<br>gate %{z:.3f}<extra></extra>",
+    )
+    fig.add_trace(heat, row=rows, col=1)
+    if unit_source is not None:
+        fig.add_trace(_source_strip(units, sources, unit_source), row=1, col=1)
+        fig.update_yaxes(showticklabels=False, row=1, col=1)
+    fig.update_yaxes(title_text="token (position, character)", autorange="reversed", type="category", row=rows, col=1)
+    fig.update_xaxes(title_text="rank (unit)", type="category", row=rows, col=1)
+    fig.update_layout(title={"text": title, "font": {"size": 13}}, height=max(320, 80 + 18 * len(tokens)), **_LAYOUT)
+    return fig
+
+
+def _source_strip(units: Sequence[str], sources: Sequence[str], unit_source: torch.Tensor) -> go.Heatmap:
+    n = max(len(sources), 2)
+    scale = [[i / (n - 1), PALETTE[min(round(i), len(sources) - 1) % len(PALETTE)]] for i in range(n)]
+    return go.Heatmap(
+        z=[unit_source.tolist()], x=list(units), y=["source"], name="source", colorscale=scale, zmin=0, zmax=n - 1, showscale=False,
+        customdata=[[sources[s] for s in unit_source.tolist()]], hovertemplate="%{x}: from %{customdata}<extra></extra>",
+    )
+
+
+def sources_figure(tokens: Sequence[str], share: torch.Tensor, sources: Sequence[str]) -> go.Figure:
+    """Per token, the share of gate mass on units of each source adapter (stacked bars)."""
+    labels = _token_labels(tokens)
+    fig = go.Figure([
+        go.Bar(x=labels, y=share[:, t].tolist(), name=source, marker_color=PALETTE[t % len(PALETTE)],
+               hovertemplate=f"token %{{x}}<br>{source}: %{{y:.0%}}<extra></extra>")
+        for t, source in enumerate(sources)
+    ])
+    fig.update_layout(
+        barmode="stack", title={"text": "Which source adapter the selected units come from, per token", "font": {"size": 13}},
+        xaxis={"title": "token (position, character)", "type": "category"}, yaxis={"title": "share of gate mass", "tickformat": ".0%"},
+        height=360, **_LAYOUT,
+    )
+    return fig
+
+
+def task_figure(routing: TaskRouting, module: str, units: Sequence[str]) -> go.Figure:
+    """Task × rank selection frequency (fraction of the task's tokens that picked each rank)."""
+    freq = routing.frequency(module)
+    fig = go.Figure(go.Heatmap(
+        z=freq.tolist(), x=list(units), y=routing.tasks, colorscale="Blues", zmin=0, zmax=1, colorbar={"title": "freq."},
+        hovertemplate="task %{y}<br>%{x}<br>picked by %{z:.0%} of tokens<extra></extra>",
+    ))
+    fig.update_layout(
+        title={"text": f"Selection frequency per task · {module} ({TASK_TEXTS} held-out texts per task)", "font": {"size": 13}},
+        xaxis={"title": "rank (unit)", "type": "category"}, yaxis={"title": "task", "autorange": "reversed"},
+        height=140 + 30 * len(routing.tasks), **_LAYOUT,
+    )
+    return fig
+
+
+def load_figure(load: torch.Tensor, bias: torch.Tensor, units: Sequence[str], module: str,
+                unit_source: torch.Tensor | None = None) -> go.Figure:
+    """Per-rank load `c_i / mean(c)` as bars, with the balancing bias β on a second axis."""
+    relative = (load / load.mean()).tolist()
+    beta = bias.repeat_interleave(len(units) // bias.numel()).tolist()  # one β per block of rank_partition ranks
+    colours = [PALETTE[s % len(PALETTE)] for s in unit_source.tolist()] if unit_source is not None else PALETTE[0]
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    fig.add_trace(go.Bar(x=list(units), y=relative, name="load c / mean(c)", marker_color=colours,
+                         hovertemplate="%{x}<br>load %{y:.2f} × mean<extra></extra>"), secondary_y=False)
+    fig.add_trace(go.Scatter(x=list(units), y=beta, name="bias β", mode="markers", marker={"color": "#d62728", "symbol": "diamond"},
+                             hovertemplate="%{x}<br>β = %{y:.4f}<extra></extra>"), secondary_y=True)
+    fig.add_hline(y=1.0, line_dash="dot", line_color="grey", secondary_y=False)
+    fig.update_xaxes(title_text="rank (unit)", type="category")
+    fig.update_yaxes(title_text="load c / mean(c)", secondary_y=False)
+    fig.update_yaxes(title_text="bias β", secondary_y=True, showgrid=False)
+    fig.update_layout(
+        title={"text": f"Load per rank on held-out texts of all tasks · {module} · max(c)/mean(c) = {load_balance(load):.2f}",
+               "font": {"size": 13}},
+        height=380, legend={"orientation": "h", "y": -0.25}, **_LAYOUT,
+    )
+    return fig
+
+
+def training_figure(results: dict | None, name: str) -> go.Figure:
+    """The load-balance figure `max(c)/mean(c)` (mean over layers) at every training step."""
+    fig = go.Figure()
+    runs = (results or {}).get("runs", {})
+    for i, (key, label) in enumerate(TRAINING_RUNS.get(name, {}).items()):
+        if key in runs:
+            values = runs[key]["load_balance"]
+            gamma = runs[key].get("gamma")
+            fig.add_trace(go.Scatter(
+                x=list(range(1, len(values) + 1)), y=values, mode="lines", line={"color": PALETTE[i]},
+                name=f"{label} (γ={gamma:g})" if gamma is not None else label,
+                hovertemplate="step %{x}<br>max(c)/mean(c) = %{y:.2f}<extra></extra>",
+            ))
+    fig.add_hline(y=1.0, line_dash="dot", line_color="grey", annotation_text="even load")
+    fig.update_layout(
+        title={"text": "Load balance during training (mean over layers; 1 = even)", "font": {"size": 13}},
+        xaxis={"title": "training step"}, yaxis={"title": "max(c) / mean(c)"}, height=340,
+        legend={"orientation": "h", "y": -0.25}, **_LAYOUT,
+    )
+    return fig if fig.data else _note("no training record for this adapter")
+
+
+def _note(text: str) -> go.Figure:
+    fig = go.Figure()
+    fig.add_annotation(text=text, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
+    fig.update_layout(height=120, xaxis={"visible": False}, yaxis={"visible": False}, **_LAYOUT)
+    return fig
+
+
+# ----------------------------------------------------------------------------- handlers
+
+
+def _check_module(name: str, module: str) -> None:
+    if module not in adapter_modules(_folder(name)):
+        raise ValueError(f"adapter {name!r} has no SMoRA layer {module!r}; pick one from the list")
+
+
+@user_errors
+def route(name: str, module: str, prompt: str):
+    """Generate an answer to `prompt`, then show the gates of every token (prompt and answer) in `module`."""
+    if not prompt or not prompt.strip():
+        raise ValueError("type a prompt first, e.g. 'reverse: lego='")
+    _check_module(name, module)
+    completion, routing = _route(name, prompt.strip())
+    units, sources, unit_source = _units(name)
+    gates = routing.gates[module]
+    title = f"Gates per token · {name} · {module} (0 = rank not selected)"
+    gates_plot = gates_figure(routing.tokens, gates, units, sources, unit_source, title)
+    if unit_source is None:
+        return completion, gates_plot, _note("This adapter's ranks are its own: pick merged_router to see source adapters.")
+    share = source_share(gates, unit_source, len(sources))
+    return completion, gates_plot, sources_figure(routing.tokens, share, sources)
+
+
+@user_errors
+def task_stats(name: str, module: str):
+    """Task × rank selection frequency and the per-rank load with the bias vector, for `module`."""
+    _check_module(name, module)
+    routing = _task_routing(name)
+    units, _, unit_source = _units(name)
+    bias = saved_tensor(_folder(name), f"{module}.router.bias")
+    return task_figure(routing, module, units), load_figure(routing.load(module), bias, units, module, unit_source)
+
+
+@user_errors
+def choose_adapter(name: str):
+    """Module choices and the training figure of adapter `name`."""
+    modules = adapter_modules(_folder(name))
+    value = DEFAULT_MODULE if DEFAULT_MODULE in modules else modules[0]
+    return gr.Dropdown(choices=modules, value=value), training_figure(shipped_results(), name)
+
+
+def build_smora_tab() -> None:
+    """Lay out the SMoRA router tab (inside the caller's `gr.Tab`) and wire its events."""
+    folders = shipped_adapters()
+    gr.Markdown(INTRO)
+    if not folders:
+        gr.Markdown("*No SMoRA adapters found: build them with `python scripts/train_smora.py` (needs the demo zoo).*")
+        return
+    name = "multitask" if "multitask" in folders else next(iter(folders))
+    modules = adapter_modules(folders[name])
+    examples = [[p] for task in TASKS.values() for p in task.example_prompts[:1]]
+    with gr.Row():
+        adapter = gr.Dropdown(list(folders), value=name, label="SMoRA adapter", elem_id="smora-adapter")
+        module = gr.Dropdown(modules, value=DEFAULT_MODULE if DEFAULT_MODULE in modules else modules[0],
+                             label="layer / module", elem_id="smora-module")
+    with gr.Row():
+        prompt = gr.Textbox(examples[0][0], label="Prompt", scale=3, elem_id="smora-prompt")
+        button = gr.Button("Route", variant="primary", scale=1, elem_id="smora-route")
+    gr.Examples(examples, inputs=prompt, label="One example per zoo task")
+    completion = gr.Textbox(label="Model output (greedy)", interactive=False, elem_id="smora-output")
+    gates_plot = gr.Plot(label="Gates per token", elem_id="smora-gates")
+    sources_plot = gr.Plot(label="Units by source adapter", elem_id="smora-sources")
+    with gr.Row():
+        tasks_plot = gr.Plot(label="Selection frequency per task", elem_id="smora-tasks")
+        load_plot = gr.Plot(label="Load per rank and bias", elem_id="smora-load")
+    training_plot = gr.Plot(training_figure(shipped_results(), name), label="Load balance over training", elem_id="smora-training")
+
+    route_io = {"fn": route, "inputs": [adapter, module, prompt], "outputs": [completion, gates_plot, sources_plot]}
+    tasks_io = {"fn": task_stats, "inputs": [adapter, module], "outputs": [tasks_plot, load_plot]}
+    button.click(**route_io, api_name="smora_route").then(**tasks_io, api_name="smora_tasks")
+    prompt.submit(**route_io, api_visibility="private")
+    module.change(**route_io, api_visibility="private").then(**tasks_io, api_visibility="private")
+    adapter.change(choose_adapter, adapter, [module, training_plot], api_name="smora_adapter")
