@@ -65,7 +65,12 @@ def test_pca_of_tiny_inputs(n):
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"method": "tsne"}, "unknown projection method"), ({"n_neighbors": 1}, "n_neighbors"), ({"min_dist": 2.0}, "min_dist")],
+    [
+        ({"method": "tsne"}, "unknown projection method"),
+        ({"n_neighbors": 1}, "n_neighbors"),
+        ({"min_dist": 2.0}, "min_dist"),
+        ({"n_epochs": 0}, "n_epochs"),
+    ],
 )
 def test_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -8,7 +8,7 @@ import gradio as gr
 
 from lego_viz.projection import warm_up
 from lego_viz.ui import export_tab, invariance_tab, learn, load_tab, map_tab, run_tab
-from lego_viz.ui.runtime import MAX_FILE_SIZE, SESSION_TTL_S
+from lego_viz.ui.runtime import CONCURRENCY, MAX_FILE_SIZE, SESSION_TTL_S
 from lego_viz.ui.state import Session, cleanup
 
 CSS = """
@@ -60,7 +60,7 @@ def build_demo(public: bool = False) -> gr.Blocks:
                 with gr.Tab("6 · SMoRA", id="smora"):
                     build_smora()
         _wire_follow_ups(session, load, msu_map, checks)
-    demo.queue(default_concurrency_limit=2)
+    demo.queue(default_concurrency_limit=CONCURRENCY)
     return demo
 
 

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from lego_viz.export import reconstruction_errors
 from lego_viz.merge import MERGE_METHODS
 from lego_viz.msu import FEATURE_MODES
 from lego_viz.projection import PROJECTION_METHODS, ProjectionConfig
@@ -64,8 +63,8 @@ def refresh_controls(session: Session, selection: str, k: float) -> tuple:
     )
 
 
-def _summary(session: Session, gaps: dict[str, float]) -> str:
-    merged, settings = session.merged, session.settings
+def _summary(session: Session) -> str:
+    merged, settings, gaps = session.merged, session.settings, session.merge_errors
     spec = MERGE_METHODS[settings.method]
     ranks = sorted(set(merged.ranks.values()))
     rank = ranks[0] if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]}"
@@ -104,7 +103,7 @@ def cluster(
     if merged.labels:
         focus = modules[0]
         heatmap = cluster_heatmap(merged.cluster_composition(focus).T, [a.name for a in adapters], focus)
-    return session, figure, heatmap, _summary(session, reconstruction_errors(merged, adapters))
+    return session, figure, heatmap, _summary(session)
 
 
 def build(session: gr.State) -> MapTab:

@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Sequence
 
 from lego_viz.adapters import LoraAdapter, module_order
+from lego_viz.export import reconstruction_errors
 from lego_viz.merge import MERGE_METHODS, MergedAdapter, merge
 from lego_viz.ui.state import MergeSettings, Session
 
@@ -30,5 +31,8 @@ def merged_session(session: Session, settings: MergeSettings | None = None) -> S
     if session.merged is not None and session.settings == settings:
         return session
     adapters, weights = session.selected()
-    return dataclasses.replace(session, settings=settings, merged=run_merge(adapters, weights, settings))
+    merged = run_merge(adapters, weights, settings)
+    # Measured once per merge, so recolouring the map does not pay for it again.
+    errors = reconstruction_errors(merged, adapters)
+    return dataclasses.replace(session, settings=settings, merged=merged, merge_errors=errors)
 

@@ -49,6 +49,7 @@ class Session:
     weights: tuple[float, ...] = ()
     settings: MergeSettings = field(default_factory=MergeSettings)
     merged: object | None = None  # MergedAdapter of the current selection and settings, if computed
+    merge_errors: dict[str, float] | None = None  # per module ‖ΔW_merge − Σ w·ΔW‖ / ‖Σ w·ΔW‖ of `merged`
     export_dir: str | None = None  # temp folder of the last export, removed with the session
 
     def with_adapters(self, adapters: Sequence[LoraAdapter], replace: bool) -> Session:
@@ -65,12 +66,16 @@ class Session:
             use=(self.use if not replace else ()) + (True,) * (len(combined) - len(kept)),
             weights=(self.weights if not replace else ()) + (1.0,) * (len(combined) - len(kept)),
             merged=None,
+            merge_errors=None,
         )
 
     def with_selection(self, use: Sequence[bool], weights: Sequence[float]) -> Session:
         """The same adapters with another selection; the merge is dropped since it no longer matches."""
         n = len(self.adapters)
-        return dataclasses.replace(self, use=tuple(bool(u) for u in use[:n]), weights=tuple(float(w) for w in weights[:n]), merged=None)
+        return dataclasses.replace(
+            self, use=tuple(bool(u) for u in use[:n]), weights=tuple(float(w) for w in weights[:n]),
+            merged=None, merge_errors=None,
+        )
 
     def selected(self) -> tuple[list[LoraAdapter], list[float]]:
         """The adapters ticked "use" and their weights; raises when none is."""
