@@ -15,7 +15,8 @@ A LoRA adapter changes a frozen weight matrix `W0` (size `d_out × d_in`) by
 
 Written out, that is a sum of `r` rank-one matrices: `ΔW = Σᵢ s · bᵢ aᵢᵀ`, where `aᵢ` is row `i` of
 `A` and `bᵢ` is column `i` of `B`. Each pair `(aᵢ, bᵢ)` is a **Minimal Semantic Unit (MSU)**.
-An adapter of rank 8 on 28 layers therefore holds 8 × 28 = 224 MSUs — the `#MSUs` column.
+An adapter of rank 8 on 28 modules (4 layers × 7 projections, as in the demo zoo) therefore holds
+8 × 28 = 224 MSUs — the `#MSUs` column.
 
 **Use** picks which adapters take part in the map, the checks and the merge; **weight** scales an
 adapter's contribution (`w · ΔW`, applied to the `b` side of its MSUs).

@@ -176,7 +176,7 @@ def build(session: gr.State, public: bool) -> LoadTab:
                 clear_button = gr.Button("Clear", variant="secondary", elem_id="clear")
             files = gr.File(
                 label="Upload PEFT adapters: one .zip per adapter, or adapter_config.json + adapter_model.safetensors",
-                file_count="multiple", file_types=UPLOAD_TYPES, height=110,
+                file_count="multiple", file_types=UPLOAD_TYPES, height=140,
             )
             paths = gr.Textbox(
                 label="…or local folders / hub ids, one per line", lines=2, visible=not public,
@@ -186,7 +186,10 @@ def build(session: gr.State, public: bool) -> LoadTab:
                 replace = gr.Checkbox(value=False, label="replace the current adapters", scale=2)
                 load_button = gr.Button("Load", scale=1, elem_id="load")
             status = gr.Markdown("No adapters loaded.", elem_id="load-status")
-            table = gr.Dataframe(headers=HEADERS, value=[], interactive=False, wrap=True, label="Loaded adapters", elem_id="adapter-table")
+            table = gr.Dataframe(
+                headers=HEADERS, value=[], interactive=False, wrap=True, label="Loaded adapters", elem_id="adapter-table",
+                column_widths=["14%", "16%", "6%", "6%", "7%", "20%", "9%", "9%", "13%"],
+            )
             gr.Markdown("**Use** an adapter in the map, checks and merge, and set its **weight** `w` (its update counts as `w · ΔW`):")
             use, weights = [], []
             for i in range(MAX_ADAPTERS):

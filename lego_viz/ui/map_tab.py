@@ -138,6 +138,8 @@ def build(session: gr.State) -> MapTab:
     # Slider and text-like controls fire on release/submit, so dragging does not queue a merge per pixel.
     k.release(**cluster_args, api_visibility="private", trigger_mode="always_last", show_progress="minimal")
     seed.submit(**cluster_args, api_visibility="private")
+    # k means nothing to methods whose rank is fixed by the inputs (linear, PEFT-style).
+    method.change(lambda m: gr.update(interactive=MERGE_METHODS[m].takes_k), method, k, api_visibility="private", queue=False)
     for control in (selection, projection, colour_by, method, features, param_reweight, output_reweight):
         control.input(**cluster_args, api_visibility="private", trigger_mode="always_last", show_progress="minimal")
     return tab

@@ -23,7 +23,7 @@ _HOVER = (
 
 def _categories(facet: Facet, colour_by: str) -> list[str]:
     if colour_by == "cluster":
-        return [f"cluster {c}" if c >= 0 else "no cluster" for c in facet.cluster] if facet.cluster else ["no merge yet"] * facet.n
+        return [f"cluster {c}" if c >= 0 else "no cluster" for c in facet.cluster] if facet.cluster else ["not clustered by this method"] * facet.n
     if colour_by == "adapter":
         return facet.adapter
     if colour_by == "layer":
