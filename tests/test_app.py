@@ -349,3 +349,53 @@ def test_public_mode(monkeypatch):
     assert not runtime.public_mode() and runtime.public_mode(True)
     monkeypatch.setenv("SPACE_ID", "someone/lego-viz")
     assert runtime.public_mode()
+
+
+# ----------------------------------------------------------------------------- running models
+
+
+@pytest.fixture
+def char_pool(monkeypatch, toy_model):
+    """The zoo's character tokenizer with a toy Llama of matching vocabulary, lent through the run tab's pool."""
+    from transformers import LlamaForCausalLM
+
+    from lego_viz.ui import run_tab
+    from lego_viz.zoo.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    config = copy.deepcopy(toy_model.config)
+    config.vocab_size, config.pad_token_id, config.eos_token_id = len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id
+    torch.manual_seed(0)
+    pool = ModelPool(lambda: (LlamaForCausalLM(config).eval(), tokenizer), max_size=1)
+    monkeypatch.setattr(run_tab, "zoo_pool", lambda: pool)
+    return run_tab
+
+
+@pytest.fixture
+def task_session() -> Session:
+    return Session().with_adapters([make_adapter(t, r=4, seed=i) for i, t in enumerate(("reverse", "sort"))], replace=True)
+
+
+def test_run_shows_base_each_adapter_and_the_merge(char_pool, task_session):
+    session, rows = char_pool.run(task_session, "reverse: lego=")
+    assert [row[0] for row in rows] == ["base", "adapter · reverse", "adapter · sort", "merge · lego (k=8)"]
+    assert session.merged is not None and all(isinstance(row[1], str) for row in rows)
+
+
+def test_accuracy_table_has_a_row_per_task_and_a_column_per_method(char_pool, task_session):
+    table = char_pool.accuracy_table(task_session, 2)
+    assert list(table["task"]) == ["reverse", "sort", "mean"]
+    assert {"base", "own adapter", "linear", "lego (k=8)", "svd (k=8)"} <= set(table.columns)
+    assert all(cell.endswith("%") for cell in table.drop(columns="task").to_numpy().ravel())
+
+
+def test_k_sweep_covers_lego_and_svd_up_to_max_k(char_pool, task_session):
+    figure = char_pool.k_sweep(task_session, 1)
+    lines = {trace.name: list(trace.x) for trace in figure.data if trace.showlegend is not False}
+    assert lines == {"lego": [1, 2, 4, 8], "svd": [1, 2, 4, 8]}  # n = 4 + 4 MSUs per module
+
+
+def test_running_models_needs_a_fitting_base(char_pool):
+    odd = Session().with_adapters([make_adapter("odd", r=8, shapes={"model.layers.0.self_attn.q_proj": (TOY_HIDDEN, 8)})], replace=True)
+    with pytest.raises(gr.Error, match="only the demo zoo's base is bundled"):
+        char_pool.run(odd, "reverse: ab=")
