@@ -67,6 +67,14 @@ def machine() -> str:
     )
 
 
+def load_average() -> str:
+    """The 1-minute load average: other work on the machine slows every figure in the table."""
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except OSError:
+        return "unknown"
+
+
 def markdown(rows: Sequence[Row]) -> str:
     """The rows as one markdown table."""
     header = "| item | what | ours | reference | result | target | met |\n|---|---|---|---|---|---|---|\n"

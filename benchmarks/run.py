@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import bench_app, bench_checks, bench_lego, bench_memory, bench_svd
-from benchmarks.report import Row, machine, markdown
+from benchmarks.report import Row, load_average, machine, markdown
 
 ITEMS: dict[str, Callable[[bool], list[Row]]] = {
     "lego": bench_lego.run,
@@ -29,7 +29,7 @@ ITEMS: dict[str, Callable[[bool], list[Row]]] = {
 RESULTS = Path(__file__).parent / "results.md"
 
 
-def report(rows: list[Row], quick: bool, minutes: float, note: str) -> str:
+def report(rows: list[Row], quick: bool, minutes: float, loads: tuple[str, str], note: str) -> str:
     """The markdown document written to results.md."""
     mode = (
         "quick (CI smoke run: reduced shapes, targets are not meaningful)"
@@ -40,7 +40,8 @@ def report(rows: list[Row], quick: bool, minutes: float, note: str) -> str:
         "# Benchmark results (issue 8)",
         "",
         f"Mode: {mode}. Machine: {machine()}.",
-        f"Run on {time.strftime('%Y-%m-%d %H:%M %Z')}, {minutes:.1f} min in all.",
+        f"Run on {time.strftime('%Y-%m-%d %H:%M %Z')}, {minutes:.1f} min in all; "
+        f"1-minute load average {loads[0]} at the start, {loads[1]} at the end (2 cores: above 2 means other work shared them).",
     ]
     if note:
         lines += ["", note]
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         parser.error(f"unknown item(s) {', '.join(unknown)}; choose from {', '.join(ITEMS)}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    start = time.perf_counter()
+    start, load_at_start = time.perf_counter(), load_average()
     rows: list[Row] = []
     for name in chosen:
         rows += ITEMS[name](args.quick)
@@ -78,7 +79,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     print(f"Machine: {machine()}\n\n{table}")
     out = args.out if args.out is not None else (None if args.quick else RESULTS)
     if out is not None:
-        out.write_text(report(rows, args.quick, (time.perf_counter() - start) / 60, args.note))
+        minutes = (time.perf_counter() - start) / 60
+        out.write_text(report(rows, args.quick, minutes, (load_at_start, load_average()), args.note))
         print(f"written to {out}")
     return rows
 
