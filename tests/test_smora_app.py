@@ -26,13 +26,19 @@ MODULE = "model.layers.1.mlp.down_proj"
 SOURCES = ("reverse", "sort", "add")
 
 
-def _save(zoo: Path, name: str, config: SMoRAConfig, seed: int, init: dict | None = None) -> None:
+def tiny_zoo_base(zoo: Path):
+    """A small random zoo-shaped base (2 layers, width 32), saved as `zoo/base` on first use."""
     tokenizer = build_tokenizer()
     torch.manual_seed(0)
     model = build_model(ZooModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2), tokenizer)
     if not (zoo / "base").is_dir():
         model.save_pretrained(zoo / "base")
         tokenizer.save_pretrained(zoo / "base")
+    return model
+
+
+def _save(zoo: Path, name: str, config: SMoRAConfig, seed: int, init: dict | None = None) -> None:
+    model = tiny_zoo_base(zoo)
     torch.manual_seed(seed)
     inject_smora(model, config, init=init)
     with torch.no_grad():

@@ -79,7 +79,7 @@ def results_markdown(results: dict) -> str:
     )
     router = (
         f"Router: only W_g (and β) train, {s['router_steps']} steps, lr {s['router_lr']:g}; the MSUs stay frozen. "
-        f"Static merges use the lead's `merge()` with default options; worst load balance {units // router_k if isinstance(units, int) else 'n/k'}."
+        f"Static merges: `lego_viz.merge.merge()` with default options; worst load balance {units // router_k if isinstance(units, int) else 'n/k'}."
     )
     return "\n".join(["#### Multi-task SMoRA vs dense LoRA", "", *first, "", settings, "",
                       "#### Dynamic vs static composition of the same MSUs", "", *second, "", router, ""])
