@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from lego_viz.adapters import AdapterError, LoraAdapter, check_compatible
+from lego_viz.merge import MergedAdapter
 from lego_viz.ui.runtime import MAX_ADAPTERS
 
 
@@ -48,7 +49,7 @@ class Session:
     use: tuple[bool, ...] = ()
     weights: tuple[float, ...] = ()
     settings: MergeSettings = field(default_factory=MergeSettings)
-    merged: object | None = None  # MergedAdapter of the current selection and settings, if computed
+    merged: MergedAdapter | None = None  # the merge of the current selection and settings, if computed
     merge_errors: dict[str, float] | None = None  # per module ‖ΔW_merge − Σ w·ΔW‖ / ‖Σ w·ΔW‖ of `merged`
     export_dir: str | None = None  # temp folder of the last export, removed with the session
 
