@@ -1,0 +1,264 @@
+"""The demo zoo: tokenizer, tasks, batches, decoding, evaluation, the shipped assets and the build."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lego_viz.zoo.data import IGNORE_INDEX, encode_pairs, mixture_batch, task_batch
+from lego_viz.zoo.evaluate import evaluate, generate, with_mean
+from lego_viz.zoo.model import ZOO_DIR, ZooModelConfig, adapter_dirs, build_model, load_adapted, load_base
+from lego_viz.zoo.tasks import N_HELD_OUT, PRETRAIN_TASKS, TASKS, Task, get_task, held_out, training_example
+from lego_viz.zoo.tokenizer import CHARS, build_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = (ZOO_DIR / "zoo_card.json").is_file()
+needs_assets = pytest.mark.skipif(not SHIPPED, reason="assets/zoo not built (run scripts/build_zoo.py)")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tokenizer):
+    torch.manual_seed(0)
+    config = ZooModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    return build_model(config, tokenizer).eval()
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def test_tokenizer_round_trip_after_save(tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    text = "swapcase: " + CHARS + "="
+    ids = reloaded(text)["input_ids"]
+    # One token per character plus the leading <s>.
+    assert len(ids) == len(text) + 1 and ids[0] == reloaded.bos_token_id
+    assert ids == tokenizer(text)["input_ids"]
+    assert reloaded.decode(ids, skip_special_tokens=True) == text
+    assert reloaded.padding_side == "left"
+
+
+def test_tokenizer_maps_unknown_characters_to_unk(tokenizer):
+    ids = tokenizer("a?", add_special_tokens=False)["input_ids"]
+    assert ids[1] == tokenizer.unk_token_id and ids[0] != tokenizer.unk_token_id
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "answer"),
+    [
+        ("reverse", "abc", "cba"),
+        ("sort", "3141", "1134"),
+        ("add", "58+67", "125"),
+        ("caesar", "xyz", "yza"),
+        ("twice", "ab", "abab"),
+        ("swapcase", "LoRA", "lOra"),
+        ("count", "banana", "3"),
+    ],
+)
+def test_task_answers(name, text, answer):
+    task = TASKS[name]
+    assert task.solve(text) == answer
+    assert task.prompt(text) == f"{name}: {text}="
+
+
+def test_at_least_six_tasks_and_names_disjoint_from_pretraining():
+    assert len(TASKS) >= 6
+    assert not set(TASKS) & set(PRETRAIN_TASKS)
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_held_out_is_fixed_unique_and_never_trained_on(name, tokenizer):
+    pairs = held_out(name)
+    assert len(pairs) == N_HELD_OUT == len({prompt for prompt, _ in pairs})
+    assert held_out(name, 10) == pairs[:10]
+    task = TASKS[name]
+    assert all(task.solve(prompt[len(name) + 2 : -1]) == answer for prompt, answer in pairs)
+    # Every character of every prompt and answer is in the vocabulary.
+    assert set("".join(p + a for p, a in pairs)) <= set(CHARS)
+    prompts = {prompt for prompt, _ in pairs}
+    rng = random.Random(0)
+    drawn = [training_example(task, rng)[0] for _ in range(3000)]
+    assert not prompts & set(drawn)
+
+
+def test_held_out_does_not_depend_on_the_process():
+    # str hashing is salted per process; the held-out set must not be.
+    code = "from lego_viz.zoo.tasks import held_out; print(held_out('reverse', 5))"
+    outputs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO).stdout for _ in range(2)}
+    assert outputs == {f"{held_out('reverse', 5)}\n"}
+
+
+def test_task_validation():
+    with pytest.raises(ValueError, match="identifier"):
+        Task("two words", "x", lambda rng: "a", str.upper, ())
+    with pytest.raises(ValueError, match="characters"):
+        TASKS["reverse"].prompt("a?b")
+    with pytest.raises(KeyError, match="known tasks"):
+        get_task("nope")
+    with pytest.raises(ValueError, match="held-out size"):
+        held_out("reverse", N_HELD_OUT + 1)
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def test_encode_pairs_masks_everything_but_the_answer(tokenizer):
+    batch = encode_pairs([("add: 1+2=", "3"), ("twice: ab=", "abab")], tokenizer)
+    assert batch["input_ids"].shape == batch["labels"].shape == (2, len("twice: ab=abab") + 2)
+    for row, (prompt, answer) in enumerate([("add: 1+2=", "3"), ("twice: ab=", "abab")]):
+        kept = batch["labels"][row][batch["labels"][row] != IGNORE_INDEX].tolist()
+        assert kept == [*tokenizer.convert_tokens_to_ids(list(answer)), tokenizer.eos_token_id]
+        assert batch["attention_mask"][row].sum() == len(prompt) + len(answer) + 2
+    # Right padding: pads only after the sequence.
+    assert batch["input_ids"][0, -1] == tokenizer.pad_token_id and batch["attention_mask"][0, -1] == 0
+
+
+def test_batches_are_seeded(tokenizer):
+    first = task_batch(TASKS["sort"], 8, random.Random(3), tokenizer)
+    again = task_batch(TASKS["sort"], 8, random.Random(3), tokenizer)
+    other = mixture_batch(list(PRETRAIN_TASKS.values()), 8, random.Random(3), tokenizer)
+    assert torch.equal(first["input_ids"], again["input_ids"])
+    assert not torch.equal(first["input_ids"][:, :5], other["input_ids"][:, :5])
+
+
+# --------------------------------------------------------------------------- decoding and evaluation
+
+
+def test_generate_batched_equals_one_by_one(tiny_model, tokenizer):
+    # Left padding must not change a greedy completion.
+    prompts = ["add: 1+2=", "swapcase: aBcDeF=", "sort: 31="]
+    together = generate(tiny_model, tokenizer, prompts, max_new_tokens=5)
+    alone = [generate(tiny_model, tokenizer, [p], max_new_tokens=5)[0] for p in prompts]
+    assert together == alone
+    assert all(set(text) <= set(CHARS) for text in together)
+
+
+class _Oracle(torch.nn.Module):
+    """Answers from a lookup table through `generate`; `wrong` names tasks it answers wrongly."""
+
+    def __init__(self, tokenizer, wrong: set[str]):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.tokenizer, self.wrong = tokenizer, wrong
+        self.answers = {p: a for name in TASKS for p, a in held_out(name)}
+
+    def generate(self, input_ids, max_new_tokens, **kwargs):
+        rows = []
+        for prompt in self.tokenizer.batch_decode(input_ids, skip_special_tokens=True):
+            answer = self.answers[prompt] + ("x" if prompt.split(":")[0] in self.wrong else "")
+            ids = [*self.tokenizer.convert_tokens_to_ids(list(answer)), self.tokenizer.eos_token_id]
+            rows.append((ids + [self.tokenizer.pad_token_id] * max_new_tokens)[:max_new_tokens])
+        return torch.cat([input_ids, torch.tensor(rows)], dim=1)
+
+
+def test_evaluate_is_exact_match(tokenizer):
+    scores = evaluate(_Oracle(tokenizer, wrong={"add"}), tokenizer, tasks=["reverse", "add"], n=7)
+    assert scores == {"reverse": 1.0, "add": 0.0}
+    assert with_mean(scores)["mean"] == 0.5
+
+
+def test_evaluate_tiny_model_on_tiny_n(tiny_model, tokenizer):
+    scores = evaluate(tiny_model, tokenizer, n=3)
+    assert list(scores) == list(TASKS)
+    assert all(0.0 <= value <= 1.0 and value * 3 == round(value * 3) for value in scores.values())
+
+
+# --------------------------------------------------------------------------- shipped assets
+
+
+@needs_assets
+def test_shipped_assets_load_and_match_the_card():
+    card = json.loads((ZOO_DIR / "zoo_card.json").read_text())
+    model, tokenizer = load_base(device="cpu")
+    assert sum(p.numel() for p in model.parameters()) == card["model"]["parameters"]
+    assert tokenizer.decode(tokenizer("reverse: abc=")["input_ids"], skip_special_tokens=True) == "reverse: abc="
+    dirs = adapter_dirs()
+    assert list(dirs) == list(TASKS)
+    for name, path in dirs.items():
+        config = json.loads((path / "adapter_config.json").read_text())
+        assert config["r"] == card["adapters"][name]["rank"]
+        assert (path / "adapter_model.safetensors").is_file()
+    assert len({card["adapters"][name]["rank"] for name in TASKS}) >= 3  # different-rank merging is exercised
+    size = sum(f.stat().st_size for f in (REPO / "assets").rglob("*") if f.is_file())
+    assert size < 30 * 2**20
+
+
+@needs_assets
+@pytest.mark.parametrize("name", list(TASKS))
+def test_each_adapter_beats_the_base_on_its_task(name):
+    # 40 held-out prompts: the card reports >= 90% for each adapter and <= 20% for the base on
+    # 200 prompts, so on any 40 of them a 0.5 margin can only fail if the adapter is broken.
+    base, tokenizer = load_base(device="cpu")
+    base_score = evaluate(base, tokenizer, [name], n=40)[name]
+    adapted, _ = load_adapted(adapter_dirs()[name], device="cpu")
+    assert evaluate(adapted, tokenizer, [name], n=40)[name] >= base_score + 0.5
+
+
+# --------------------------------------------------------------------------- build script and CLI
+
+
+@pytest.fixture(scope="module")
+def smoke_zoo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("zoo") / "zoo"
+    run = subprocess.run(
+        [sys.executable, "scripts/build_zoo.py", "--smoke", "--out", str(out)],
+        capture_output=True, text=True, cwd=REPO, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return out
+
+
+def test_build_smoke_writes_a_loadable_zoo(smoke_zoo):
+    card = json.loads((smoke_zoo / "zoo_card.json").read_text())
+    assert set(card["accuracy"]["base"]) == {*TASKS, "mean"}
+    assert list(adapter_dirs(smoke_zoo)) == list(TASKS)
+    model, tokenizer = load_adapted(adapter_dirs(smoke_zoo)["twice"], device="cpu", zoo_dir=smoke_zoo)
+    assert len(generate(model, tokenizer, ["twice: ab="], max_new_tokens=3)) == 1
+    assert card["adapters"]["twice"]["rank"] == json.loads((smoke_zoo / "adapters/twice/adapter_config.json").read_text())["r"]
+
+
+def test_build_smoke_refuses_the_shipped_assets():
+    run = subprocess.run(
+        [sys.executable, "scripts/build_zoo.py", "--smoke", "--out", str(ZOO_DIR)],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )
+    assert run.returncode == 2 and "never writes into the shipped assets" in run.stderr
+
+
+@pytest.mark.parametrize("which", ["base", "--adapter", "--merged"])
+def test_zoo_eval_cli_json(smoke_zoo, which):
+    args = [] if which == "base" else [which, str(smoke_zoo / "adapters" / "count")]
+    run = subprocess.run(
+        [sys.executable, "-m", "lego_viz", "zoo-eval", *args, "--zoo", str(smoke_zoo), "--n", "2", "--json"],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    scores = json.loads(run.stdout)
+    assert list(scores) == [*TASKS, "mean"]
+    assert scores["mean"] == pytest.approx(sum(scores[name] for name in TASKS) / len(TASKS))
+
+
+@pytest.mark.parametrize("args", [["--n", "0"], ["--tasks", "nope"], ["--adapter", "/nonexistent"]])
+def test_zoo_eval_cli_bad_input_exits_2(smoke_zoo, args):
+    run = subprocess.run(
+        [sys.executable, "-m", "lego_viz", "zoo-eval", "--zoo", str(smoke_zoo), *args],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+    )
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
