@@ -45,6 +45,7 @@ def results_markdown(results: dict) -> str:
     s = results["settings"]
     r, k, router_k = s["r"], s["k"], s["router_k"]
     units = results["runs"].get("merged_router", {}).get("units", "n")
+    worst = f"{units / router_k:g}" if isinstance(units, int) else "n/k"
     first = _table(
         results,
         {
@@ -75,11 +76,11 @@ def results_markdown(results: dict) -> str:
     settings = (
         f"Exact-match accuracy (%) on {s['eval_n']} held-out prompts per task, greedy decoding. "
         f"Multi-task runs: {s['steps']} steps × {s['batch_size']} examples, lr {s['lr']:g}, seed {s['seed']}, "
-        f"device {s['device']}. Load balance `max(c)/mean(c)`: 1 is even, {r // k} is the worst for k of r."
+        f"device {s['device']}. Load balance `max(c)/mean(c)`: 1 is even, {r / k:g} is the worst for k of r."
     )
     router = (
         f"Router: only W_g (and β) train, {s['router_steps']} steps, lr {s['router_lr']:g}; the MSUs stay frozen. "
-        f"Static merges: `lego_viz.merge.merge()` with default options; worst load balance {units // router_k if isinstance(units, int) else 'n/k'}."
+        f"Static merges: `lego_viz.merge.merge()` with default options; worst load balance {worst}."
     )
     return "\n".join(["#### Multi-task SMoRA vs dense LoRA", "", *first, "", settings, "",
                       "#### Dynamic vs static composition of the same MSUs", "", *second, "", router, ""])
