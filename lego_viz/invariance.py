@@ -20,6 +20,9 @@ from lego_viz.adapters import LoraAdapter, LoraModule
 from lego_viz.msu import module_msus, permute_adapter
 
 DEFAULT_TOLERANCE = 1e-5  # float32 factors: observed errors are ~1e-7, so 1e-5 leaves margin without hiding bugs
+# Above this many multiply-adds (Σ over modules of (d_in + d_out)·m²) the exact QR route gives way to
+# the random-probe estimate (DESIGN §3): ~10 s of exact work on a 2-core CPU, where the probe takes ~1 s.
+EXACT_BUDGET = 4e9
 
 
 @dataclass
@@ -90,6 +93,7 @@ class CheckResult:
     seconds: float = 0.0
     expect_pass: bool = True  # False for the deliberate counter-example (shuffling A alone)
     output_max_abs_diff: float | None = None
+    method: str = "exact"  # "exact" (factored QR norms) or "probe" (random-probe estimate, large models)
 
     @property
     def max_rel_error(self) -> float:
@@ -111,18 +115,37 @@ class CheckResult:
         return data
 
 
-def _run(name: str, pairs: Iterator[tuple[str, Factored, Factored]], tolerance: float, expect_pass: bool = True) -> CheckResult:
+def exact_cost(adapters: Sequence[LoraAdapter], concatenated: bool) -> float:
+    """Multiply-adds of the exact check: Σ (d_in + d_out)·m² (m = ranks stacked in the difference)."""
+    if not concatenated:
+        return sum((m.d_in + m.d_out) * (2 * m.r) ** 2 for a in adapters for m in a.modules.values())
+    totals: dict[str, list[int]] = {}
+    for a in adapters:
+        for name, m in a.modules.items():
+            entry = totals.setdefault(name, [m.d_in + m.d_out, 0])
+            entry[1] += 2 * m.r
+    return sum(d * r * r for d, r in totals.values())
+
+
+def _run(
+    name: str, pairs: Iterator[tuple[str, Factored, Factored]], tolerance: float, exact: bool, expect_pass: bool = True
+) -> CheckResult:
     start = time.perf_counter()
-    result = CheckResult(name=name, tolerance=tolerance, expect_pass=expect_pass)
+    result = CheckResult(name=name, tolerance=tolerance, expect_pass=expect_pass, method="exact" if exact else "probe")
     for key, reference, candidate in pairs:
-        result.per_module[key] = relative_error(reference, candidate)
-        result.probe_max_rel_error = max(result.probe_max_rel_error, probe_relative_error(reference, candidate))
+        probe = probe_relative_error(reference, candidate)
+        result.per_module[key] = relative_error(reference, candidate) if exact else probe
+        result.probe_max_rel_error = max(result.probe_max_rel_error, probe)
     result.seconds = time.perf_counter() - start
     return result
 
 
 def check_permutation(
-    adapters: Sequence[LoraAdapter], seed: int = 0, tolerance: float = DEFAULT_TOLERANCE, shuffle: str = "both"
+    adapters: Sequence[LoraAdapter],
+    seed: int = 0,
+    tolerance: float = DEFAULT_TOLERANCE,
+    shuffle: str = "both",
+    exact: bool | None = None,
 ) -> CheckResult:
     """Shuffle the ranks of every module and compare ΔW before and after (DESIGN §3.1).
 
@@ -132,6 +155,8 @@ def check_permutation(
         tolerance: pass threshold on the relative Frobenius error.
         shuffle: ``"both"`` permutes rows of A with the matching columns of B (invariant);
             ``"a_only"`` permutes A alone — the counter-example that breaks the pairing.
+        exact: exact factored errors (True), the random-probe estimate (False), or exact unless
+            the work exceeds :data:`EXACT_BUDGET` (None).
     """
     if shuffle not in ("both", "a_only"):
         raise ValueError(f"shuffle must be 'both' or 'a_only', got {shuffle!r}.")
@@ -147,13 +172,20 @@ def check_permutation(
                 yield f"{adapter.name}:{name}", Factored.of(lora), Factored.of(moved)
 
     label = "permutation" if shuffle == "both" else "permutation_a_only"
-    return _run(label, pairs(), tolerance, expect_pass=shuffle == "both")
+    exact = exact if exact is not None else exact_cost(adapters, concatenated=False) <= EXACT_BUDGET
+    return _run(label, pairs(), tolerance, exact, expect_pass=shuffle == "both")
 
 
 def check_concat_sum(
-    adapters: Sequence[LoraAdapter], weights: Sequence[float] | None = None, tolerance: float = DEFAULT_TOLERANCE
+    adapters: Sequence[LoraAdapter],
+    weights: Sequence[float] | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    exact: bool | None = None,
 ) -> CheckResult:
-    """Compare ``Σ_t w_t ΔW_t`` with the single LoRA made of all concatenated units (DESIGN §3.2)."""
+    """Compare ``Σ_t w_t ΔW_t`` with the single LoRA made of all concatenated units (DESIGN §3.2).
+
+    ``exact`` as in :func:`check_permutation`.
+    """
     weights = list(weights) if weights is not None else [1.0] * len(adapters)
     modules = list(dict.fromkeys(m for a in adapters for m in a.modules))
 
@@ -164,7 +196,8 @@ def check_concat_sum(
             B, A = table.factors()
             yield name, Factored.concat(parts), Factored(B, A)
 
-    return _run("concat_sum", pairs(), tolerance)
+    exact = exact if exact is not None else exact_cost(adapters, concatenated=True) <= EXACT_BUDGET
+    return _run("concat_sum", pairs(), tolerance, exact)
 
 
 # --------------------------------------------------------------------------- output space

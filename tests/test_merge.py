@@ -216,3 +216,18 @@ def test_registry_lists_methods_with_options():
     assert {"lego", "linear", "svd", "peft_linear", "ties", "dare_linear"} <= set(MERGE_METHODS)
     assert MERGE_METHODS["lego"].takes_k and not MERGE_METHODS["linear"].takes_k
     assert "features" in MERGE_METHODS["lego"].options
+
+
+@pytest.mark.parametrize("features", ["raw", "canonical", "normalized"])
+def test_gram_from_raw_factors_equals_gram_of_explicit_features(toy_adapters, features):
+    """The merge never materialises features; its Gram matrix must equal the explicit one."""
+    from lego_viz.merge.lego import _units
+    from lego_viz.msu import module_msus
+
+    weights = [1.0, -0.5, 2.0]
+    toy_adapters[1].modules["model.layers.0.self_attn.q_proj"].B[:, 0] = 0.0  # an untrained unit
+    name = "model.layers.0.self_attn.q_proj"
+    explicit = module_msus(toy_adapters, name, weights).features(features)
+    fast = _units(toy_adapters, weights, name, features).gram()
+    # float32 products summed in another order: 1e-5 relative
+    assert torch.allclose(fast, explicit @ explicit.T, rtol=1e-4, atol=1e-5)

@@ -162,3 +162,22 @@ def test_hooks_match_dense_weight_update(toy_model):
 def test_lora_module_properties():
     lora = LoraModule(A=torch.zeros(3, 5), B=torch.zeros(7, 3), scale=2.0)
     assert (lora.r, lora.d_in, lora.d_out) == (3, 5, 7)
+
+
+@pytest.mark.parametrize("check", [check_permutation, check_concat_sum])
+def test_probe_mode_agrees_with_exact_mode(toy_adapters, check):
+    exact = check(toy_adapters, exact=True)
+    probe = check(toy_adapters, exact=False)
+    assert exact.method == "exact" and probe.method == "probe"
+    assert probe.passed and probe.max_rel_error < 1e-5 and set(probe.per_module) == set(exact.per_module)
+    broken = check_permutation(toy_adapters, shuffle="a_only", exact=False)
+    assert not broken.passed  # the probe sees the broken pairing too
+
+
+def test_large_inputs_switch_to_probe_automatically(monkeypatch, toy_adapters):
+    import lego_viz.invariance as inv
+
+    assert check_permutation(toy_adapters).method == "exact"
+    monkeypatch.setattr(inv, "EXACT_BUDGET", 10.0)
+    assert check_permutation(toy_adapters).method == "probe"
+    assert check_concat_sum(toy_adapters).method == "probe"

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from lego_viz.adapters import LoraAdapter, LoraModule, module_order
 from lego_viz.kmeans import GramKMeans
 from lego_viz.merge.base import MethodOutput, Option, register
-from lego_viz.msu import FEATURE_MODES, MSUTable, canonicalize, module_msus
+from lego_viz.msu import FEATURE_MODES
 
 PRESETS = {
     # The published behaviour, kept for comparison with the other presets.
@@ -31,16 +32,55 @@ LEGO_OPTIONS = {
 _TINY = 1e-30
 
 
-def _averaged_and_seen(table: MSUTable, features: str) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """(vectors averaged into centroids, vectors k-means sees), each as (a-half, b-half)."""
+@dataclass
+class _Units:
+    """What a module's merge needs to keep between the passes: O(n²), never O(n·d).
+
+    Unit i of the module is ``ã_i = α_i A[i]``, ``b̃_i = β_i B[:, i]`` (scale folded, weight on b).
+    Every feature mode is the raw rows times a per-unit factor, so all Gram matrices come from the
+    two raw Gram matrices ``A Aᵀ`` and ``Bᵀ B`` — one matmul pass over the weights.
+    """
+
+    owners: list[int]  # adapter index of each block of units
+    adapter_index: torch.Tensor  # (n,)
+    gram_a: torch.Tensor  # (n, n) raw A Aᵀ
+    gram_b: torch.Tensor  # (n, n) raw Bᵀ B
+    avg_a: torch.Tensor  # (n,) factor of A[i] in the vectors averaged into centroids
+    avg_b: torch.Tensor  # (n,)
+    seen_a: torch.Tensor  # (n,) factor of A[i] in what k-means sees
+    seen_b: torch.Tensor  # (n,)
+
+    def gram(self) -> torch.Tensor:
+        """Gram matrix of the features k-means sees, (n, n)."""
+        sa, sb = self.seen_a, self.seen_b
+        return sa[:, None] * self.gram_a * sa[None] + sb[:, None] * self.gram_b * sb[None]
+
+
+def _units(adapters: Sequence[LoraAdapter], weights: list[float], name: str, features: str) -> _Units:
+    present = [(t, a.modules[name]) for t, a in enumerate(adapters) if name in a.modules]
+    A = torch.cat([lora.A for _, lora in present])  # (n, d_in)
+    B = torch.cat([lora.B for _, lora in present], dim=1)  # (d_out, n)
+    alpha = torch.cat([torch.full((lora.r,), lora.scale**0.5) for _, lora in present])
+    beta = torch.cat([torch.full((lora.r,), lora.scale**0.5 * weights[t]) for t, lora in present])
+    owner = torch.cat([torch.full((lora.r,), t, dtype=torch.long) for t, lora in present])
+    gram_a, gram_b = A @ A.T, B.T @ B
     if features == "raw":
-        pair = (table.a, table.b)
-        return pair, pair
-    a, b = canonicalize(table.a, table.b)
+        return _Units([t for t, _ in present], owner, gram_a, gram_b, alpha, beta, alpha, beta)
+    raw_na = gram_a.diagonal().clamp_min(0).sqrt()  # ‖A[i]‖
+    raw_nb = gram_b.diagonal().clamp_min(0).sqrt()
+    norm_a, norm_b = alpha * raw_na, beta.abs() * raw_nb  # ‖ã_i‖, ‖b̃_i‖
+    zero = (norm_a <= _TINY) | (norm_b <= _TINY)
+    # canonical: equal halves (c = sqrt(‖b̃‖/‖ã‖)), sign so that the largest |entry| of ã is positive
+    c = torch.exp(0.5 * (torch.log(norm_b.clamp_min(_TINY)) - torch.log(norm_a.clamp_min(_TINY))))
+    peak = A.gather(1, A.abs().argmax(dim=1, keepdim=True))[:, 0]
+    sign = torch.where(peak < 0, -1.0, 1.0)
+    keep = (~zero).to(A.dtype)
+    avg_a, avg_b = alpha * c * sign * keep, beta / c * sign * keep
     if features == "canonical":
-        return (a, b), (a, b)
-    seen = (a / a.norm(dim=1, keepdim=True).clamp_min(_TINY), b / b.norm(dim=1, keepdim=True).clamp_min(_TINY))
-    return (a, b), seen
+        return _Units([t for t, _ in present], owner, gram_a, gram_b, avg_a, avg_b, avg_a, avg_b)
+    seen_a = sign * keep / raw_na.clamp_min(_TINY)
+    seen_b = sign * torch.sign(beta) * keep / raw_nb.clamp_min(_TINY)
+    return _Units([t for t, _ in present], owner, gram_a, gram_b, avg_a, avg_b, seen_a, seen_b)
 
 
 def canonical_order(gram: torch.Tensor) -> torch.Tensor:
@@ -65,25 +105,42 @@ def _relabel_by_first_member(labels: torch.Tensor, k: int) -> torch.Tensor:
     return rank_of[labels]
 
 
-def _centroids(labels: torch.Tensor, k: int, pair: tuple[torch.Tensor, torch.Tensor], reweight: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean of each cluster's members, optionally rescaled to the members' mean norm."""
-    a, b = pair
-    onehot = torch.zeros(labels.shape[0], k, dtype=a.dtype)
-    onehot[torch.arange(labels.shape[0]), labels] = 1.0
-    counts = onehot.sum(dim=0).clamp_min(1.0)
-    mean = onehot / counts  # (n, k)
-    c_a, c_b = mean.T @ a, mean.T @ b  # (k, d_in), (k, d_out)
-    if reweight != "none":
-        if reweight == "l2":
-            member = (a.square().sum(1) + b.square().sum(1)).sqrt()
-            current = (c_a.square().sum(1) + c_b.square().sum(1)).sqrt()
-        else:
-            member = torch.maximum(a.abs().amax(1), b.abs().amax(1))
-            current = torch.maximum(c_a.abs().amax(1), c_b.abs().amax(1))
-        target = mean.T @ member
-        factor = torch.where(current > _TINY, target / current.clamp_min(_TINY), torch.zeros_like(current))
-        c_a, c_b = c_a * factor[:, None], c_b * factor[:, None]
-    return c_a, c_b
+def _centroids(
+    adapters: Sequence[LoraAdapter], name: str, units: _Units, labels: torch.Tensor, k: int, reweight: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of each cluster's (folded, possibly canonical) members, optionally rescaled to the
+    members' mean norm; streamed adapter by adapter so no concatenated copy is made."""
+    n = labels.shape[0]
+    onehot = torch.zeros(n, k, dtype=units.gram_a.dtype)
+    onehot[torch.arange(n), labels] = 1.0
+    mean = onehot / onehot.sum(dim=0).clamp_min(1.0)  # (n, k)
+    w_a, w_b = mean * units.avg_a[:, None], mean * units.avg_b[:, None]
+    c_a = c_b = None
+    start = 0
+    for t in units.owners:
+        lora = adapters[t].modules[name]
+        rows = slice(start, start + lora.r)
+        part_a, part_b = w_a[rows].T @ lora.A, lora.B @ w_b[rows]  # (k, d_in), (d_out, k)
+        c_a = part_a if c_a is None else c_a + part_a
+        c_b = part_b if c_b is None else c_b + part_b
+        start += lora.r
+    c_b = c_b.T  # (k, d_out)
+    if reweight == "none":
+        return c_a, c_b
+    if reweight == "l2":
+        member = (units.avg_a.square() * units.gram_a.diagonal() + units.avg_b.square() * units.gram_b.diagonal()).clamp_min(0).sqrt()
+        current = (c_a.square().sum(1) + c_b.square().sum(1)).sqrt()
+    else:
+        peaks_a, peaks_b, start = [], [], 0
+        for t in units.owners:
+            lora = adapters[t].modules[name]
+            peaks_a.append(lora.A.abs().amax(dim=1))
+            peaks_b.append(lora.B.abs().amax(dim=0))
+        member = torch.maximum(units.avg_a.abs() * torch.cat(peaks_a), units.avg_b.abs() * torch.cat(peaks_b))
+        current = torch.maximum(c_a.abs().amax(1), c_b.abs().amax(1))
+    target = mean.T @ member
+    factor = torch.where(current > _TINY, target / current.clamp_min(_TINY), torch.zeros_like(current))
+    return c_a * factor[:, None], c_b * factor[:, None]
 
 
 def _device(choice: str) -> torch.device:
@@ -106,47 +163,47 @@ def lego(adapters: Sequence[LoraAdapter], weights: list[float], k: Mapping[str, 
     out = MethodOutput(modules={})
     timings = {"gram": 0.0, "kmeans": 0.0, "centroids": 0.0}
     device = _device(options["device"])
-    prepared = {}
+    names = module_order(adapters)
+    prepared: dict[str, tuple[_Units, torch.Tensor, torch.Tensor]] = {}
     groups: dict[tuple[int, int], list[str]] = {}
     start = time.perf_counter()
-    for name in module_order(adapters):
-        table = module_msus(adapters, name, weights)
-        averaged, seen = _averaged_and_seen(table, options["features"])
-        fa, fb = seen[0].to(device), seen[1].to(device)
-        gram = fa @ fa.T + fb @ fb.T  # (n, n): all k-means needs
-        order = canonical_order(gram).to(device)
-        prepared[name] = (table, averaged, gram[order][:, order], order.cpu())
-        groups.setdefault((table.n, k[name]), []).append(name)
+    for name in names:  # pass 1: Gram matrices only (O(n²) kept per module)
+        units = _units(adapters, weights, name, options["features"])
+        gram = units.gram()
+        order = canonical_order(gram)
+        prepared[name] = (units, gram[order][:, order], order)
+        groups.setdefault((gram.shape[0], k[name]), []).append(name)
     timings["gram"] = time.perf_counter() - start
 
     start = time.perf_counter()
     sorted_labels: dict[str, torch.Tensor] = {}
-    for (n, rank), names in groups.items():
+    for (n, rank), group in groups.items():
         if rank == n:  # every unit its own cluster; exact even when units coincide
-            for name in names:
+            for name in group:
                 sorted_labels[name] = torch.arange(n)
             continue
-        grams = torch.stack([prepared[name][2] for name in names])
+        grams = torch.stack([prepared[name][1] for name in group]).to(device)
         km = GramKMeans(rank, n_init=options["n_init"], max_iter=options["max_iter"], tol=options["tol"],
                         random_state=options["seed"]).fit(gram=grams)
-        for name, lab in zip(names, km.labels_.cpu()):
+        for name, lab in zip(group, km.labels_.cpu()):
             sorted_labels[name] = lab
     timings["kmeans"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    for name in module_order(adapters):
-        table, averaged, _, order = prepared[name]
+    for name in names:  # pass 2: centroids, streamed from the adapters' own tensors
+        units, _, order = prepared.pop(name)
         rank = k[name]
-        labels = torch.empty(table.n, dtype=torch.long)
-        labels[order] = _relabel_by_first_member(sorted_labels[name], rank)
-        c_a, c_b = _centroids(labels, rank, averaged, options["param_reweight"])
+        labels = torch.empty(order.shape[0], dtype=torch.long)
+        labels[order] = _relabel_by_first_member(sorted_labels.pop(name), rank)
+        c_a, c_b = _centroids(adapters, name, units, labels, rank, options["param_reweight"])
         if options["output_reweight"]:
-            ranks = [adapters[t].modules[name].r for t in torch.unique(table.adapter_index).tolist()]
+            ranks = [adapters[t].modules[name].r for t in units.owners]
             factor = (sum(ranks) / len(ranks) / rank) ** 0.25  # sqrt(r̄/k) on the update, split over both halves
             c_a, c_b = c_a * factor, c_b * factor
-        out.modules[name] = LoraModule(A=c_a.contiguous(), B=c_b.T.contiguous(), scale=1.0, fan_in_fan_out=table.fan_in_fan_out)
+        fan_in_fan_out = adapters[units.owners[0]].modules[name].fan_in_fan_out
+        out.modules[name] = LoraModule(A=c_a.contiguous(), B=c_b.T.contiguous(), scale=1.0, fan_in_fan_out=fan_in_fan_out)
         out.labels[name] = labels
-        out.unit_owner[name] = table.adapter_index
+        out.unit_owner[name] = units.adapter_index
     timings["centroids"] = time.perf_counter() - start
     out.timings = timings
     return out
