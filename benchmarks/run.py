@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from threadpoolctl import threadpool_limits
 
 from benchmarks import bench_app, bench_checks, bench_lego, bench_memory, bench_svd
 from benchmarks.report import Row, load_average, machine, markdown
@@ -62,7 +63,12 @@ def main(argv: list[str] | None = None) -> list[Row]:
         default=None,
         help="markdown file to write (full mode default: benchmarks/results.md)",
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="threads for torch and scikit-learn's OpenMP alike (default: their own choice)",
+    )
     parser.add_argument("--note", default="", help="a line to add under the header of the written report")
     args = parser.parse_args(argv)
     chosen = [name.strip() for name in args.only.split(",") if name.strip()]
@@ -73,10 +79,14 @@ def main(argv: list[str] | None = None) -> list[Row]:
         torch.set_num_threads(args.threads)
     start, load_at_start = time.perf_counter(), load_average()
     rows: list[Row] = []
-    for name in chosen:
-        rows += ITEMS[name](args.quick)
+    # One limit for every OpenMP/BLAS pool, so both sides of each comparison get the same cores.
+    with threadpool_limits(limits=args.threads):
+        for name in chosen:
+            item_rows = ITEMS[name](args.quick)
+            print(markdown(item_rows), flush=True)  # progress: the full run takes minutes
+            rows += item_rows
     table = markdown(rows)
-    print(f"Machine: {machine()}\n\n{table}")
+    print(f"Machine: {machine()}\n\nAll items:\n\n{table}")
     out = args.out if args.out is not None else (None if args.quick else RESULTS)
     if out is not None:
         minutes = (time.perf_counter() - start) / 60
