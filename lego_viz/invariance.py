@@ -163,12 +163,12 @@ def check_permutation(
     gen = torch.Generator().manual_seed(seed)
 
     def pairs():
+        # One module at a time: the shuffled copy of a module lives only while it is checked.
         for adapter in adapters:
-            permuted, _ = permute_adapter(adapter, gen)
             for name, lora in adapter.modules.items():
-                moved = permuted.modules[name]
-                if shuffle == "a_only":
-                    moved = LoraModule(A=moved.A, B=lora.B, scale=lora.scale, fan_in_fan_out=lora.fan_in_fan_out)
+                perm = torch.randperm(lora.r, generator=gen)
+                moved_b = lora.B if shuffle == "a_only" else lora.B[:, perm]
+                moved = LoraModule(A=lora.A[perm], B=moved_b, scale=lora.scale, fan_in_fan_out=lora.fan_in_fan_out)
                 yield f"{adapter.name}:{name}", Factored.of(lora), Factored.of(moved)
 
     label = "permutation" if shuffle == "both" else "permutation_a_only"

@@ -25,7 +25,8 @@ def fold(module: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
         ``a`` (r, d_in) and ``b`` (r, d_out) with ``ΔW = bᵀ a`` (row i of each is unit i).
     """
     root = module.scale**0.5
-    return module.A * root, module.B.T * root
+    # Half-precision inputs (bf16/fp16 checkpoints) are computed in float32.
+    return module.A.float() * root, module.B.T.float() * root
 
 
 def canonicalize(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -231,3 +231,21 @@ def test_gram_from_raw_factors_equals_gram_of_explicit_features(toy_adapters, fe
     fast = _units(toy_adapters, weights, name, features).gram()
     # float32 products summed in another order: 1e-5 relative
     assert torch.allclose(fast, explicit @ explicit.T, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("method", "k"), [("lego", 5), ("svd", 5), ("linear", None)])
+def test_half_precision_inputs_merge_in_float32(toy_adapters, method, k):
+    """bf16 checkpoints merge exactly as their float32 upcast: nothing is accumulated in bf16."""
+    from lego_viz.adapters import LoraAdapter, LoraModule
+
+    def cast(adapter, dtype):
+        modules = {n: LoraModule(m.A.to(dtype), m.B.to(dtype), m.scale, m.fan_in_fan_out) for n, m in adapter.modules.items()}
+        return LoraAdapter(name=adapter.name, source=adapter.source, config=adapter.config, modules=modules)
+
+    half = [cast(a, torch.bfloat16) for a in toy_adapters]
+    full = [cast(a, torch.float32) for a in half]  # the same values, upcast
+    options = {"k": k} if k is not None else {}
+    merged_half, merged_full = merge(half, method, **options), merge(full, method, **options)
+    for name, lora in merged_full.modules.items():
+        assert merged_half.modules[name].A.dtype == torch.float32, name
+        assert torch.equal(merged_half.modules[name].A, lora.A) and torch.equal(merged_half.modules[name].B, lora.B), name
