@@ -25,39 +25,62 @@ DEFAULT_TOLERANCE = 1e-5  # float32 factors: observed errors are ~1e-7, so 1e-5 
 EXACT_BUDGET = 4e9
 
 
-@dataclass
 class Factored:
-    """A low-rank matrix ``B @ A`` kept as factors."""
+    """A low-rank matrix ``Σ_j s_j · B_j @ A_j`` kept as factor terms.
 
-    B: torch.Tensor  # (d_out, m)
-    A: torch.Tensor  # (m, d_in)
+    ``Factored(B, A)`` is one term. Scales are not multiplied in and sums are not concatenated until
+    a norm needs them, so wrapping adapters copies nothing and the random probe reads each weight once.
+    """
+
+    def __init__(self, B: torch.Tensor | None = None, A: torch.Tensor | None = None, scale: float = 1.0,
+                 terms: list[tuple[torch.Tensor, torch.Tensor, float]] | None = None):
+        self.terms = terms if terms is not None else [(B, A, scale)]  # (B (d_out, r_j), A (r_j, d_in), s_j)
+
+    @property
+    def B(self) -> torch.Tensor:
+        return self.stacked()[0]
+
+    @property
+    def A(self) -> torch.Tensor:
+        return self.stacked()[1]
 
     @staticmethod
     def of(module: LoraModule, weight: float = 1.0) -> Factored:
-        return Factored(module.B * (module.scale * weight), module.A)
-
-    def __sub__(self, other: Factored) -> Factored:
-        return Factored(torch.cat([self.B, -other.B], dim=1), torch.cat([self.A, other.A], dim=0))
+        return Factored(module.B, module.A, module.scale * weight)
 
     @staticmethod
     def concat(parts: Sequence[Factored]) -> Factored:
-        return Factored(torch.cat([p.B for p in parts], dim=1), torch.cat([p.A for p in parts], dim=0))
+        """The sum of the parts (= their concatenation as one LoRA)."""
+        return Factored(terms=[t for p in parts for t in p.terms])
+
+    def __sub__(self, other: Factored) -> Factored:
+        return Factored(terms=self.terms + [(B, A, -s) for B, A, s in other.terms])
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B (d_out, m), A (m, d_in))`` with the scales folded into B."""
+        B = torch.cat([b if s == 1.0 else b * s for b, _, s in self.terms], dim=1)
+        return B, torch.cat([a for _, a, _ in self.terms], dim=0)
+
+    @property
+    def d_in(self) -> int:
+        return self.terms[0][1].shape[1]
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B A) x`` for x (d_in, p), through the factors."""
-        return self.B @ (self.A @ x)
+        """``ΔW x`` for x (d_in, p), through the factors."""
+        return sum((B @ (A @ x)) * s for B, A, s in self.terms)
 
 
 def factored_norm(f: Factored) -> float:
     """Frobenius norm of ``B A`` without forming it."""
-    r_b = torch.linalg.qr(f.B, mode="r").R
-    r_a = torch.linalg.qr(f.A.T, mode="r").R
+    B, A = f.stacked()
+    r_b = torch.linalg.qr(B, mode="r").R
+    r_a = torch.linalg.qr(A.T, mode="r").R
     return float(torch.linalg.matrix_norm(r_b @ r_a.T))
 
 
 def gram_norm(f: Factored) -> float:
     """The same norm via ``sum((BᵀB)∘(AAᵀ))`` (float64). Fast and fine for norms, not for differences."""
-    B, A = f.B.double(), f.A.double()
+    B, A = (t.double() for t in f.stacked())
     return float(((B.T @ B) * (A @ A.T)).sum().clamp_min(0).sqrt())
 
 
@@ -73,7 +96,7 @@ def relative_error(reference: Factored, candidate: Factored) -> float:
 def probe_relative_error(reference: Factored, candidate: Factored, n_probes: int = 4, seed: int = 0) -> float:
     """Freivalds-style estimate of the same error: ``‖(ref − cand) x‖ / ‖ref x‖`` on random ``x``."""
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(reference.A.shape[1], n_probes, generator=gen, dtype=reference.A.dtype)
+    x = torch.randn(reference.d_in, n_probes, generator=gen)
     ref = reference.apply(x)
     denom = float(ref.norm())
     diff = float((ref - candidate.apply(x)).norm())
