@@ -139,28 +139,28 @@ def module_msus(adapters: Sequence[LoraAdapter], module: str, weights: Sequence[
         weights: one per adapter (default 1); applied to the ``b̃`` half.
     """
     weights = _weights(adapters, weights)
-    parts_a, parts_b, owners, ranks = [], [], [], []
-    fan_in_fan_out = False
-    for t, (adapter, w) in enumerate(zip(adapters, weights)):
-        lora = adapter.modules.get(module)
-        if lora is None:
-            continue
-        a, b = fold(lora)
-        parts_a.append(a)
-        parts_b.append(b * w)
-        owners.append(torch.full((lora.r,), t, dtype=torch.long))
-        ranks.append(torch.arange(lora.r))
-        fan_in_fan_out = lora.fan_in_fan_out
-    if not parts_a:
+    present = [(t, a.modules[module], w) for t, (a, w) in enumerate(zip(adapters, weights)) if module in a.modules]
+    if not present:
         raise AdapterError(f"no adapter has module {module!r}.")
+    first = present[0][1]
+    n = sum(lora.r for _, lora, _ in present)
+    # One write pass into preallocated tables (scale and weight applied on the way), not a copy per step.
+    a = torch.empty(n, first.d_in)
+    b = torch.empty(n, first.d_out)
+    start = 0
+    for _, lora, w in present:
+        root = lora.scale**0.5
+        torch.mul(lora.A.float(), root, out=a[start : start + lora.r])  # half precision: compute in float32
+        torch.mul(lora.B.T.float(), root * w, out=b[start : start + lora.r])
+        start += lora.r
     return MSUTable(
         module=module,
-        a=torch.cat(parts_a),
-        b=torch.cat(parts_b),
-        adapter_index=torch.cat(owners),
-        rank_index=torch.cat(ranks),
+        a=a,
+        b=b,
+        adapter_index=torch.cat([torch.full((lora.r,), t, dtype=torch.long) for t, lora, _ in present]),
+        rank_index=torch.cat([torch.arange(lora.r) for _, lora, _ in present]),
         adapter_names=[a.name for a in adapters],
-        fan_in_fan_out=fan_in_fan_out,
+        fan_in_fan_out=first.fan_in_fan_out,
     )
 
 
