@@ -7,6 +7,7 @@ in a temporary folder, so the tab is tested without the shipped assets.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import gradio as gr
@@ -159,3 +160,18 @@ def test_client_endpoints_return_figures(client) -> None:
 def test_client_bad_input_is_an_app_error(client) -> None:
     with pytest.raises(gradio_client.exceptions.AppError, match="type a prompt"):
         client.predict("multitask", MODULE, " ", api_name="/smora_route")
+
+
+def test_adapter_trained_on_another_base_is_refused(tiny_assets, tmp_path) -> None:
+    stale = tmp_path / "smora" / "stale"
+    shutil.copytree(tiny_assets / "smora" / "multitask", stale)
+    payload = json.loads((stale / "smora_config.json").read_text())
+    payload["extra"]["base_sha256"] = assets.base_fingerprint(tiny_assets)
+    (stale / "smora_config.json").write_text(json.dumps(payload))
+    model, _, config = assets.load_shipped("stale", device="cpu", smora_dir=tmp_path / "smora", zoo_dir=tiny_assets)
+    assert config.r == 8 and len(smora_layers(model)) == 2 * len(TARGET_MODULES)
+
+    payload["extra"]["base_sha256"] = "0" * 64
+    (stale / "smora_config.json").write_text(json.dumps(payload))
+    with pytest.raises(ValueError, match="re-run `python scripts/train_smora.py`"):
+        assets.load_shipped("stale", device="cpu", smora_dir=tmp_path / "smora", zoo_dir=tiny_assets)

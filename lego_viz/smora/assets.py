@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -11,7 +12,7 @@ from safetensors import safe_open
 from torch import nn
 
 from lego_viz.smora.config import SMoRAConfig
-from lego_viz.smora.io import CONFIG_NAME, WEIGHTS_NAME, load_smora
+from lego_viz.smora.io import CONFIG_NAME, WEIGHTS_NAME, load_smora, read_smora_config
 from lego_viz.zoo.model import ZOO_DIR, load_base
 
 SMORA_DIR = ZOO_DIR / "smora"
@@ -21,6 +22,18 @@ RESULTS_NAME = "results.json"
 def _dirs(smora_dir: Path | None, zoo_dir: Path | None = None) -> tuple[Path, Path]:
     # looked up at call time, so tests (and other zoos) can point the module elsewhere
     return Path(smora_dir or SMORA_DIR), Path(zoo_dir or ZOO_DIR)
+
+
+def base_fingerprint(zoo_dir: Path | None = None) -> str:
+    """sha256 of the zoo base weights: a SMoRA adapter only makes sense on the base it was trained on."""
+    path = _dirs(None, zoo_dir)[1] / "base" / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"zoo base weights not found at {path}; build the zoo with `python scripts/build_zoo.py`")
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def shipped_adapters(smora_dir: Path | None = None) -> dict[str, Path]:
@@ -51,6 +64,13 @@ def load_shipped(
         raise FileNotFoundError(
             f"no SMoRA adapter {name!r} in {smora_dir} (found: {sorted(folders) or 'none'}); "
             "train them with `python scripts/train_smora.py`"
+        )
+    _, extra = read_smora_config(folders[name])
+    trained_on = extra.get("base_sha256")
+    if trained_on is not None and trained_on != base_fingerprint(zoo_dir):
+        raise ValueError(
+            f"SMoRA adapter {name!r} was trained on another zoo base (sha256 {trained_on[:12]}…); "
+            "the zoo was rebuilt since: re-run `python scripts/train_smora.py`"
         )
     model, tokenizer = load_base(device=device, zoo_dir=zoo_dir)
     config = load_smora(model, folders[name])

@@ -23,6 +23,7 @@ from torch import nn
 from lego_viz.adapters import load_adapter
 from lego_viz.invariance import lora_hooks
 from lego_viz.merge import merge
+from lego_viz.smora.assets import base_fingerprint
 from lego_viz.smora.config import SMoRAConfig
 from lego_viz.smora.inject import inject_smora, smora_parameters
 from lego_viz.smora.io import save_smora
@@ -66,13 +67,13 @@ class ExperimentConfig:
     r: int = 32
     k: int = 4
     gamma: float = 1e-3
-    steps: int = 600
-    batch_size: int = 64
+    steps: int = 800
+    batch_size: int = 32
     lr: float = 3e-3
     router_k: int = 8
     router_steps: int = 300
     router_lr: float = 1e-2
-    eval_n: int = 200
+    eval_n: int = 100
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -125,6 +126,10 @@ class _Runner:
     def __init__(self, config: ExperimentConfig, zoo_dir: Path, device: str, progress: bool) -> None:
         self.config, self.zoo_dir, self.device, self.progress = config, zoo_dir, device, progress
         self.tasks = list(TASKS)
+
+    def record(self) -> dict:
+        """Saved with each adapter: the experiment settings and the base it was trained on."""
+        return {"experiment": asdict(self.config), "base_sha256": base_fingerprint(self.zoo_dir)}
 
     def base(self) -> tuple[nn.Module, object]:
         model, tokenizer = load_base(device=self.device, zoo_dir=self.zoo_dir)
@@ -187,7 +192,7 @@ def run_experiment(
         inject_smora(model, config.smora(gamma))
         runs[label] = runner.smora_run(model, tokenizer, config.train(), label)
         if label == "smora" and out_dir is not None:
-            save_smora(model, Path(out_dir) / MULTITASK_NAME, force=True, extra={"experiment": asdict(config)})
+            save_smora(model, Path(out_dir) / MULTITASK_NAME, force=True, extra=runner.record())
         log(f"{label}: mean accuracy {runs[label]['accuracy']['mean']:.3f}, load balance {runs[label]['load_balance_end']:.2f}")
 
     for label, rank in (("lora_r", config.r), ("lora_k", config.k)):
@@ -211,6 +216,7 @@ def run_experiment(
             "train": asdict(config.train()),
             "router_train": asdict(config.train(router=True)),
             "device": device,
+            "base_sha256": base_fingerprint(runner.zoo_dir),
             "torch_threads": torch.get_num_threads(),
             "versions": {"torch": torch.__version__, "python": platform.python_version()},
         },
@@ -235,7 +241,7 @@ def _composition_runs(runner: _Runner, out_dir: Path | None, log: Callable[[str]
     runs["merged_router"]["units"] = model.smora_config.r
     runs["merged_router"]["trainable_params"] = sum(p.numel() for p in smora_parameters(model))
     if out_dir is not None:
-        save_smora(model, Path(out_dir) / ROUTER_NAME, force=True, extra={"experiment": asdict(config)})
+        save_smora(model, Path(out_dir) / ROUTER_NAME, force=True, extra=runner.record())
     log(f"merged router: mean accuracy {runs['merged_router']['accuracy']['mean']:.3f}")
 
     base, tokenizer = runner.base()
