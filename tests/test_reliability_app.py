@@ -70,3 +70,23 @@ def test_app_shows_message_and_keeps_session(case, tmp_path):
     assert re.search(expected, message), message
     assert "Traceback" not in message and "internal error" not in message
     assert (before.adapters, before.use, before.weights) == snapshot
+
+
+def test_local_paths_are_limited_to_allowed_roots(tmp_path, monkeypatch):
+    from conftest import save_peft_folder
+
+    inside = save_peft_folder(make_adapter("inside"), tmp_path / "allowed" / "inside")
+    outside = save_peft_folder(make_adapter("outside"), tmp_path / "elsewhere" / "outside")
+    (tmp_path / "allowed" / "link").symlink_to(outside)
+    monkeypatch.setenv("LEGO_VIZ_ALLOWED_ROOTS", str(tmp_path / "allowed"))
+    session = load_handler(False)(Session(), None, str(inside), False)[0]
+    assert [a.name for a in session.adapters] == ["inside"]
+    for spec in (outside, tmp_path / "allowed" / "link", "/etc/passwd"):
+        assert "outside the folders this app may read" in _message(lambda spec=spec: load_handler(False)(session, None, str(spec), False))
+
+
+def test_public_mode_refuses_every_local_path(tmp_path):
+    from conftest import save_peft_folder
+
+    folder = save_peft_folder(make_adapter("x"), tmp_path / "x")
+    assert "local paths are disabled" in _message(lambda: load_handler(True)(Session(), None, str(folder), False))

@@ -14,7 +14,7 @@ import gradio as gr
 from lego_viz.adapters import CONFIG_NAME, AdapterError, LoraAdapter, load_adapter
 from lego_viz.ui import learn
 from lego_viz.ui.errors import user_errors
-from lego_viz.ui.runtime import MAX_ADAPTERS, UPLOAD_TYPES
+from lego_viz.ui.runtime import MAX_ADAPTERS, UPLOAD_TYPES, check_allowed_path
 from lego_viz.ui.state import Session
 
 HEADERS = ["adapter", "base model", "r", "α", "scale", "targets", "modules", "#MSUs", "notes"]
@@ -138,10 +138,11 @@ def _load_uploads(files: Sequence[str], workdir: Path) -> list[LoraAdapter]:
 def load_sources(session: Session, files: Sequence[str] | None, paths: str | None, replace: bool, public: bool) -> tuple:
     """Load uploads and typed paths / hub ids into the session (nothing changes if any one fails)."""
     specs = [line.strip() for line in (paths or "").splitlines() if line.strip()]
-    if public:
-        local = [s for s in specs if _is_local_path(s)]
-        if local:
-            raise AdapterError(f"local paths are disabled on this public app ({local[0]}); upload a .zip or give a hub id")
+    local = [s for s in specs if _is_local_path(s)]
+    if public and local:
+        raise AdapterError(f"local paths are disabled on this public app ({local[0]}); upload a .zip or give a hub id")
+    for spec in local:
+        check_allowed_path(spec)
     if not files and not specs:
         raise AdapterError("nothing to load: upload adapter files, or type a folder path or hub id")
     workdir = Path(tempfile.mkdtemp(prefix="lego_viz_upload_"))

@@ -5,7 +5,9 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -53,6 +55,32 @@ def public_mode(flag: bool = False) -> bool:
         flag: `--public` from the command line.
     """
     return flag or bool(os.environ.get("SPACE_ID")) or os.environ.get("LEGO_VIZ_PUBLIC", "") not in ("", "0")
+
+
+def allowed_roots() -> list[Path]:
+    """Folders typed local paths may point into (local mode only; public mode refuses all paths).
+
+    ``LEGO_VIZ_ALLOWED_ROOTS`` (os.pathsep-separated) replaces the default: the working directory,
+    the home directory, the temp directory and the bundled assets.
+    """
+    configured = os.environ.get("LEGO_VIZ_ALLOWED_ROOTS", "")
+    if configured.strip():
+        return [Path(p).expanduser().resolve() for p in configured.split(os.pathsep) if p.strip()]
+    assets = Path(__file__).resolve().parents[2] / "assets"
+    return [Path.cwd().resolve(), Path.home().resolve(), Path(tempfile.gettempdir()).resolve(), assets]
+
+
+def check_allowed_path(spec: str) -> None:
+    """Refuse a typed local path that resolves (symlinks followed) outside :func:`allowed_roots`."""
+    from lego_viz.adapters import AdapterError, printable
+
+    resolved = Path(spec).expanduser().resolve()
+    roots = allowed_roots()
+    if not any(resolved.is_relative_to(root) for root in roots):
+        raise AdapterError(
+            f"{printable(spec)}: outside the folders this app may read ({', '.join(map(str, roots))}); "
+            "set LEGO_VIZ_ALLOWED_ROOTS to allow another folder"
+        )
 
 
 @functools.cache
