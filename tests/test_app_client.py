@@ -88,7 +88,7 @@ def test_toy_adapters_load_cluster_check_export(client, toy_folders, toy_model, 
 def test_failed_load_keeps_the_session(client, toy_folders):
     client.predict(None, str(toy_folders[0]), True, api_name="/load")
     with pytest.raises(AppError, match="no such file or folder"):
-        client.predict(None, "/nonexistent/adapter", False, api_name="/load")
+        client.predict(None, str(toy_folders[0].parent / "nonexistent"), False, api_name="/load")
     plot, _, _ = _cluster(client, k=2)
     assert _map_points(plot) == 24  # still adapter "a" alone: 6 modules x rank 4
 
