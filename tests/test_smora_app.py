@@ -114,7 +114,7 @@ def test_task_stats_figures(tiny_assets) -> None:
 def test_choose_adapter_and_training_figure(tiny_assets) -> None:
     dropdown, training = smora_tab.choose_adapter("multitask")
     assert MODULE in [c[0] if isinstance(c, tuple) else c for c in dropdown.choices] and dropdown.value == MODULE
-    assert [trace.name for trace in training.data] == ["with balancing (γ=0.01)", "without balancing (γ=0)"]
+    assert [trace.name for trace in training.data] == ["with balancing (γ=0.01) · this adapter", "without balancing (γ=0)"]
     assert _titles(training) == ("training step", "max(c) / mean(c)")
 
 

@@ -48,12 +48,14 @@ def test_experiment_runs_everything_and_saves_both_adapters(tiny_zoo, tmp_path) 
     results = run_experiment(ExperimentConfig(**TINY), zoo_dir=tiny_zoo, out_dir=tmp_path, device="cpu",
                              progress=False, log=lines.append)
     runs = results["runs"]
-    expected = {"base", "smora", "smora_no_balance", "lora_r", "lora_k", "merged_router", "linear", "svd", "lego", "own_adapter"}
+    expected = {"base", "smora", "smora_no_balance", "lora_r", "lora_k", "merged_router", "merged_router_balanced",
+                "linear", "svd", "lego", "own_adapter"}
     assert set(runs) == expected and len(lines) == len(expected) - 1  # own adapters are not logged
     for run in runs.values():
         assert set(run["accuracy"]) == {*TASKS, "mean"} and all(0 <= v <= 1 for v in run["accuracy"].values())
     assert len(runs["smora"]["load_balance"]) == TINY["steps"] and len(runs["merged_router"]["load_balance"]) == TINY["router_steps"]
     assert runs["smora"]["gamma"] > 0 and runs["smora_no_balance"]["gamma"] == 0
+    assert runs["merged_router_balanced"]["gamma"] > 0 and runs["merged_router"]["gamma"] == 0
     assert runs["merged_router"]["units"] == 2 * len(TASKS)
     assert runs["svd"]["rank"] == runs["lego"]["rank"] == TINY["router_k"] and runs["linear"]["rank"] == 2 * len(TASKS)
     assert results["settings"]["smora"]["r"] == TINY["r"] and results["settings"]["gamma"] == ExperimentConfig().gamma
@@ -65,7 +67,7 @@ def test_experiment_runs_everything_and_saves_both_adapters(tiny_zoo, tmp_path) 
     assert router.sources == tuple(TASKS) and not router.train_lora and extra["experiment"]["router_k"] == TINY["router_k"]
 
     markdown = results_markdown(results)
-    assert markdown.count("\n| ") == (2 + 5) + (2 + 6)  # header, rule and rows of both tables
+    assert markdown.count("\n| ") == (2 + 5) + (2 + 7)  # header, rule and rows of both tables
     assert all(task in markdown for task in TASKS)
 
 

@@ -71,8 +71,8 @@ class ExperimentConfig:
     batch_size: int = 32
     lr: float = 3e-3
     router_k: int = 8
-    router_steps: int = 300
-    router_lr: float = 1e-2
+    router_steps: int = 400
+    router_lr: float = 3e-2
     eval_n: int = 100
     seed: int = 0
 
@@ -235,14 +235,17 @@ def _composition_runs(runner: _Runner, out_dir: Path | None, log: Callable[[str]
             "build it with `python scripts/build_zoo.py`"
         )
     runs: dict[str, dict] = {}
-    model, tokenizer = runner.base()
-    inject_merged_router(model, adapters, config.router_k, gamma=config.gamma)
-    runs["merged_router"] = runner.smora_run(model, tokenizer, config.train(router=True), "merged router")
-    runs["merged_router"]["units"] = model.smora_config.r
-    runs["merged_router"]["trainable_params"] = sum(p.numel() for p in smora_parameters(model))
-    if out_dir is not None:
-        save_smora(model, Path(out_dir) / ROUTER_NAME, force=True, extra=runner.record())
-    log(f"merged router: mean accuracy {runs['merged_router']['accuracy']['mean']:.3f}")
+    # Balancing pushes every unit toward the same load, while task units should follow their task's
+    # tokens (and tasks own different numbers of units): both are run, the unbalanced one is shipped.
+    for label, gamma in (("merged_router", 0.0), ("merged_router_balanced", config.gamma)):
+        model, tokenizer = runner.base()
+        inject_merged_router(model, adapters, config.router_k, gamma=gamma)
+        runs[label] = runner.smora_run(model, tokenizer, config.train(router=True), label)
+        runs[label]["units"] = model.smora_config.r
+        runs[label]["trainable_params"] = sum(p.numel() for p in smora_parameters(model))
+        if label == "merged_router" and out_dir is not None:
+            save_smora(model, Path(out_dir) / ROUTER_NAME, force=True, extra=runner.record())
+        log(f"{label}: mean accuracy {runs[label]['accuracy']['mean']:.3f}, load balance {runs[label]['load_balance_end']:.2f}")
 
     base, tokenizer = runner.base()
     for method in STATIC_METHODS:

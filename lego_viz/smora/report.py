@@ -64,7 +64,8 @@ def results_markdown(results: dict) -> str:
     second = _table(
         results,
         {
-            "merged_router": f"router over merged MSUs (k={router_k} of {units} units, dynamic)",
+            "merged_router": f"router over merged MSUs, k={router_k} of {units} units (dynamic), no balancing",
+            "merged_router_balanced": f"router over merged MSUs, k={router_k} of {units} units (dynamic), balanced (γ={s['gamma']:g})",
             "linear": f"linear: exact sum (rank {units}, static)",
             "svd": f"svd, rank {router_k} (static)",
             "lego": f"lego, k={router_k} (static)",

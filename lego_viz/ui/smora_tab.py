@@ -38,8 +38,10 @@ TASK_TEXTS = 48
 # Which experiment runs draw the load-balance-over-training figure of each shipped adapter.
 TRAINING_RUNS = {
     "multitask": {"smora": "with balancing", "smora_no_balance": "without balancing"},
-    "merged_router": {"merged_router": "router over merged MSUs"},
+    "merged_router": {"merged_router_balanced": "with balancing", "merged_router": "without balancing"},
 }
+# The run whose weights are the shipped adapter of that name.
+SHIPPED_RUN = {"multitask": "smora", "merged_router": "merged_router"}
 DEFAULT_MODULE = "model.layers.1.mlp.down_proj"
 _GATE_SCALE = [[0.0, "#ffffff"], [1e-6, "#e3eef9"], [1.0, "#08306b"]]  # 0 (inactive) stays white
 _LAYOUT = {"template": "plotly_white", "margin": {"l": 10, "r": 10, "t": 50, "b": 10}}
@@ -193,10 +195,10 @@ def training_figure(results: dict | None, name: str) -> go.Figure:
     for i, (key, label) in enumerate(TRAINING_RUNS.get(name, {}).items()):
         if key in runs:
             values = runs[key]["load_balance"]
-            gamma = runs[key].get("gamma")
+            gamma = runs[key].get("gamma", 0.0)
             fig.add_trace(go.Scatter(
                 x=list(range(1, len(values) + 1)), y=values, mode="lines", line={"color": PALETTE[i]},
-                name=f"{label} (γ={gamma:g})" if gamma is not None else label,
+                name=f"{label} (γ={gamma:g})" + (" · this adapter" if SHIPPED_RUN.get(name) == key else ""),
                 hovertemplate="step %{x}<br>max(c)/mean(c) = %{y:.2f}<extra></extra>",
             ))
     fig.add_hline(y=1.0, line_dash="dot", line_color="grey", annotation_text="even load")
