@@ -49,10 +49,10 @@ def page(tmp_path_factory):
         demo.close()
 
 
-def _shoot(page, name: str) -> None:
+def _shoot(page, name: str, element=None) -> None:
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.wait_for_timeout(500)  # let plotly finish its transition
-    page.screenshot(path=str(SHOTS / f"{name}.png"))
+    (element or page).screenshot(path=str(SHOTS / f"{name}.png"))
 
 
 def _legend(page) -> list[str]:
@@ -80,6 +80,7 @@ def test_click_through_the_app(page, tmp_path_factory):
         page.locator("#load").click()
     page.locator("#load-status").get_by_text("Loaded").wait_for()
     page.locator("#adapter-table").get_by_role("row").nth(3).wait_for()  # header + at least 3 adapters
+    n_adapters = page.locator("#adapter-table").get_by_role("row").count() - 1
     _shoot(page, "1_load")
 
     # 2. The map: one legend entry per cluster; moving k redraws it with the new number of clusters.
@@ -94,13 +95,19 @@ def test_click_through_the_app(page, tmp_path_factory):
     page.wait_for_function(f"document.querySelectorAll('#msu-map .legendtext').length === {after}")
     assert _legend(page) == [f"cluster {j}" for j in range(after)]
     page.locator("#cluster-heatmap .js-plotly-plot").wait_for()
+    _shoot(page, "2b_clusters", page.locator("#merge-summary").locator(".."))
+
+    # Recolouring by adapter keeps the points and swaps the legend.
+    page.locator("#colour-by").get_by_label("adapter").check()
+    page.wait_for_function(f"document.querySelectorAll('#msu-map .legendtext').length === {n_adapters}")
     _shoot(page, "2_map")
 
     # 3. Invariance: the checks pass and the broken pairing breaks.
     page.get_by_role("tab", name="3 · Invariance checks").click()
+    page.get_by_label("Permutation seed").fill("7")
     page.locator("#check").click()
+    page.locator("#invariance-badges").get_by_text("permutation seed 7").wait_for()  # this run, not the one after the load
     badges = page.locator("#invariance-badges .lego-badge")
-    badges.first.wait_for()
     verdicts = badges.all_text_contents()
     spaces = 2 if zoo_available() else 1  # output space needs the zoo base model
     assert "FAIL" not in verdicts

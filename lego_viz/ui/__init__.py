@@ -13,6 +13,7 @@ from lego_viz.ui.state import Session, cleanup
 
 CSS = """
 .lego-badges { line-height: 2.1; }
+.lego-checked { opacity: 0.75; font-size: 0.9em; }
 .lego-badge { color: white; border-radius: 999px; padding: 2px 10px; font-weight: 600; font-size: 0.85em; }
 """
 

@@ -65,8 +65,8 @@ def _row(name: str, space: str, error: float | None, tolerance: float, expect_pa
     return [_CHECKS[name], space, f"{error:.2e}", f"{tolerance:.0e}", expected, verdict]
 
 
-def _badges(rows: list[list[str]]) -> str:
-    pills = []
+def _badges(rows: list[list[str]], header: str) -> str:
+    pills = [f'<span class="lego-checked">{html.escape(header)}</span>']
     for check, space, error, _, _, verdict in rows:
         good = verdict.startswith(("PASS", "BREAKS"))
         colour = "#1a7f37" if good else ("#9a6700" if error == "n/a" else "#cf222e")
@@ -97,7 +97,8 @@ def check(session: Session, prompt: str, seed: float) -> tuple[str, list[list[st
         rows.append(_row(result.name, "weights: ‖ΔW′−ΔW‖/‖ΔW‖", result.max_rel_error, result.tolerance, result.expect_pass))
         error = None if outputs is None else outputs[result.name]
         rows.append(_row(result.name, "outputs: max |Δlogit|", error, OUTPUT_TOLERANCE, result.expect_pass))
-    return _badges(rows), rows
+    names = ", ".join(a.name for a in adapters)
+    return _badges(rows, f"{len(adapters)} adapters ({names}) · permutation seed {seed} · prompt {prompt or DEFAULT_PROMPT!r}"), rows
 
 
 def build(session: gr.State) -> InvarianceTab:

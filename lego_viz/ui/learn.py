@@ -4,7 +4,7 @@ INTRO = """
 # LoRA-LEGO explorer
 A LoRA adapter is a sum of **rank-one pieces**. This app lets you see those pieces, check the two facts
 that make them behave like LEGO bricks, and build one adapter out of several by clustering them.
-Start with **Load demo zoo** (six tiny adapters, one per toy task), then walk through the tabs.
+Start with **Load demo zoo** (tiny adapters, one per toy task, on a tiny Llama), then walk through the tabs.
 """
 
 LOAD = """
@@ -33,7 +33,8 @@ the harmless ambiguities of a unit (`(a, b)`, `(−a, −b)` and `(2a, b/2)` giv
 `normalized`, which keeps only directions.
 
 **k** is the rank of the merged adapter: the MSUs of each module are grouped into `k` clusters
-and each cluster becomes one rank. Moving k only re-colours the dots — the map itself does not
+and each cluster becomes one rank. Every module is clustered on its own, so "cluster 3" of one
+module has nothing to do with "cluster 3" of another — pick a single module to read the colours. Moving k only re-colours the dots — the map itself does not
 move, because the points do not depend on k.
 
 **Reweighting.** Averaging vectors that point in slightly different directions makes the average

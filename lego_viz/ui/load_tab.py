@@ -187,18 +187,19 @@ def build(session: gr.State, public: bool) -> LoadTab:
                 replace = gr.Checkbox(value=False, label="replace the current adapters", scale=2)
                 load_button = gr.Button("Load", scale=1, elem_id="load")
             status = gr.Markdown("No adapters loaded.", elem_id="load-status")
-            table = gr.Dataframe(
-                headers=HEADERS, value=[], interactive=False, wrap=True, label="Loaded adapters", elem_id="adapter-table",
-                column_widths=["14%", "16%", "6%", "6%", "7%", "20%", "9%", "9%", "13%"],
-            )
-            gr.Markdown("**Use** an adapter in the map, checks and merge, and set its **weight** `w` (its update counts as `w · ΔW`):")
-            use, weights = [], []
-            for i in range(MAX_ADAPTERS):
-                with gr.Row(equal_height=True):
-                    use.append(gr.Checkbox(value=True, label="", visible=False, scale=1, min_width=140, elem_id=f"use-{i}"))
-                    weights.append(gr.Slider(-1.0, 2.0, value=1.0, step=0.05, label="weight", visible=False, scale=3, elem_id=f"weight-{i}"))
         with gr.Column(scale=2):
             gr.Markdown(learn.LOAD)
+    table = gr.Dataframe(
+        headers=HEADERS, value=[], interactive=False, wrap=True, label="Loaded adapters", elem_id="adapter-table",
+        column_widths=["11%", "14%", "5%", "5%", "6%", "33%", "8%", "7%", "11%"],
+    )
+    gr.Markdown("**Use** an adapter in the map, checks and merge, and set its **weight** `w` (its update counts as `w · ΔW`):")
+    use, weights = [], []
+    for row in range(0, MAX_ADAPTERS, 2):  # two adapters per row
+        with gr.Row(equal_height=True):
+            for i in (row, row + 1):
+                use.append(gr.Checkbox(value=True, label="", visible=False, scale=1, min_width=120, elem_id=f"use-{i}"))
+                weights.append(gr.Slider(-1.0, 2.0, value=1.0, step=0.05, label="weight", visible=False, scale=3, elem_id=f"weight-{i}"))
     tab = LoadTab(zoo_button, load_button, clear_button, files, paths, replace, table, status, use, weights)
     outputs = [session, *tab.outputs]
     tab.loaded = [

@@ -98,6 +98,8 @@ def cluster(
     # The projection seed is fixed: a new merge seed must not move the points.
     facets = build_facets(adapters, weights, modules, features, ProjectionConfig(method=projection), merged.labels or None)
     subtitle = f"{sum(f.n for f in facets)} MSUs · {projection.upper()} of {features} features · coloured by {colour_by}"
+    if colour_by == "cluster" and len(modules) > 1:
+        subtitle += " (each module has its own clusters)"
     figure = msu_map_figure(facets, colour_by, subtitle)
     heatmap = None
     if merged.labels:

@@ -95,7 +95,7 @@ def _group_by_type(modules: Sequence[str], adapters: Sequence[LoraAdapter]) -> d
     for m in modules:
         d_in, d_out = shapes[m]
         # Equal types normally share a shape; the key keeps them apart if a model breaks that (GPT-2 c_proj).
-        groups.setdefault(f"{short_type(type_of(m))}  ({d_in}→{d_out})", []).append(m)
+        groups.setdefault(f"{short_type(type_of(m))} {d_in}→{d_out}", []).append(m)
     return groups
 
 

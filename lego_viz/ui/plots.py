@@ -49,9 +49,10 @@ def msu_map_figure(facets: Sequence[Facet], colour_by: str, subtitle: str = "") 
     cols = min(_MAP_COLUMNS, len(facets))
     rows = math.ceil(len(facets) / cols)
     fig = make_subplots(
-        rows=rows, cols=cols, subplot_titles=[f"{f.title} · {f.n} MSUs" for f in facets],
+        rows=rows, cols=cols, subplot_titles=[f"{f.title} · {f.n}" for f in facets],
         horizontal_spacing=0.04, vertical_spacing=0.12 / rows,
     )
+    fig.update_annotations(font_size=12)  # the subplot titles
     shown: set[str] = set()
     for i, (facet, cats) in enumerate(zip(facets, per_facet)):
         row, col = divmod(i, cols)
