@@ -12,6 +12,10 @@ Same as `python -m lego_viz smora-train`.
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lego_viz.smora.cli import add_experiment_args, run_train
 
