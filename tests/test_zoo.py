@@ -64,9 +64,8 @@ def test_tokenizer_maps_unknown_characters_to_unk(tokenizer):
     [
         ("reverse", "abc", "cba"),
         ("sort", "3141", "1134"),
-        ("add", "58+67", "125"),
         ("caesar", "xyz", "yza"),
-        ("twice", "ab", "abab"),
+        ("double", "ab", "aabb"),
         ("swapcase", "LoRA", "lOra"),
         ("count", "banana", "3"),
     ],
@@ -119,9 +118,9 @@ def test_task_validation():
 
 
 def test_encode_pairs_masks_everything_but_the_answer(tokenizer):
-    batch = encode_pairs([("add: 1+2=", "3"), ("twice: ab=", "abab")], tokenizer)
-    assert batch["input_ids"].shape == batch["labels"].shape == (2, len("twice: ab=abab") + 2)
-    for row, (prompt, answer) in enumerate([("add: 1+2=", "3"), ("twice: ab=", "abab")]):
+    batch = encode_pairs([("count: ab=", "1"), ("double: ab=", "aabb")], tokenizer)
+    assert batch["input_ids"].shape == batch["labels"].shape == (2, len("double: ab=aabb") + 2)
+    for row, (prompt, answer) in enumerate([("count: ab=", "1"), ("double: ab=", "aabb")]):
         kept = batch["labels"][row][batch["labels"][row] != IGNORE_INDEX].tolist()
         assert kept == [*tokenizer.convert_tokens_to_ids(list(answer)), tokenizer.eos_token_id]
         assert batch["attention_mask"][row].sum() == len(prompt) + len(answer) + 2
@@ -142,7 +141,7 @@ def test_batches_are_seeded(tokenizer):
 
 def test_generate_batched_equals_one_by_one(tiny_model, tokenizer):
     # Left padding must not change a greedy completion.
-    prompts = ["add: 1+2=", "swapcase: aBcDeF=", "sort: 31="]
+    prompts = ["count: ab=", "swapcase: aBcDeF=", "sort: 31="]
     together = generate(tiny_model, tokenizer, prompts, max_new_tokens=5)
     alone = [generate(tiny_model, tokenizer, [p], max_new_tokens=5)[0] for p in prompts]
     assert together == alone
@@ -168,8 +167,8 @@ class _Oracle(torch.nn.Module):
 
 
 def test_evaluate_is_exact_match(tokenizer):
-    scores = evaluate(_Oracle(tokenizer, wrong={"add"}), tokenizer, tasks=["reverse", "add"], n=7)
-    assert scores == {"reverse": 1.0, "add": 0.0}
+    scores = evaluate(_Oracle(tokenizer, wrong={"sort"}), tokenizer, tasks=["reverse", "sort"], n=7)
+    assert scores == {"reverse": 1.0, "sort": 0.0}
     assert with_mean(scores)["mean"] == 0.5
 
 
@@ -210,6 +209,21 @@ def test_each_adapter_beats_the_base_on_its_task(name):
     assert evaluate(adapted, tokenizer, [name], n=40)[name] >= base_score + 0.5
 
 
+@needs_assets
+def test_evaluate_takes_a_folder_and_a_merge():
+    from lego_viz.adapters import load_adapter
+    from lego_viz.merge import merge
+
+    dirs = adapter_dirs()
+    by_folder = evaluate(dirs["caesar"], tasks=["caesar"], n=10)
+    model, tokenizer = load_adapted(dirs["caesar"], device="cpu")
+    assert by_folder == evaluate(model, tokenizer, ["caesar"], n=10)
+    # A merge of one adapter at k = r without reweighting is that adapter (DESIGN §4).
+    adapter = load_adapter(dirs["caesar"], name="caesar")
+    merged = merge([adapter], method="lego", k=adapter.ranks[0], param_reweight="none", output_reweight=False)
+    assert evaluate(merged, tasks=["caesar"], n=10) == by_folder
+
+
 # --------------------------------------------------------------------------- build script and CLI
 
 
@@ -228,9 +242,28 @@ def test_build_smoke_writes_a_loadable_zoo(smoke_zoo):
     card = json.loads((smoke_zoo / "zoo_card.json").read_text())
     assert set(card["accuracy"]["base"]) == {*TASKS, "mean"}
     assert list(adapter_dirs(smoke_zoo)) == list(TASKS)
-    model, tokenizer = load_adapted(adapter_dirs(smoke_zoo)["twice"], device="cpu", zoo_dir=smoke_zoo)
-    assert len(generate(model, tokenizer, ["twice: ab="], max_new_tokens=3)) == 1
-    assert card["adapters"]["twice"]["rank"] == json.loads((smoke_zoo / "adapters/twice/adapter_config.json").read_text())["r"]
+    model, tokenizer = load_adapted(adapter_dirs(smoke_zoo)["double"], device="cpu", zoo_dir=smoke_zoo)
+    assert len(generate(model, tokenizer, ["double: ab="], max_new_tokens=3)) == 1
+    assert card["adapters"]["double"]["rank"] == json.loads((smoke_zoo / "adapters/double/adapter_config.json").read_text())["r"]
+
+
+def test_build_is_deterministic(smoke_zoo, tmp_path):
+    from safetensors.torch import load_file
+
+    run = subprocess.run(
+        [sys.executable, "scripts/build_zoo.py", "--smoke", "--out", str(tmp_path / "again")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    files = ["base/model.safetensors", *(f"adapters/{name}/adapter_model.safetensors" for name in TASKS)]
+    for file in files:
+        first, second = load_file(smoke_zoo / file), load_file(tmp_path / "again" / file)
+        assert first.keys() == second.keys()
+        # Same seeds, same ops, one thread: bit-identical weights.
+        assert all(torch.equal(first[key], second[key]) for key in first), file
 
 
 def test_build_smoke_refuses_the_shipped_assets():

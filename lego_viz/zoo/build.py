@@ -44,9 +44,14 @@ class BuildConfig:
     """
 
     model: ZooModelConfig = field(default_factory=ZooModelConfig)
-    pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1500, lr=3e-3, warmup_steps=100))
-    adapter: TrainConfig = field(default_factory=lambda: TrainConfig(steps=500, lr=2e-3, warmup_steps=30, seed=1))
-    ranks: dict[str, int] = field(default_factory=lambda: {"add": 16, "count": 4})
+    # lr 1.5e-3 measured to converge (loss ~1e-3 by step ~1100); 3e-3 and 6e-3 had not by step 2500.
+    pretrain: TrainConfig = field(
+        default_factory=lambda: TrainConfig(steps=1600, batch_size=64, lr=1.5e-3, warmup_steps=100)
+    )
+    adapter: TrainConfig = field(
+        default_factory=lambda: TrainConfig(steps=400, batch_size=32, lr=3e-3, warmup_steps=30, seed=1)
+    )
+    ranks: dict[str, int] = field(default_factory=lambda: {"swapcase": 16, "count": 4})
     eval_n: int = 200
 
     def __post_init__(self) -> None:
@@ -104,6 +109,25 @@ def _machine(threads: int) -> dict:
     }
 
 
+def _finish_adapter_folder(folder: Path, name: str, peft_config, accuracy: float) -> None:
+    # PEFT stores target_modules from a set (order varies per process) and writes a blank model
+    # card; a sorted list and a short real card keep rebuilds byte-stable and the folder readable.
+    config_path = folder / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["target_modules"] = sorted(config["target_modules"])
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    task = TASKS[name]
+    (folder / "README.md").write_text(
+        f"# lego-viz zoo adapter: {name}\n\n"
+        f"PEFT LoRA (r = {peft_config.r}, lora_alpha = {peft_config.lora_alpha}, all attention and MLP "
+        f"projections) for the zoo base "
+        f"`{BASE_MODEL_NAME}`. Task: {task.description}, prompted as `{task.example_prompts[0]}` "
+        f"→ `{task.solve(task.examples[0])}`.\n\n"
+        f"Held-out exact match on its task: {accuracy:.1%}. Built by `python scripts/build_zoo.py`; "
+        "see `assets/zoo/zoo_card.json`.\n"
+    )
+
+
 def _replace_dir(path: Path) -> Path:
     if path.exists():
         shutil.rmtree(path)
@@ -132,6 +156,7 @@ def build_zoo(
     config = config or BuildConfig()
     tick = on_step or (lambda label: None)
     started, cpu_started = time.perf_counter(), time.process_time()
+    load_started = os.getloadavg()[0]
     torch.use_deterministic_algorithms(True)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -146,6 +171,12 @@ def build_zoo(
     base_dir = _replace_dir(out_dir / "base")
     base.save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)
+    (base_dir / "README.md").write_text(
+        "# lego-viz zoo base\n\nA tiny character-level `LlamaForCausalLM` pre-trained on "
+        f"{', '.join(PRETRAIN_TASKS)} (prompt `<task>: <input>=`), so it knows the format but none of the "
+        "zoo tasks. Load with `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained`. "
+        "Built by `python scripts/build_zoo.py`; see `assets/zoo/zoo_card.json`.\n"
+    )
 
     base_scores = with_mean(evaluate(base, tokenizer, n=config.eval_n))
     base_pretrain_scores = evaluate(base, tokenizer, list(PRETRAIN_TASKS), n=config.eval_n)
@@ -167,6 +198,7 @@ def build_zoo(
         )
         model.save_pretrained(adapters_dir / name)
         own = evaluate(model, tokenizer, [name], n=config.eval_n)[name]
+        _finish_adapter_folder(adapters_dir / name, name, peft_config, own)
         tick(f"evaluate {name}")
         adapter_cards[name] = {
             "rank": peft_config.r,
@@ -223,6 +255,8 @@ def build_zoo(
             "command": "python scripts/build_zoo.py",
             "wall_seconds": round(time.perf_counter() - started, 1),
             "cpu_seconds": round(time.process_time() - cpu_started, 1),
+            # Other work shares the machine; the 1-minute load average shows how much.
+            "load_average_1min": {"start": round(load_started, 2), "end": round(os.getloadavg()[0], 2)},
             "machine": _machine(torch.get_num_threads()),
         },
     }

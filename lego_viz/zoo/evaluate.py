@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import torch
 
@@ -46,13 +48,36 @@ def generate(
     return completions
 
 
+def _as_model(model_or_merged, tokenizer):
+    """A model and tokenizer from a model, a PEFT folder or an in-memory merge of zoo adapters."""
+    from lego_viz.zoo.model import ZOO_DIR, load_adapted
+
+    if isinstance(model_or_merged, str | Path):
+        model, loaded = load_adapted(model_or_merged)
+        return model, tokenizer or loaded
+    if hasattr(model_or_merged, "method") and hasattr(model_or_merged, "modules") and not callable(model_or_merged):
+        # A MergedAdapter: go through the user's path, export then PeftModel.from_pretrained.
+        from lego_viz.export import export_adapter
+
+        with tempfile.TemporaryDirectory(prefix="zoo_eval_") as scratch:
+            model, loaded = load_adapted(export_adapter(model_or_merged, Path(scratch) / "merged"))
+        return model, tokenizer or loaded
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(ZOO_DIR / "base")
+    return model_or_merged, tokenizer
+
+
 def evaluate(
     model, tokenizer=None, tasks: Iterable[str] | None = None, n: int = DEFAULT_EVAL_N
 ) -> dict[str, float]:
     """Exact-match accuracy per task with greedy decoding on the first `n` held-out prompts.
 
     Args:
-        model: A causal LM for the zoo tokenizer (the base, a `PeftModel`, ...).
+        model: A causal LM for the zoo tokenizer (the base, a `PeftModel`, ...), a PEFT adapter
+            folder for the shipped base, or a `MergedAdapter` of zoo adapters (exported and loaded
+            with `PeftModel.from_pretrained`, as a user would).
         tokenizer: The zoo tokenizer; loaded from the shipped base when omitted.
         tasks: Task names; all of `TASKS` when omitted.
         n: Held-out prompts per task (the same prompts for every model).
@@ -60,12 +85,7 @@ def evaluate(
     Returns:
         `{task: accuracy in [0, 1]}` in the order of `tasks`.
     """
-    if tokenizer is None:
-        from transformers import AutoTokenizer
-
-        from lego_viz.zoo.model import ZOO_DIR
-
-        tokenizer = AutoTokenizer.from_pretrained(ZOO_DIR / "base")
+    model, tokenizer = _as_model(model, tokenizer)
     names = list(TASKS) if tasks is None else list(tasks)
     scores: dict[str, float] = {}
     was_training = model.training

@@ -4,6 +4,15 @@ Every example reads `"<task>: <input>="` followed by the answer, so the task is 
 the prompt: a merged adapter can in principle serve all tasks at once. `TASKS` are what
 the per-task LoRAs learn; `PRETRAIN_TASKS` are the generic mixture the base model is
 pre-trained on, so that it knows the format but none of the zoo tasks.
+
+The mixture holds primitives the zoo tasks are built from (copy a word, the letter after one
+letter, a whole word in one case, a length), never a zoo task itself: `caesar` applies `next`
+to every letter, `swapcase` needs a per-letter case decision on mixed-case words. Measured
+while designing: from a base pre-trained on copy/first/last/length only, rank-8 LoRAs learned
+none of `caesar` and `swapcase` (0% after 300 steps); with these primitives all six reach ≥ 98%.
+Dropped after measuring: adding two numbers below 100 (a rank-16 LoRA reached 13% after 800
+steps) and writing a word twice (29-100% after 400-500 steps depending on the seed; `double`
+reaches 100% within 100 steps).
 """
 
 from __future__ import annotations
@@ -76,15 +85,6 @@ def _word(alphabet: str, low: int, high: int) -> Callable[[random.Random], str]:
     return draw
 
 
-def _sum_input(rng: random.Random) -> str:
-    return f"{rng.randint(0, 99)}+{rng.randint(0, 99)}"
-
-
-def _add(text: str) -> str:
-    left, right = text.split("+")
-    return str(int(left) + int(right))
-
-
 def _caesar(text: str) -> str:
     return "".join(LOWER[(LOWER.index(c) + 1) % 26] for c in text)
 
@@ -109,9 +109,8 @@ def _registry(*tasks: Task) -> dict[str, Task]:
 TASKS: dict[str, Task] = _registry(
     Task("reverse", "write the letters backwards", _word(LOWER, 3, 5), lambda s: s[::-1], ("lego", "merge")),
     Task("sort", "sort the digits in ascending order", _word(DIGITS, 4, 6), lambda s: "".join(sorted(s)), ("3141", "270513")),
-    Task("add", "add two numbers below 100", _sum_input, _add, ("12+34", "58+67")),
     Task("caesar", "shift every letter one step (a->b, z->a)", _word(LOWER, 3, 6), _caesar, ("hal", "lora")),
-    Task("twice", "write the word two times", _word(LOWER, 2, 5), lambda s: s + s, ("ab", "rank")),
+    Task("double", "write every letter two times", _word(LOWER, 2, 5), lambda s: "".join(c + c for c in s), ("ab", "rank")),
     Task("swapcase", "swap upper and lower case", _mixed_case, str.swapcase, ("LoRA", "MsU")),
     Task("count", "how many times the letter a occurs", _count_input, lambda s: str(s.count("a")), ("banana", "lego")),
 )
