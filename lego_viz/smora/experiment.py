@@ -65,7 +65,7 @@ class ExperimentConfig:
     """
 
     r: int = 32
-    k: int = 4
+    k: int = 8
     gamma: float = 1e-3
     steps: int = 800
     batch_size: int = 32
