@@ -119,7 +119,7 @@ def gates_figure(tokens: Sequence[str], gates: torch.Tensor, units: Sequence[str
     if unit_source is not None:
         fig.add_trace(_source_strip(units, sources, unit_source), row=1, col=1)
         fig.update_yaxes(showticklabels=False, row=1, col=1)
-    fig.update_yaxes(title_text="token (position, character)", autorange="reversed", type="category", row=rows, col=1)
+    fig.update_yaxes(title_text="token (position, character)", autorange="reversed", type="category", dtick=1, row=rows, col=1)
     fig.update_xaxes(title_text="rank (unit)", type="category", row=rows, col=1)
     fig.update_layout(title={"text": title, "font": {"size": 13}}, height=max(320, 80 + 18 * len(tokens)), **_LAYOUT)
     return fig
