@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -38,8 +37,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
-    # PEFT 0.21 calls a transformers API that transformers 5 deprecates; it says nothing about the zoo.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     config = BuildConfig.smoke() if args.smoke else BuildConfig()
     out_dir = args.out or (Path(tempfile.mkdtemp(prefix="zoo_smoke_")) if args.smoke else ZOO_DIR)
 

@@ -11,13 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from lego_viz.zoo.build import BuildConfig
 from lego_viz.zoo.data import IGNORE_INDEX, encode_pairs, mixture_batch, task_batch
 from lego_viz.zoo.evaluate import evaluate, generate, with_mean
 from lego_viz.zoo.model import ZOO_DIR, ZooModelConfig, adapter_dirs, build_model, load_adapted, load_base
 from lego_viz.zoo.tasks import N_HELD_OUT, PRETRAIN_TASKS, TASKS, Task, get_task, held_out, training_example
 from lego_viz.zoo.tokenizer import CHARS, build_tokenizer
+from lego_viz.zoo.train import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
+TASKS_RANKS = {name: BuildConfig().rank(name) for name in TASKS}
 SHIPPED = (ZOO_DIR / "zoo_card.json").is_file()
 needs_assets = pytest.mark.skipif(not SHIPPED, reason="assets/zoo not built (run scripts/build_zoo.py)")
 
@@ -112,6 +115,27 @@ def test_task_validation():
         get_task("nope")
     with pytest.raises(ValueError, match="held-out size"):
         held_out("reverse", N_HELD_OUT + 1)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: BuildConfig(ranks={"add": 8}), "unknown task"),
+        (lambda: BuildConfig(ranks={"sort": 0}), "ranks must be"),
+        (lambda: BuildConfig(eval_n=0), "eval_n"),
+        (lambda: TrainConfig(steps=0), "steps"),
+        (lambda: TrainConfig(steps=5, warmup_steps=6), "warmup_steps"),
+        (lambda: ZooModelConfig(hidden_size=30, num_attention_heads=4), "divisible"),
+    ],
+)
+def test_configs_reject_bad_values(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_recipe_has_different_ranks():
+    # Different-rank merging must be exercised by the shipped adapters.
+    assert {4, 8, 16} <= set(TASKS_RANKS.values())
 
 
 # --------------------------------------------------------------------------- batches
@@ -264,6 +288,18 @@ def test_build_is_deterministic(smoke_zoo, tmp_path):
         assert first.keys() == second.keys()
         # Same seeds, same ops, one thread: bit-identical weights.
         assert all(torch.equal(first[key], second[key]) for key in first), file
+
+
+def test_merge_table_runs_every_row_through_export(smoke_zoo):
+    from lego_viz.zoo.table import MERGE_ROWS, merge_table, table_markdown
+
+    table = merge_table(smoke_zoo, n=2, device="cpu")
+    assert list(table["rows"]) == ["base", *TASKS, *(label for label, _, _ in MERGE_ROWS)]
+    assert table["merges"]["linear"]["rank_per_module"] == [sum(TASKS_RANKS.values())]
+    assert table["merges"]["lego k=8"]["rank_per_module"] == [8]
+    lines = table_markdown(table).splitlines()
+    assert lines[0] == "| model | " + " | ".join([*TASKS, "mean"]) + " |"
+    assert len(lines) == 2 + len(table["rows"])
 
 
 def test_build_smoke_refuses_the_shipped_assets():

@@ -6,6 +6,9 @@ folder for the base and `PeftModel.from_pretrained` for an adapter.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -51,6 +54,14 @@ class ZooModelConfig:
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
         )
+
+
+@contextlib.contextmanager
+def quiet_peft() -> Iterator[None]:
+    """Silence the deprecation warning PEFT 0.21 triggers in transformers 5 (it says nothing about the zoo)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def default_device() -> str:
@@ -123,4 +134,6 @@ def load_adapted(adapter_dir: Path | str, device: str | None = None, zoo_dir: Pa
     if not (adapter_dir / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter_dir} is not a PEFT adapter folder (no adapter_config.json)")
     base, tokenizer = load_base(device=device, zoo_dir=zoo_dir)
-    return PeftModel.from_pretrained(base, adapter_dir).eval(), tokenizer
+    with quiet_peft():
+        model = PeftModel.from_pretrained(base, adapter_dir)
+    return model.eval(), tokenizer

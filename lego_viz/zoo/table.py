@@ -73,13 +73,13 @@ def merge_table(
 
 
 def table_markdown(table: dict) -> str:
-    """The table as GitHub markdown: one row per model, one column per task plus the mean, in %."""
+    """The table as GitHub markdown: one row per model, one column per task plus the mean, in % (one decimal)."""
     columns = [*table["tasks"], "mean"]
     lines = [
         "| model | " + " | ".join(columns) + " |",
         "|---|" + "---:|" * len(columns),
     ]
     for label, scores in table["rows"].items():
-        cells = [f"{100 * scores[column]:.0f}" for column in columns]
+        cells = [f"{100 * scores[column]:.1f}" for column in columns]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -11,7 +11,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from lego_viz.zoo.data import mixture_batch
-from lego_viz.zoo.model import TARGET_MODULES
+from lego_viz.zoo.model import TARGET_MODULES, quiet_peft
 from lego_viz.zoo.tasks import Task
 
 Batch = dict[str, torch.Tensor]
@@ -147,5 +147,6 @@ def train_adapter(
     """
     # Seed before PEFT draws the initial lora_A, so each adapter is reproducible.
     torch.manual_seed(config.seed)
-    model = get_peft_model(base, peft_config)
+    with quiet_peft():
+        model = get_peft_model(base, peft_config)
     return model, train_loop(model, make_batch, config, on_step)
