@@ -87,6 +87,16 @@ def test_factored_and_gram_norms_equal_dense_norm(d_out, d_in, m):
     assert gram_norm(f) == pytest.approx(dense, rel=1e-6)
 
 
+def test_factored_apply_equals_the_dense_update_on_probe_rows():
+    gen = torch.Generator().manual_seed(3)
+    B1, A1 = torch.randn(30, 4, generator=gen), torch.randn(4, 20, generator=gen)
+    B2, A2 = torch.randn(30, 2, generator=gen), torch.randn(2, 20, generator=gen)
+    f = Factored(B1, A1, scale=0.5) - Factored(B2, A2, scale=2.0)
+    x = torch.randn(3, 20, generator=gen)
+    dense = 0.5 * B1 @ A1 - 2.0 * B2 @ A2
+    torch.testing.assert_close(f.apply(x), (dense @ x.T).T, rtol=1e-5, atol=1e-5)
+
+
 def test_relative_error_detects_a_small_difference():
     gen = torch.Generator().manual_seed(0)
     B, A = torch.randn(30, 4, generator=gen), torch.randn(4, 20, generator=gen)
