@@ -11,13 +11,12 @@ not there, the item is skipped with the reason printed.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import time
 from collections.abc import Iterator
 
-from benchmarks.report import Row, markdown, seconds
+from benchmarks.report import Row, item_main, seconds
 from lego_viz.ui.msu_map import ALL
 
 K_CHANGE_TARGET = 1.0
@@ -125,14 +124,7 @@ def run(quick: bool = False) -> list[Row]:
 
 
 def main(argv: list[str] | None = None) -> list[Row]:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true", help="PCA only (no UMAP compile): seconds, for CI")
-    args = parser.parse_args(argv)
-    rows = run(quick=args.quick)
-    print(markdown(rows))
-    return rows
+    return item_main(run, __doc__, "PCA only (no UMAP compile): seconds, for CI", argv)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,7 @@ the table says which ran, and when the probe did, the forced exact figure is tim
 
 from __future__ import annotations
 
-import argparse
-
-from benchmarks.report import Row, markdown, seconds, timed
+from benchmarks.report import Row, item_main, seconds, timed
 from benchmarks.synthetic import ReferenceShape, make_adapters
 from lego_viz.invariance import check_concat_sum, check_permutation
 
@@ -68,14 +66,7 @@ def run(quick: bool = False) -> list[Row]:
 
 
 def main(argv: list[str] | None = None) -> list[Row]:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true", help="2 layers at 1/8 width: seconds, for CI")
-    args = parser.parse_args(argv)
-    rows = run(quick=args.quick)
-    print(markdown(rows))
-    return rows
+    return item_main(run, __doc__, "2 layers at 1/8 width: seconds, for CI", argv)
 
 
 if __name__ == "__main__":

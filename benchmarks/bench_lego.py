@@ -10,13 +10,11 @@ beforehand. Inertia of both is recomputed in float64 from their labels on the sa
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import torch
 from sklearn.cluster import KMeans
 
-from benchmarks.report import Row, markdown, seconds, timed
+from benchmarks.report import Row, item_main, seconds, timed
 from benchmarks.synthetic import ReferenceShape, make_adapters
 from lego_viz.merge import merge
 from lego_viz.msu import module_msus
@@ -105,15 +103,8 @@ def run(quick: bool = False) -> list[Row]:
 
 
 def main(argv: list[str] | None = None) -> list[Row]:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true", help="2 layers at 1/8 width: seconds, for CI")
-    args = parser.parse_args(argv)
     torch.manual_seed(0)
-    rows = run(quick=args.quick)
-    print(markdown(rows))
-    return rows
+    return item_main(run, __doc__, "2 layers at 1/8 width: seconds, for CI", argv)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ resident size stands in (it can miss a very short peak; the table says which was
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks.report import Row, markdown, megabytes
+from benchmarks.report import Row, item_main, megabytes
 
 QUICK_LAYERS, QUICK_SHRINK = 2, 8
 RATIO_TARGET = 2.0
@@ -123,14 +122,7 @@ def main(argv: list[str] | None = None) -> list[Row] | None:
         method, n_layers, shrink = argv[1], int(argv[2]), int(argv[3])
         print(json.dumps(child(method, n_layers, shrink)))
         return None
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true", help="2 layers at 1/8 width: seconds, for CI")
-    args = parser.parse_args(argv)
-    rows = run(quick=args.quick)
-    print(markdown(rows))
-    return rows
+    return item_main(run, __doc__, "2 layers at 1/8 width: seconds, for CI", argv)
 
 
 if __name__ == "__main__":

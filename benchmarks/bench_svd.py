@@ -10,7 +10,6 @@ into a PEFT model built from a Llama config with the reference layer widths — 
 
 from __future__ import annotations
 
-import argparse
 import warnings
 
 import torch
@@ -18,7 +17,7 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from benchmarks.report import Row, markdown, seconds, timed
+from benchmarks.report import Row, item_main, seconds, timed
 from benchmarks.synthetic import ReferenceShape, make_adapters
 from lego_viz.adapters import LoraAdapter
 from lego_viz.invariance import Factored, relative_error
@@ -142,14 +141,7 @@ def run(quick: bool = False) -> list[Row]:
 
 
 def main(argv: list[str] | None = None) -> list[Row]:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true", help="1 layer at 1/8 width: seconds, for CI")
-    args = parser.parse_args(argv)
-    rows = run(quick=args.quick)
-    print(markdown(rows))
-    return rows
+    return item_main(run, __doc__, "1 layer at 1/8 width: seconds, for CI", argv)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import time
@@ -83,3 +84,12 @@ def markdown(rows: Sequence[Row]) -> str:
         f"| {r.item} | {r.what} | {r.ours} | {r.reference} | {r.result} | {r.target} | {mark[r.met]} |\n"
         for r in rows
     )
+
+
+def item_main(run: Callable[..., list[Row]], doc: str | None, quick_help: str, argv: list[str] | None = None) -> list[Row]:
+    """The command line of one benchmark item: ``[--quick]``; prints the item's table."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    rows = run(quick=parser.parse_args(argv).quick)
+    print(markdown(rows))
+    return rows
