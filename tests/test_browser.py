@@ -49,10 +49,13 @@ def page(tmp_path_factory):
         demo.close()
 
 
-def _shoot(page, name: str, element=None) -> None:
+def _shoot(page, name: str, element=None, full_page: bool = False) -> None:
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.wait_for_timeout(500)  # let plotly finish its transition
-    (element or page).screenshot(path=str(SHOTS / f"{name}.png"))
+    if element is not None:
+        element.screenshot(path=str(SHOTS / f"{name}.png"))
+    else:
+        page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=full_page)
 
 
 def _legend(page) -> list[str]:
@@ -133,3 +136,20 @@ def test_click_through_the_app(page, tmp_path_factory):
     with zipfile.ZipFile(target) as zf:
         assert {"adapter_config.json", "adapter_model.safetensors", "merge_report.json", "recipe.yaml"} <= {Path(n).name for n in zf.namelist()}
     _shoot(page, "5_export")
+
+
+def test_smora_tab_routes_a_prompt(page):
+    """The SMoRA tab: route an example prompt through the router over merged MSUs and see every figure."""
+    if not page.get_by_role("tab", name="6 · SMoRA").count():
+        pytest.skip("the SMoRA tab is shown only when the demo zoo is built (python scripts/build_zoo.py)")
+    page.get_by_role("tab", name="6 · SMoRA").click()
+    page.locator("#smora-adapter input").click()
+    page.get_by_role("option", name="merged_router").click()
+    page.locator("#smora-prompt textarea").fill("reverse: lego=")
+    page.locator("#smora-route").click()
+    for plot in ("smora-gates", "smora-sources", "smora-tasks", "smora-load"):
+        page.locator(f"#{plot} .js-plotly-plot").wait_for()
+    assert page.locator("#smora-output textarea").input_value().strip()  # the model answered
+    # The sources figure has one trace per zoo task adapter the units came from.
+    page.wait_for_function("document.querySelectorAll('#smora-sources .legendtext').length >= 2")
+    _shoot(page, "6_smora", full_page=True)
