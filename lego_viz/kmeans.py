@@ -106,15 +106,25 @@ def _kmeans_plusplus(gram: torch.Tensor, k: int, uniforms: torch.Tensor, n_local
 def _relocate_empty(labels: torch.Tensor, point_dist: torch.Tensor, k: int) -> torch.Tensor:
     """Move the points farthest from their centroid into empty clusters (scikit-learn's rule).
 
-    ``labels``/``point_dist`` are (..., n). Points alone in their cluster are
-    never taken, so a relocation cannot empty another cluster.
+    ``labels``/``point_dist`` are (..., n). Each cluster keeps its point nearest to
+    the centroid, so a relocation cannot empty another cluster — even when several
+    empty clusters are filled at once and the farthest points (e.g. duplicates,
+    tied in distance) share one cluster.
     """
     counts = _cluster_sizes(labels, k)
     empty = counts == 0
     if not bool(empty.any()):
         return labels
     n = labels.shape[-1]
-    movable = torch.gather(counts, -1, labels) > 1
+    # Rank of each point within its own cluster, farthest first: the farthest size − 1 may move.
+    by_dist = point_dist.argsort(dim=-1, descending=True, stable=True)
+    sorted_labels = torch.gather(labels, -1, by_dist)
+    members = torch.zeros((*labels.shape, k), dtype=torch.long, device=labels.device)
+    members.scatter_(-1, sorted_labels[..., None], 1)
+    seen_before = torch.gather(members.cumsum(dim=-2), -1, sorted_labels[..., None])[..., 0] - 1
+    movable = torch.empty_like(labels, dtype=torch.bool).scatter_(
+        -1, by_dist, seen_before < torch.gather(counts, -1, sorted_labels) - 1
+    )
     order = torch.where(movable, point_dist, -1.0).argsort(dim=-1, descending=True)
     rank = (empty.long().cumsum(dim=-1) - 1).clamp(min=0)
     chosen = torch.gather(order, -1, rank)  # (..., k): the point each empty cluster takes

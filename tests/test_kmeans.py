@@ -156,6 +156,22 @@ def test_relocate_empty_moves_the_farthest_point_of_a_shared_cluster() -> None:
     assert alone.tolist() == [[1, 0, 2]]
 
 
+def test_relocate_empty_never_empties_a_donor_cluster() -> None:
+    # Two empty clusters and the two farthest points share a cluster of two: taking both would
+    # just move the hole; one of them must come from elsewhere.
+    moved = relocate_empty(torch.tensor([[0, 0, 1, 1, 1]]), torch.tensor([[9.0, 9.0, 1.0, 2.0, 3.0]]), 4)
+    assert sorted(moved[0].tolist()) == [0, 1, 1, 2, 3]
+
+
+@pytest.mark.parametrize("k", [9, 10, 12, 15])
+def test_every_cluster_is_used_with_duplicated_points(k: int) -> None:
+    # Each point twice, side by side (an adapter merged with a copy of itself, after the merge's
+    # canonical ordering): copies tie in distance, so a relocation must not take both of a pair.
+    x = torch.randn(8, 5, generator=torch.Generator().manual_seed(0))
+    labels = GramKMeans(k, n_init=3, random_state=0).fit(x.repeat_interleave(2, dim=0)).labels_
+    assert torch.bincount(labels, minlength=k).min().item() >= 1
+
+
 def test_gram_kmeans_kernel_matches_estimator() -> None:
     x = torch.stack([_gaussian(50, 6, s) for s in range(3)])
     labels, inertia, n_iter = gram_kmeans(

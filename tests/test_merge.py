@@ -50,6 +50,14 @@ def test_lego_is_invariant_to_permuting_input_ranks(toy_adapters, features, k):
         assert first.cluster_sizes()[name] == second.cluster_sizes()[name]
 
 
+@pytest.mark.parametrize("k", [5, 6, 7])
+def test_lego_merging_an_adapter_with_its_copy_uses_every_rank(k):
+    # Every unit twice (identical points): no cluster may be left empty, i.e. no merged rank is zero.
+    merged = merge([make_adapter("a", r=4, seed=1), make_adapter("b", r=4, seed=1)], "lego", k=k)
+    assert all(min(sizes) >= 1 for sizes in merged.cluster_sizes().values()), merged.cluster_sizes()
+    assert all((m.A.norm(dim=1) > 0).all() for m in merged.modules.values())
+
+
 def test_lego_clusters_recover_planted_groups():
     """Units planted as noisy copies of 3 prototypes must come back as 3 pure clusters."""
     gen = torch.Generator().manual_seed(0)
