@@ -57,6 +57,8 @@ def test_cli_svd_and_linear(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["inspect", "/no/such/adapter"], "no such file or folder"),
     (["merge", "{a}", "--k", "999", "--out", "{tmp}/o"], "k=999 is out of range"),
+    (["merge", "{a}", "--k", "q_prj=2,*=3", "--out", "{tmp}/o"], "k pattern 'q_prj' matches no module"),
+    (["merge", "{a}", "--k", "q(=2", "--out", "{tmp}/o"], "not a valid regular expression"),
     (["merge", "{a}", "--method", "magic", "--out", "{tmp}/o"], "unknown merge method 'magic'; valid methods:"),
     (["merge", "{a}", "--weights", "1,x", "--out", "{tmp}/o"], "expected comma-separated numbers"),
     (["merge", "{a}", "{gpt}", "--out", "{tmp}/o"], "different base models"),

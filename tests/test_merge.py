@@ -193,6 +193,8 @@ def test_dare_linear_is_seeded_and_reduces_to_peft_linear_at_full_density():
     (lambda ads: merge(ads, "lego", k=13), "k=13 is out of range .* n=12"),
     (lambda ads: merge(ads, "lego", k=0), "k=0 is out of range"),
     (lambda ads: merge(ads, "lego", k=2.5), "whole number"),
+    (lambda ads: merge(ads, "lego", k={"q_prj": 2, "*": 3}), "k pattern 'q_prj' matches no module.*e.g. q_proj"),
+    (lambda ads: merge(ads, "lego", k={"q(": 2}), "k pattern 'q\\(' is not a valid regular expression"),
     (lambda ads: merge(ads, "lego", k=3, feature="raw"), "unknown option\\(s\\) feature .* valid options: features"),
     (lambda ads: merge(ads, "lego", features="whitened"), "must be one of raw, canonical, normalized"),
     (lambda ads: merge(ads, "lego", n_init=0), "n_init"),

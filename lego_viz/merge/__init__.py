@@ -7,6 +7,7 @@ accepts; unknown methods or options are errors that list the valid ones.
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Mapping, Sequence
 
@@ -28,8 +29,11 @@ def resolve_k(adapters: Sequence[LoraAdapter], k: int | Mapping[str, int] | None
             or None for the largest source rank.
     """
     default_rank = max(max(a.ranks) for a in adapters)
+    names = module_order(adapters)
+    if isinstance(k, Mapping):
+        _check_k_patterns([key for key in k if key != "*"], names)
     result = {}
-    for name in module_order(adapters):
+    for name in names:
         n = sum(a.modules[name].r for a in adapters if name in a.modules)
         if k is None:
             rank = min(default_rank, n)
@@ -47,6 +51,21 @@ def resolve_k(adapters: Sequence[LoraAdapter], k: int | Mapping[str, int] | None
             )
         result[name] = rank
     return result
+
+
+def _check_k_patterns(patterns: Sequence[str], names: Sequence[str]) -> None:
+    """A per-module k pattern that is not a regex, or matches no module, is a typo: say so."""
+    for key in patterns:
+        try:
+            hit = any(_pattern_value({key: True}, name, False) for name in names)
+        except re.error as exc:
+            raise MergeError(f"k pattern {key!r} is not a valid regular expression ({exc}).") from None
+        if not hit:
+            examples = ", ".join(dict.fromkeys(name.rsplit(".", 1)[-1] for name in names))
+            raise MergeError(
+                f"k pattern {key!r} matches no module; patterns match the end of a module name, "
+                f"e.g. {examples} (full names like {names[0]} also work)."
+            )
 
 
 def _resolve_options(spec: MergeMethod, options: dict) -> dict:
