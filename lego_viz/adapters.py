@@ -26,6 +26,8 @@ KEY_PREFIX = "base_model.model."
 # What a zip may unpack to: enough for a rank-64 adapter on every layer of a 70B model is far beyond
 # a demo, but a zip bomb is stopped long before it fills the disk.
 MAX_UNZIPPED_BYTES = 2 * 1024**3
+# What PEFT's LoraConfig puts in for a config without lora_alpha (not r: the scale would differ).
+PEFT_DEFAULT_ALPHA = 8
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<side>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
 
@@ -313,7 +315,7 @@ def _positive_number(value, what: str, label: str) -> float:
 
 def _module_scale(config: dict, module: str, label: str) -> tuple[int, float]:
     r = _pattern_value(config.get("rank_pattern"), module, config.get("r"))
-    alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", r))
+    alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", PEFT_DEFAULT_ALPHA))
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise AdapterError(f"{label}: r must be a positive integer for {module}, got {r!r}.")
     alpha = _positive_number(alpha, f"lora_alpha for {module}", label)
@@ -334,7 +336,16 @@ def _validate_config(config: dict, label: str) -> None:
         raise AdapterError(f"{label}: r must be a positive integer, got {r!r}.")
     if r > 65536:
         raise AdapterError(f"{label}: r={r} is implausibly large (max 65536).")
-    _positive_number(config.get("lora_alpha", r), "lora_alpha", label)
+    _positive_number(config.get("lora_alpha", PEFT_DEFAULT_ALPHA), "lora_alpha", label)
+    for key in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(key) or {}
+        if not isinstance(patterns, dict):
+            raise AdapterError(f"{label}: {key} must be a JSON object of module patterns, got {type(patterns).__name__}.")
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise AdapterError(f"{label}: {key} key {pattern!r} is not a valid regular expression ({exc}).") from None
 
 
 def build_modules(

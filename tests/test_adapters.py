@@ -100,6 +100,18 @@ def test_rank_and_alpha_patterns_and_rslora(tmp_path):
     assert q.r == 4 and q.scale == pytest.approx(8 / math.sqrt(4))
 
 
+def test_missing_lora_alpha_takes_peft_default(tmp_path):
+    # PEFT's LoraConfig fills a missing lora_alpha with 8 (not r), whatever the rank.
+    from peft import LoraConfig
+
+    adapter = make_adapter(r=4)
+    config = {k: v for k, v in adapter.config.items() if k != "lora_alpha"}
+    folder = save_peft_folder(adapter, tmp_path / "a", config=config)
+    assert LoraConfig.from_pretrained(folder).lora_alpha == 8
+    loaded = load_adapter(folder)
+    assert all(m.scale == pytest.approx(8 / 4) for m in loaded.modules.values())
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_adapters_load_as_float32(tmp_path, dtype):
     adapter = make_adapter()
@@ -175,6 +187,7 @@ Q = "base_model.model.model.layers.0.self_attn.q_proj"
     ({"config": {"lora_alpha": 0}}, "lora_alpha must be a positive number"),
     ({"config": {"lora_alpha": -4}}, "lora_alpha must be a positive number"),
     ({"config": {"use_dora": True}}, "DoRA"),
+    ({"config": {"rank_pattern": {"q(": 2}}}, "rank_pattern key 'q\\(' is not a valid regular expression"),
     ({"config": {"r": 8}}, "r=4 rows but the config says r=8"),
     ({"tensors": {f"{Q}.lora_A.weight": torch.full((4, 32), float("nan"))}}, f"{Q}.lora_A.weight has 128 NaN/inf"),
     ({"tensors": {f"{Q}.lora_B.weight": torch.full((32, 4), float("inf"))}}, "NaN/inf"),
