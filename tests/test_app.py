@@ -296,6 +296,25 @@ def test_user_errors_turn_exceptions_into_messages():
         bug()
 
 
+
+def test_user_errors_messages_can_be_sent_to_the_browser():
+    # A folder name that is not UTF-8 (a surrogate escape) used to make the error unsendable: the browser hung.
+    @user_errors
+    def odd_name():
+        raise AdapterError("/tmp: holds 2 adapters (a, adapter_\udcff); give one at a time.")
+
+    @user_errors
+    def huge_listing():
+        raise AdapterError("/tmp: holds 334 adapters (" + ", ".join(["lego_k4_merge"] * 334) + "); give one at a time.")
+
+    with pytest.raises(gr.Error) as odd:
+        odd_name()
+    assert "adapter_\\xff" in odd.value.message
+    odd.value.message.encode("utf-8")  # strict: raises on any surrogate left
+    with pytest.raises(gr.Error) as huge:
+        huge_listing()
+    assert huge.value.message.startswith("/tmp: holds 334 adapters") and len(huge.value.message) <= 600
+
 def test_model_pool_lends_each_instance_to_one_borrower():
     pool = ModelPool(lambda: (object(), None), max_size=2)
     inside, lock, seen = [], threading.Lock(), set()

@@ -15,18 +15,24 @@ from typing import TypeVar
 
 import gradio as gr
 
-from lego_viz.adapters import AdapterError
+from lego_viz.adapters import AdapterError, printable
 
 F = TypeVar("F", bound=Callable)
 log = logging.getLogger("lego_viz.ui")
 
 # Raised by the core on bad input; their messages are written for users.
 USER_ERRORS = (AdapterError, ValueError, KeyError, FileNotFoundError)
+# A toast longer than this (a folder listing hundreds of adapters) is cut; the start says what is wrong.
+MAX_MESSAGE_CHARS = 600
 
 
 def _message(exc: BaseException) -> str:
     # KeyError's str() wraps the message in quotes.
-    return str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    # File names that are not UTF-8 arrive as surrogate escapes, which Gradio cannot send: the
+    # browser would wait forever for the answer. Show those bytes as \xNN instead.
+    text = printable(text)
+    return text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 1] + "…"
 
 
 def user_errors(fn: F) -> F:
@@ -42,6 +48,6 @@ def user_errors(fn: F) -> F:
             raise gr.Error(_message(exc), print_exception=False) from None
         except Exception as exc:
             log.exception("unexpected error in %s", fn.__name__)
-            raise gr.Error(f"internal error ({type(exc).__name__}: {exc}); the session is unchanged.", print_exception=False) from None
+            raise gr.Error(f"internal error ({type(exc).__name__}: {_message(exc)}); the session is unchanged.", print_exception=False) from None
 
     return wrapper  # type: ignore[return-value]
