@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import re
 import sys
 from collections.abc import Sequence
 
@@ -195,9 +196,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# argparse reads "--weights -1,0.5" as two options (only a lone "-1" looks like a number to it);
+# a value that starts with a minus and a digit is glued to its option instead.
+_NUMBER_LIST_OPTIONS = ("--weights",)
+_NEGATIVE_LIST = re.compile(r"^-\.?\d")
+
+
+def _glue_negative_lists(argv: Sequence[str]) -> list[str]:
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] in _NUMBER_LIST_OPTIONS and _NEGATIVE_LIST.match(arg):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser().parse_args(_glue_negative_lists(sys.argv[1:] if argv is None else argv))
         return args.func(args)
     except (UsageError, AdapterError, ValueError, KeyError, OSError) as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

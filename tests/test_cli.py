@@ -91,3 +91,12 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, args, message):
 def test_bad_input_through_a_real_process_has_no_traceback():
     code, _, err = run("merge", "/no/such/adapter", "--out", "/tmp/never-written")
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag", ["--weights", "--weights="])
+def test_negative_weights_need_no_equals_sign(tmp_path, flag):
+    dirs = [save_peft_folder(make_adapter(n, seed=i), tmp_path / n) for i, n in enumerate("ab")]
+    weights = [flag + "-1,0.5"] if flag.endswith("=") else [flag, "-1,0.5"]
+    assert main(["merge", *map(str, dirs), "--method", "linear", *weights, "--no-checks", "--out", str(tmp_path / "m")]) == 0
+    assert json.loads((tmp_path / "m" / "merge_report.json").read_text())["weights"] == [-1.0, 0.5]
+    assert main(["check", *map(str, dirs), "--weights", "-0.5,2", "--json"]) == 0
