@@ -33,7 +33,7 @@ def canonicalize(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.
     """Remove the scale and sign ambiguity of rank-one units, keeping ``bᵀ a`` unchanged.
 
     Rescales each unit so ``‖ã‖ = ‖b̃‖`` and flips both signs so the largest-magnitude entry of ``ã``
-    is positive. Units whose update is zero (either half zero) become exactly zero.
+    is positive (where it occurs with both signs, no flip). Units whose update is zero (either half zero) become exactly zero.
 
     Args:
         a: (n, d_in) folded A rows.
@@ -48,8 +48,9 @@ def canonicalize(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.
     c = torch.exp(log_c)
     a_c = torch.where(zero, torch.zeros_like(a), a * c)
     b_c = torch.where(zero, torch.zeros_like(b), b / c)
-    peak = a_c.gather(1, a_c.abs().argmax(dim=1, keepdim=True))
-    sign = torch.where(peak < 0, -1.0, 1.0).to(a.dtype)
+    # Where +m and −m are both the largest |entry|, + wins: the same rule as the merge's (lego._units),
+    # so the map shows exactly the vectors k-means clustered.
+    sign = torch.where(-a_c.amin(dim=1, keepdim=True) > a_c.amax(dim=1, keepdim=True), -1.0, 1.0).to(a.dtype)
     return a_c * sign, b_c * sign
 
 

@@ -243,6 +243,23 @@ def test_gram_from_raw_factors_equals_gram_of_explicit_features(toy_adapters, fe
     assert torch.allclose(fast, explicit @ explicit.T, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("features", ["canonical", "normalized"])
+def test_sign_ties_break_the_same_way_in_the_map_and_the_merge(toy_adapters, features):
+    """A row of A whose largest |entry| occurs as both −m and +m (common in low-precision weights):
+    the map (msu features) and the merge must pick the same sign, or the map misreports the clusters."""
+    from lego_viz.merge.lego import _units
+    from lego_viz.msu import module_msus
+
+    name = "model.layers.0.self_attn.q_proj"
+    A = toy_adapters[0].modules[name].A
+    peak = float(A.abs().max()) * 2
+    A[1, 0], A[1, 5] = -peak, peak  # negative first
+    A[2, 3], A[2, 7] = peak, -peak  # positive first
+    explicit = module_msus(toy_adapters, name).features(features)
+    fast = _units(toy_adapters, [1.0] * 3, name, features).gram()
+    assert torch.allclose(fast, explicit @ explicit.T, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize(("method", "k"), [("lego", 5), ("svd", 5), ("linear", None)])
 def test_half_precision_inputs_merge_in_float32(toy_adapters, method, k):
     """bf16 checkpoints merge exactly as their float32 upcast: nothing is accumulated in bf16."""
