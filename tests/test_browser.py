@@ -153,3 +153,19 @@ def test_smora_tab_routes_a_prompt(page):
     # The sources figure has one trace per zoo task adapter the units came from.
     page.wait_for_function("document.querySelectorAll('#smora-sources .legendtext').length >= 2")
     _shoot(page, "6_smora", full_page=True)
+
+
+def test_a_dropdown_pick_merges_once(page):
+    """Picking a merge method with the mouse sends one request (Gradio 6's dropdown .input fired twice)."""
+    page.get_by_role("tab", name="2 · MSU map & merge").click()
+    page.locator("#msu-map .js-plotly-plot").wait_for()
+    joins = []
+    page.on("request", lambda request: joins.append(request.url) if "/queue/join" in request.url else None)
+    page.locator("#merge-method input").click()
+    page.get_by_role("option", name="svd", exact=True).click()
+    page.wait_for_function("document.querySelector('#merge-summary').innerText.startsWith('svd')")
+    page.wait_for_timeout(1500)  # a second request, if any, is sent right after the first
+    assert len(joins) == 1
+    page.locator("#merge-method input").click()
+    page.get_by_role("option", name="lego", exact=True).click()
+    page.wait_for_function("document.querySelector('#merge-summary').innerText.startsWith('lego')")

@@ -142,6 +142,10 @@ def build(session: gr.State) -> MapTab:
     seed.submit(**cluster_args, api_visibility="private")
     # k means nothing to methods whose rank is fixed by the inputs (linear, PEFT-style).
     method.change(lambda m: gr.update(interactive=MERGE_METHODS[m].takes_k), method, k, api_visibility="private", queue=False)
-    for control in (selection, projection, colour_by, method, features, param_reweight, output_reweight):
+    for control in (projection, colour_by, features, param_reweight, output_reweight):
         control.input(**cluster_args, api_visibility="private", trigger_mode="always_last", show_progress="minimal")
+    # A dropdown fires .input twice per pick with the mouse (Gradio 6.31): two merges, every error shown twice.
+    # .change fires once per new value, typed or picked.
+    for control in (selection, method):
+        control.change(**cluster_args, api_visibility="private", trigger_mode="always_last", show_progress="minimal")
     return tab
