@@ -78,6 +78,7 @@ class LoraAdapter:
     warnings: list[str] = field(default_factory=list)
     sha256: str = ""
     weights_file: str = ""
+    config_sha256: str = ""  # the config sets the scale, so a recipe checks it as well as the weights
 
     @property
     def base_model(self) -> str | None:
@@ -440,6 +441,7 @@ def load_adapter(spec: str | os.PathLike, name: str | None = None, workdir: Path
         warnings=warnings,
         sha256=_sha256(weights_path),
         weights_file=weights_path.name,
+        config_sha256=_sha256(folder / CONFIG_NAME),
     )
 
 

@@ -114,6 +114,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
         for entry, adapter in zip(recipe["adapters"], adapters):
             if entry.get("sha256") and entry["sha256"] != adapter.sha256:
                 print(f"warning: {adapter.name} changed since the recipe was written (sha256 differs)", file=sys.stderr)
+            if entry.get("config_sha256") and entry["config_sha256"] != adapter.config_sha256:
+                print(f"warning: {adapter.name} changed since the recipe was written (its adapter_config.json differs)",
+                      file=sys.stderr)
         method, k, weights = recipe["method"], recipe.get("k"), recipe.get("weights")
         options.update(recipe.get("options") or {})
         allow = bool(recipe.get("allow_base_mismatch"))

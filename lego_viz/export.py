@@ -131,7 +131,8 @@ def recipe(merged: MergedAdapter) -> dict:
     options = {key: value for key, value in merged.options.items() if key != "k"}
     return {
         "lego_viz_recipe": 1,
-        "adapters": [{"path": _portable(s["source"]), "name": s["name"], "sha256": s["sha256"]} for s in merged.sources],
+        "adapters": [{"path": _portable(s["source"]), "name": s["name"], "sha256": s["sha256"],
+                  "config_sha256": s.get("config_sha256", "")} for s in merged.sources],
         "weights": merged.weights,
         "method": merged.method,
         "k": merged.options.get("k"),

@@ -201,6 +201,6 @@ def permute_adapter(adapter: LoraAdapter, generator: torch.Generator | None = No
     copy = LoraAdapter(
         name=adapter.name, source=adapter.source, config=adapter.config, modules=modules,
         extra_tensors=adapter.extra_tensors, warnings=list(adapter.warnings), sha256=adapter.sha256,
-        weights_file=adapter.weights_file,
+        weights_file=adapter.weights_file, config_sha256=adapter.config_sha256,
     )
     return copy, perms

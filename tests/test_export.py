@@ -143,6 +143,28 @@ def test_recipe_reproduces_the_same_tensors_bit_for_bit(tmp_path, toy_adapters):
     assert recipe["options"]["features"] == "normalized" and recipe["weights"] == [1.0, 0.5, 2.0]
 
 
+def test_recipe_notices_a_changed_adapter_config(tmp_path, toy_adapters, capsys):
+    """The config sets the scale (lora_alpha, rank/alpha patterns): a recipe must notice when it changed,
+    not only when the weights file did."""
+    import json
+
+    from conftest import save_peft_folder
+
+    from lego_viz.cli import main
+
+    dirs = [save_peft_folder(a, tmp_path / a.name) for a in toy_adapters]
+    assert main(["merge", *map(str, dirs), "--k", "5", "--no-checks", "--out", str(tmp_path / "one")]) == 0
+    inputs = json.loads((tmp_path / "one" / "merge_report.json").read_text())["inputs"]
+    assert all(len(entry["config_sha256"]) == 64 for entry in inputs)
+    config = json.loads((dirs[1] / "adapter_config.json").read_text())
+    (dirs[1] / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 2 * config["lora_alpha"]}))
+    capsys.readouterr()
+    assert main(["merge", "--recipe", str(tmp_path / "one" / "recipe.yaml"), "--no-checks", "--out", str(tmp_path / "two")]) == 0
+    err = capsys.readouterr().err
+    assert "b changed since the recipe was written" in err and "adapter_config.json" in err
+    assert "a changed" not in err and "c changed" not in err
+
+
 def test_export_refuses_non_empty_folder_without_force(tmp_path, toy_adapters):
     merged = merge(toy_adapters, "linear")
     target = tmp_path / "t"

@@ -137,7 +137,8 @@ def merge(
         modules=output.modules,
         sources=[
             {"name": a.name, "source": a.source, "sha256": a.sha256, "base_model": a.base_model,
-             "r": a.config.get("r"), "lora_alpha": a.config.get("lora_alpha"), "weights_file": a.weights_file}
+             "r": a.config.get("r"), "lora_alpha": a.config.get("lora_alpha"), "weights_file": a.weights_file,
+             "config_sha256": a.config_sha256}
             for a in adapters
         ],
         base_model=first.base_model,
