@@ -101,6 +101,13 @@ def cmd_check(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- merge
 
 
+def _recipe_settings(args: argparse.Namespace) -> list[tuple[str, object]]:
+    """The merge flags a recipe fixes, with what the command line gave (None / False: not given)."""
+    names = ("method", "k", "weights", "features", "param_reweight", "no_output_reweight", "preset", "seed", "n_init",
+             "density", "allow_base_mismatch")
+    return [("--" + name.replace("_", "-"), getattr(args, name)) for name in names]
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from lego_viz.export import export_adapter, load_recipe
     from lego_viz.merge import merge
@@ -109,6 +116,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if args.recipe:
         if args.adapters:
             raise UsageError("give either adapters or --recipe, not both.")
+        given = [flag for flag, value in _recipe_settings(args) if value not in (None, False)]
+        if given:
+            raise UsageError(f"--recipe takes the merge settings from the recipe; drop {', '.join(given)} "
+                             "(or edit the recipe).")
         recipe = load_recipe(args.recipe)
         adapters = load_adapters([entry["path"] for entry in recipe["adapters"]], [entry["name"] for entry in recipe["adapters"]])
         for entry, adapter in zip(recipe["adapters"], adapters):
@@ -122,7 +133,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         allow = bool(recipe.get("allow_base_mismatch"))
     else:
         adapters = _load(args.adapters)
-        method, k, weights, allow = args.method, args.k, args.weights, args.allow_base_mismatch
+        method, k, weights, allow = args.method or "lego", args.k, args.weights, args.allow_base_mismatch
         for key in ("features", "param_reweight", "seed", "n_init", "density", "preset"):
             value = getattr(args, key)
             if value is not None:
@@ -172,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", allow_abbrev=False, help="merge adapters and export a PEFT folder + report + recipe")
     p.add_argument("adapters", nargs="*", metavar="ADAPTER")
     p.add_argument("--recipe", help="re-run the merge described by a recipe.yaml")
-    p.add_argument("--method", default="lego", help="lego, linear, svd, peft_linear, ties, dare_linear")
+    p.add_argument("--method", default=None, help="lego (default), linear, svd, peft_linear, ties, dare_linear")
     p.add_argument("--k", type=_k_value, default=None, help="target rank, or per module: q_proj=8,v_proj=4,*=6")
     p.add_argument("--weights", type=_float_list, default=None, help="comma-separated, one per adapter")
     p.add_argument("--features", default=None, help="raw, canonical (default) or normalized")
