@@ -189,6 +189,9 @@ def test_map_figure_rejects_unknown_colouring(adapters):
 def test_k_sweep_figure_has_two_panels_per_method():
     figure = plots.k_sweep_figure({m: {"k": [1, 2], "accuracy": [0.1, 0.2], "error": [0.5, 0.4]} for m in ("lego", "svd")})
     assert len(figure.data) == 4
+    # Every axis says what it measures; accuracy reads as a percentage, like the accuracy table.
+    assert all(figure.layout[axis].title.text for axis in ("xaxis", "xaxis2", "yaxis", "yaxis2"))
+    assert figure.layout.yaxis.tickformat == ".0%"
 
 
 # ----------------------------------------------------------------------------- invariance
