@@ -274,6 +274,15 @@ def test_load_refusals(files, paths, public, message):
         load_tab.load_sources(Session(), files, paths, replace=True, public=public)
 
 
+
+def test_a_broken_zip_upload_is_named_as_uploaded(tmp_path):
+    cached = tmp_path / "gradio" / "2f7734a1" / "my_lora.zip"  # where Gradio keeps an upload
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(AdapterError, match=r"^my_lora\.zip: not a folder, a \.zip.*damaged.*zip the adapter's folder") as refused:
+        load_tab.load_sources(Session(), [str(cached)], None, replace=True, public=True)
+    assert str(tmp_path) not in str(refused.value)
+
 def test_select_reads_checkboxes_then_weights(session):
     n = runtime.MAX_ADAPTERS
     values = [True, False, True] + [False] * (n - 3) + [0.5, 1.0, 2.0] + [1.0] * (n - 3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,7 +120,15 @@ def _load_uploads(files: Sequence[str], workdir: Path) -> list[LoraAdapter]:
     bad = [Path(f).name for f in files if Path(f).suffix.lower() not in UPLOAD_TYPES]
     if bad:
         raise AdapterError(f"cannot use {', '.join(bad)}: upload .zip files or adapter_config.json + adapter_model.safetensors/.bin")
-    adapters = [load_adapter(f, workdir=workdir) for f in files if Path(f).suffix.lower() == ".zip"]
+    zips = [f for f in files if Path(f).suffix.lower() == ".zip"]
+    # Checked here so the message names the upload, not its path in Gradio's cache.
+    broken = [Path(f).name for f in zips if not zipfile.is_zipfile(f)]
+    if broken:
+        raise AdapterError(
+            f"{', '.join(broken)}: not a folder, a .zip, or a PEFT adapter file (named .zip, but damaged or another format renamed); "
+            "zip the adapter's folder (adapter_config.json + adapter_model.safetensors) and upload that"
+        )
+    adapters = [load_adapter(f, workdir=workdir) for f in zips]
     loose = [Path(f) for f in files if Path(f).suffix.lower() != ".zip"]
     if loose:
         if [p.name for p in loose].count(CONFIG_NAME) != 1:
