@@ -430,3 +430,7 @@ def test_running_models_needs_a_fitting_base(char_pool):
     odd = Session().with_adapters([make_adapter("odd", r=8, shapes={"model.layers.0.self_attn.q_proj": (TOY_HIDDEN, 8)})], replace=True)
     with pytest.raises(gr.Error, match="only the demo zoo's base is bundled"):
         char_pool.run(odd, "reverse: ab=")
+    # A practitioner's adapters: the message names the base they need and what still works.
+    gpt2 = Session().with_adapters([make_adapter("g", r=8, base="gpt2", shapes={"transformer.h.0.attn.c_attn": (TOY_HIDDEN, 3 * TOY_HIDDEN)})], replace=True)
+    with pytest.raises(gr.Error, match=r"adapters are for 'gpt2'.*the export work for them"):
+        char_pool.run(gpt2, "reverse: ab=")

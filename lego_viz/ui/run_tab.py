@@ -44,9 +44,10 @@ class RunTab:
 
 def _require_fit(model, adapters: Sequence[LoraAdapter]) -> None:
     if not fits_model(model, adapters):
+        bases = ", ".join(sorted({f"'{a.base_model}'" for a in adapters if a.base_model})) or "another base model"
         raise ValueError(
-            "running models needs their base model; only the demo zoo's base is bundled, and these adapters do not fit it. "
-            "Load the demo zoo to use this panel."
+            f"these adapters are for {bases}, which this app cannot run: only the demo zoo's base is bundled. "
+            "The map, the weight-space checks and the export work for them; load the demo zoo to run models here."
         )
 
 
