@@ -169,3 +169,18 @@ def test_a_dropdown_pick_merges_once(page):
     page.locator("#merge-method input").click()
     page.get_by_role("option", name="lego", exact=True).click()
     page.wait_for_function("document.querySelector('#merge-summary').innerText.startsWith('lego')")
+
+
+def test_k_typed_with_enter_or_moved_by_keys_redraws(page):
+    """A k typed into the slider's box + Enter, or stepped with the arrow keys, re-clusters the map."""
+    page.get_by_role("tab", name="2 · MSU map & merge").click()
+    page.locator("#colour-by").get_by_label("cluster").check()
+    box = page.locator("#k-slider input[type=number]")
+    box.fill("3")
+    box.press("Enter")
+    page.wait_for_function("document.querySelectorAll('#msu-map .legendtext').length === 3")
+    page.locator("#k-slider input[type=range]").focus()
+    page.keyboard.press("ArrowRight")
+    page.wait_for_function("document.querySelectorAll('#msu-map .legendtext').length === 4")
+    assert box.input_value() == "4"
+

@@ -17,10 +17,26 @@ CSS = """
 .lego-badge { color: white; border-radius: 999px; padding: 2px 10px; font-weight: 600; font-size: 0.85em; }
 """
 
+# Sliders act on release, which Gradio fires on pointer-up and when the slider's number box loses
+# focus: without this, a number typed + Enter or a move with the arrow keys would change nothing.
+JS = """
+() => {
+  const number = "input[data-testid=number-input]";
+  document.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && e.target.matches?.(number)) e.target.blur();
+  });
+  document.addEventListener("keyup", (e) => {
+    if (!e.target.matches?.("input[data-testid=range-input]") || !/^(Arrow|Page|Home|End)/.test(e.key)) return;
+    const box = e.target.closest(".block")?.querySelector(number);
+    if (box) { box.focus(); box.blur(); e.target.focus(); }
+  });
+}
+"""
+
 
 def launch_options() -> dict:
-    """Keyword arguments for `demo.launch` that the app relies on (upload limit, styling)."""
-    return {"max_file_size": MAX_FILE_SIZE, "css": CSS, "theme": gr.themes.Soft()}
+    """Keyword arguments for `demo.launch` that the app relies on (upload limit, styling, slider keys)."""
+    return {"max_file_size": MAX_FILE_SIZE, "css": CSS, "js": JS, "theme": gr.themes.Soft()}
 
 
 def _smora_tab():
