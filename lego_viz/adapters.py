@@ -405,7 +405,7 @@ def build_modules(
         heads = sorted({k.split(".")[0] if "." not in k else k.rsplit(".", 1)[0] for k in extra})
         shown = ", ".join(heads[:4]) + (" …" if len(heads) > 4 else "")
         warnings.append(
-            f"{len(extra)} non-LoRA tensors ({shown}) are task-specific heads or modules_to_save; "
+            f"{len(extra)} non-LoRA tensors ({shown}) — task heads, modules_to_save or LoRA biases — are "
             "kept aside and left out of merges."
         )
     return modules, extra, warnings

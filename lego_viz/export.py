@@ -212,4 +212,11 @@ def load_recipe(path: str | os.PathLike) -> dict:
         raise ExportError(f"recipe {path} is not valid YAML ({str(exc).splitlines()[0]}).") from None
     if not isinstance(data, dict) or data.get("lego_viz_recipe") != 1 or not isinstance(data.get("adapters"), list):
         raise ExportError(f"{path} is not a lego-viz recipe (expected keys lego_viz_recipe: 1, adapters, method).")
+    if not isinstance(data.get("method"), str):
+        raise ExportError(f"recipe {path} names no merge method: add e.g. 'method: lego' (as written by an export).")
+    for i, entry in enumerate(data["adapters"]):
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(key), str) for key in ("path", "name")):
+            raise ExportError(f"recipe {path}: adapters[{i}] needs a 'path' and a 'name' (strings), got {entry!r}.")
+    if not isinstance(data.get("options") or {}, dict):
+        raise ExportError(f"recipe {path}: 'options' must be a mapping of option names to values.")
     return data

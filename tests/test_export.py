@@ -1,6 +1,7 @@
 """Export: PEFT folders that PeftModel loads exactly, reports, recipes, atomic writes."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -203,3 +204,20 @@ def test_single_adapter_export_matches_input(tmp_path):
     loaded = load_adapter(export_adapter(merged, tmp_path / "y"))
     for name, lora in adapter.modules.items():
         assert torch.allclose(loaded.modules[name].delta_weight(), lora.delta_weight(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("lego_viz_recipe: 1\nadapters: [{path: a, name: a}]\n", "names no merge method"),
+        ("lego_viz_recipe: 1\nmethod: lego\nadapters: [a]\n", "adapters[0] needs a 'path' and a 'name'"),
+        ("lego_viz_recipe: 1\nmethod: lego\nadapters: [{path: a, name: a}]\noptions: [1]\n", "'options' must be a mapping"),
+    ],
+)
+def test_incomplete_recipe_says_what_is_missing(tmp_path, text, expected):
+    from lego_viz.export import load_recipe
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    with pytest.raises(ExportError, match=re.escape(expected)):
+        load_recipe(path)
