@@ -283,6 +283,15 @@ def test_a_broken_zip_upload_is_named_as_uploaded(tmp_path):
         load_tab.load_sources(Session(), [str(cached)], None, replace=True, public=True)
     assert str(tmp_path) not in str(refused.value)
 
+
+@pytest.mark.parametrize("public", [False, True])
+def test_the_typed_sources_box_is_there_in_public_mode_too(public):
+    # A Space refuses local paths, but hub ids still load: it needs the box to type them in.
+    from lego_viz.ui import build_demo
+
+    box = next(b for b in build_demo(public=public).blocks.values() if isinstance(b, gr.Textbox) and b.label.startswith("…or"))
+    assert box.visible is not False and ("local folders" in box.label) is not public
+
 def test_select_reads_checkboxes_then_weights(session):
     n = runtime.MAX_ADAPTERS
     values = [True, False, True] + [False] * (n - 3) + [0.5, 1.0, 2.0] + [1.0] * (n - 3)

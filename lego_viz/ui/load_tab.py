@@ -188,9 +188,10 @@ def build(session: gr.State, public: bool) -> LoadTab:
                 label="Upload PEFT adapters: one .zip per adapter, or adapter_config.json + adapter_model.safetensors",
                 file_count="multiple", file_types=UPLOAD_TYPES, height=140,
             )
+            # A public app refuses local paths but still loads hub ids, so the box stays, for those only.
             paths = gr.Textbox(
-                label="…or local folders / hub ids, one per line", lines=2, visible=not public,
-                placeholder="assets/zoo/adapters/reverse\nowner/some-lora",
+                label="…or Hugging Face hub ids, one per line" if public else "…or local folders / hub ids, one per line", lines=2,
+                placeholder="owner/some-lora" if public else "assets/zoo/adapters/reverse\nowner/some-lora",
             )
             with gr.Row():
                 replace = gr.Checkbox(value=False, label="replace the current adapters", scale=2)
