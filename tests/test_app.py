@@ -429,6 +429,15 @@ def test_accuracy_table_has_a_row_per_task_and_a_column_per_method(char_pool, ta
     assert all(cell.endswith("%") for cell in table.drop(columns="task").to_numpy().ravel())
 
 
+
+def test_accuracy_table_names_methods_skipped_for_one_reason_once(char_pool, monkeypatch):
+    warnings = []
+    monkeypatch.setattr(char_pool.gr, "Warning", warnings.append)
+    mixed = Session().with_adapters([make_adapter("reverse", r=4, seed=0), make_adapter("sort", r=8, seed=1)], replace=True)
+    table = char_pool.accuracy_table(mixed, 1)
+    assert len(warnings) == 1 and warnings[0].startswith("peft_linear, ties, dare_linear skipped: PEFT-style combinations need equal ranks")
+    assert "ties" not in table.columns
+
 def test_k_sweep_covers_lego_and_svd_up_to_max_k(char_pool, task_session):
     figure = char_pool.k_sweep(task_session, 1)
     lines = {trace.name: list(trace.x) for trace in figure.data if trace.showlegend is not False}

@@ -98,6 +98,7 @@ def accuracy_table(session: Session, n: float, progress=gr.Progress()) -> pd.Dat
     tasks, n = _zoo_tasks(adapters), int(n)
     own = {a.name: a for a in adapters}
     columns: dict[str, dict[str, float]] = {}
+    skipped: dict[str, list[str]] = {}  # reason → methods, so one reason is shown once
     steps = ["base", "own adapter", *MERGE_METHODS]
     for i, step in enumerate(steps):
         progress((i, len(steps)), desc=f"evaluating {step}")
@@ -110,9 +111,11 @@ def accuracy_table(session: Session, n: float, progress=gr.Progress()) -> pd.Dat
             try:
                 merged = run_merge(adapters, weights, settings)
             except MergeError as exc:
-                gr.Warning(f"{step} skipped: {exc}")
+                skipped.setdefault(str(exc), []).append(step)
                 continue
             columns[f"{step} (k={settings.k})" if MERGE_METHODS[step].takes_k else step] = accuracy(merged.modules, tasks, n, adapters)
+    for reason, methods in skipped.items():
+        gr.Warning(f"{', '.join(methods)} skipped: {reason}")
     rows = [[task, *(f"{col[task]:.0%}" for col in columns.values())] for task in tasks]
     rows.append(["mean", *(f"{sum(col.values()) / len(col):.0%}" for col in columns.values())])
     return pd.DataFrame(rows, columns=["task", *columns])
