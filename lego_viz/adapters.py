@@ -493,9 +493,13 @@ def check_compatible(adapters: Sequence[LoraAdapter], allow_base_mismatch: bool 
                 raise AdapterError(message + " (pass allow_base_mismatch / --allow-base-mismatch if the architectures are identical).")
             warnings.append(message + "; allowed by request.")
         if first.fan_in_fan_out != other.fan_in_fan_out:
-            raise AdapterError(
+            # The flag describes the base layer (GPT-2 Conv1D stores its weight transposed), not the
+            # factors: A is (r, d_in) and B (d_out, r) either way, and PEFT resets the flag from the
+            # layer type on load. So a disagreement is a config slip, not a reason to refuse.
+            warnings.append(
                 f"adapter {other.name!r} has fan_in_fan_out={other.fan_in_fan_out} but {first.name!r} has "
-                f"{first.fan_in_fan_out}; they target different layer types."
+                f"{first.fan_in_fan_out}; the flag describes the base layer, not A or B, so they merge (the export "
+                f"says True; PEFT sets it from the layer type when loading)."
             )
     shapes: dict[str, tuple[str, int, int]] = {}
     for adapter in adapters:

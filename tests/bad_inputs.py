@@ -178,7 +178,6 @@ CASES: list[Case] = [
     Case("empty-spec", "empty path", "load", lambda t: "", "empty adapter path"),
     Case("base-mismatch", "adapters for gpt2 and a Llama", "merge", lambda t: _merge(t, [{"base": "gpt2"}]), "different base models"),
     Case("shape-mismatch", "same module, different d_out", "merge", lambda t: _merge(t, [{"shapes": _NARROW}]), "d_out=64 but"),
-    Case("fan-in-mismatch", "Conv1D and Linear adapters", "merge", lambda t: _merge(t, [{"fan_in_fan_out": True}]), "fan_in_fan_out"),
     Case("no-common-target", "adapters share no module", "merge", lambda t: _merge(t, [{"shapes": _OTHER_TARGET}]), "share no target module"),
     Case("k-zero", "k = 0", "merge", lambda t: _merge(t, k=0), "k=0 is out of range"),
     Case("k-too-big", "k larger than the number of MSUs", "merge", lambda t: _merge(t, k=7), "k=7 is out of range .* n=6"),

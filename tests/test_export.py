@@ -221,3 +221,22 @@ def test_incomplete_recipe_says_what_is_missing(tmp_path, text, expected):
     path.write_text(text)
     with pytest.raises(ExportError, match=re.escape(expected)):
         load_recipe(path)
+
+
+def test_adapters_that_disagree_on_fan_in_fan_out_merge_and_reload(tmp_path):
+    """An old-PEFT gpt2 config without the flag (False) beside one with it: the factors are the same."""
+    from conftest import save_peft_folder
+
+    good = load_adapter(real_lora("gpt2_causal_jasencarroll"))
+    slipped = load_adapter(save_peft_folder(good, tmp_path / "slipped", config={**good.config, "fan_in_fan_out": False}))
+    assert not slipped.fan_in_fan_out
+    other = load_adapter(real_lora("gpt2_notask_lossner"))
+    merged = merge([slipped, other], "linear")
+    assert any("fan_in_fan_out" in w for w in merged.warnings)
+    reference = merge([good, other], "linear")
+    for name, module in reference.modules.items():
+        assert merged.modules[name].fan_in_fan_out
+        assert torch.equal(merged.modules[name].delta_weight(), module.delta_weight())
+    model, missing, unexpected = _peft_load(_gpt2_base(), export_adapter(merged, tmp_path / "out"))
+    assert missing == [] and unexpected == []
+    _assert_peft_deltas_match(model, merged)

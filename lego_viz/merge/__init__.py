@@ -6,6 +6,7 @@ accepts; unknown methods or options are errors that list the valid ones.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import time
@@ -127,6 +128,12 @@ def merge(
     elapsed = time.perf_counter() - start
     first = adapters[0]
     template = {key: first.config.get(key) for key in ("task_type", "fan_in_fan_out", "bias") if key in first.config}
+    modules = output.modules
+    if len({a.fan_in_fan_out for a in adapters}) > 1:
+        # Flags that disagree (check_compatible warns): True is the likely truth, as configs of old
+        # PEFT versions left it out for GPT-2 Conv1D; PEFT resets it from the layer type on load anyway.
+        template["fan_in_fan_out"] = True
+        modules = {n: dataclasses.replace(m, fan_in_fan_out=True) for n, m in modules.items()}
     record = dict(resolved)
     if spec.takes_k:
         record["k"] = k if isinstance(k, int) or k is None else dict(k)
@@ -134,7 +141,7 @@ def merge(
         name=name or f"{method}_merge",
         method=method,
         options=record,
-        modules=output.modules,
+        modules=modules,
         sources=[
             {"name": a.name, "source": a.source, "sha256": a.sha256, "base_model": a.base_model,
              "r": a.config.get("r"), "lora_alpha": a.config.get("lora_alpha"), "weights_file": a.weights_file,
