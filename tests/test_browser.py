@@ -184,3 +184,24 @@ def test_k_typed_with_enter_or_moved_by_keys_redraws(page):
     page.wait_for_function("document.querySelectorAll('#msu-map .legendtext').length === 4")
     assert box.input_value() == "4"
 
+
+def test_smora_adapter_switch_routes_again(page):
+    """Choosing another SMoRA adapter redraws the output and the figures for it, on the same module."""
+    page.get_by_role("tab", name="1 · Load adapters").wait_for()  # the tabs are drawn (when run on its own)
+    if not page.get_by_role("tab", name="6 · SMoRA").count():
+        pytest.skip("the SMoRA tab is shown only when the demo zoo is built (python scripts/build_zoo.py)")
+    page.get_by_role("tab", name="6 · SMoRA").click()
+    current = page.locator("#smora-adapter input").input_value()
+    other = "multitask" if current == "merged_router" else "merged_router"
+    page.locator("#smora-module input").click()
+    page.get_by_role("option", name="model.layers.0.self_attn.q_proj").click()
+    page.locator("#smora-route").click()
+    page.wait_for_function(f"document.querySelector('#smora-gates .gtitle')?.textContent.includes('{current} · model.layers.0.self_attn.q_proj')")
+    load_title = "document.querySelector('#smora-load .gtitle')?.textContent"
+    page.wait_for_function(f"{load_title}?.includes('model.layers.0.self_attn.q_proj')")
+    before = page.evaluate(load_title)
+    page.locator("#smora-adapter input").click()
+    page.get_by_role("option", name=other).click()
+    page.wait_for_function(f"document.querySelector('#smora-gates .gtitle')?.textContent.includes('{other} · model.layers.0.self_attn.q_proj')")
+    # The load figure follows too (its max(c)/mean(c) differs); waiting for it also lets the chain finish here.
+    page.wait_for_function(f"{load_title} !== {before!r}")

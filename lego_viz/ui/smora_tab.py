@@ -253,10 +253,10 @@ def task_stats(name: str, module: str):
 
 
 @user_errors
-def choose_adapter(name: str):
-    """Module choices and the training figure of adapter `name`."""
+def choose_adapter(name: str, module: str | None = None):
+    """Module choices (keeping `module` when adapter `name` has it) and the training figure of `name`."""
     modules = adapter_modules(_folder(name))
-    value = DEFAULT_MODULE if DEFAULT_MODULE in modules else modules[0]
+    value = module if module in modules else DEFAULT_MODULE if DEFAULT_MODULE in modules else modules[0]
     return gr.Dropdown(choices=modules, value=value), training_figure(shipped_results(), name)
 
 
@@ -291,4 +291,7 @@ def build_smora_tab() -> None:
     button.click(**route_io, api_name="smora_route").then(**tasks_io, api_name="smora_tasks")
     prompt.submit(**route_io, api_visibility="private")
     module.change(**route_io, api_visibility="private").then(**tasks_io, api_visibility="private")
-    adapter.change(choose_adapter, adapter, [module, training_plot], api_name="smora_adapter")
+    # Route again at once: the output and figures of the previous adapter must not stay under the new name.
+    adapter.change(choose_adapter, [adapter, module], [module, training_plot], api_name="smora_adapter").success(
+        **route_io, api_visibility="private"
+    ).success(**tasks_io, api_visibility="private")
