@@ -334,7 +334,8 @@ def test_user_errors_messages_can_be_sent_to_the_browser():
     odd.value.message.encode("utf-8")  # strict: raises on any surrogate left
     with pytest.raises(gr.Error) as huge:
         huge_listing()
-    assert huge.value.message.startswith("/tmp: holds 334 adapters") and len(huge.value.message) <= 600
+    message = huge.value.message
+    assert message.startswith("/tmp: holds 334 adapters") and message.endswith("give one at a time.") and len(message) <= 600
 
 def test_model_pool_lends_each_instance_to_one_borrower():
     pool = ModelPool(lambda: (object(), None), max_size=2)

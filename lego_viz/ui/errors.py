@@ -22,7 +22,8 @@ log = logging.getLogger("lego_viz.ui")
 
 # Raised by the core on bad input; their messages are written for users.
 USER_ERRORS = (AdapterError, ValueError, KeyError, FileNotFoundError)
-# A toast longer than this (a folder listing hundreds of adapters) is cut; the start says what is wrong.
+# A toast longer than this (a folder listing hundreds of adapters) is cut in the middle: the start
+# says what is wrong, the end what to do.
 MAX_MESSAGE_CHARS = 600
 
 
@@ -32,7 +33,10 @@ def _message(exc: BaseException) -> str:
     # File names that are not UTF-8 arrive as surrogate escapes, which Gradio cannot send: the
     # browser would wait forever for the answer. Show those bytes as \xNN instead.
     text = printable(text)
-    return text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 1] + "…"
+    if len(text) <= MAX_MESSAGE_CHARS:
+        return text
+    tail = MAX_MESSAGE_CHARS // 4
+    return text[: MAX_MESSAGE_CHARS - tail - 3] + " … " + text[-tail:]
 
 
 def user_errors(fn: F) -> F:
