@@ -119,7 +119,7 @@ def k_sweep_figure(sweep: Mapping[str, Mapping[str, Sequence[float]]]) -> go.Fig
         )
     fig.update_xaxes(title_text="k (rank of the merge)")
     fig.update_yaxes(title_text="exact match, mean over tasks", range=[0, 1.02], tickformat=".0%", row=1, col=1)
-    fig.update_yaxes(title_text="‖ΔW_merge − Σ w·ΔW‖ / ‖Σ w·ΔW‖", rangemode="tozero", row=1, col=2)
+    fig.update_yaxes(title_text="relative error (0 = the exact sum)", rangemode="tozero", row=1, col=2)
     # The top margin keeps the panel titles clear of the "k-sweep" label Gradio draws over the plot.
     fig.update_layout(height=400, margin={"l": 10, "r": 10, "t": 70, "b": 10}, template="plotly_white")
     return fig
