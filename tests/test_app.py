@@ -263,7 +263,8 @@ def test_load_paths_uploads_and_zips(tmp_path, adapters):
 @pytest.mark.parametrize(
     ("files", "paths", "public", "message"),
     [
-        (None, "/etc", True, "local paths are disabled"),
+        (None, "/etc", True, "typed local paths and hub ids are disabled"),
+        (None, "some-org/some-lora", True, "typed local paths and hub ids are disabled"),
         (None, "", False, "nothing to load"),
         (["weights.txt"], None, False, "cannot use weights.txt"),
         (["x/adapter_model.safetensors"], None, False, "exactly one adapter_config.json"),
@@ -285,12 +286,12 @@ def test_a_broken_zip_upload_is_named_as_uploaded(tmp_path):
 
 
 @pytest.mark.parametrize("public", [False, True])
-def test_the_typed_sources_box_is_there_in_public_mode_too(public):
-    # A Space refuses local paths, but hub ids still load: it needs the box to type them in.
+def test_the_typed_sources_box_is_disabled_in_public_mode(public):
+    # Paths and hub ids are a local-tool feature: a Space shows the box disabled, with the reason.
     from lego_viz.ui import build_demo
 
     box = next(b for b in build_demo(public=public).blocks.values() if isinstance(b, gr.Textbox) and b.label.startswith("…or"))
-    assert box.visible is not False and ("local folders" in box.label) is not public
+    assert box.interactive is not public and ("locally" in box.label) is public
 
 def test_select_reads_checkboxes_then_weights(session):
     n = runtime.MAX_ADAPTERS

@@ -89,4 +89,4 @@ def test_public_mode_refuses_every_local_path(tmp_path):
     from conftest import save_peft_folder
 
     folder = save_peft_folder(make_adapter("x"), tmp_path / "x")
-    assert "local paths are disabled" in _message(lambda: load_handler(True)(Session(), None, str(folder), False))
+    assert "local paths and hub ids are disabled" in _message(lambda: load_handler(True)(Session(), None, str(folder), False))

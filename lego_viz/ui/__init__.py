@@ -52,7 +52,7 @@ def build_demo(public: bool = False) -> gr.Blocks:
     """Build the explorer app.
 
     Args:
-        public: a public deployment (a Space): typed local paths are refused, only uploads and hub ids load.
+        public: a public deployment (a Space): typed local paths and hub ids are refused, only uploads load.
 
     Returns:
         The `gr.Blocks` app, with its queue configured; call `.launch(**launch_options())`.

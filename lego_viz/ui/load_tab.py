@@ -147,10 +147,13 @@ def _load_uploads(files: Sequence[str], workdir: Path) -> list[LoraAdapter]:
 def load_sources(session: Session, files: Sequence[str] | None, paths: str | None, replace: bool, public: bool) -> tuple:
     """Load uploads and typed paths / hub ids into the session (nothing changes if any one fails)."""
     specs = [line.strip() for line in (paths or "").splitlines() if line.strip()]
-    local = [s for s in specs if _is_local_path(s)]
-    if public and local:
-        raise AdapterError(f"local paths are disabled on this public app ({local[0]}); upload a .zip or give a hub id")
-    for spec in local:
+    if public and specs:
+        # A public app reads neither the server's files nor whatever hub repository a visitor names.
+        raise AdapterError(
+            f"typed local paths and hub ids are disabled on this public app ({specs[0][:80]}); upload a .zip of "
+            "the adapter folder instead, or run lego-viz locally to load paths and hub ids"
+        )
+    for spec in (s for s in specs if _is_local_path(s)):
         check_allowed_path(spec)
     if not files and not specs:
         raise AdapterError("nothing to load: upload adapter files, or type a folder path or hub id")
@@ -188,10 +191,11 @@ def build(session: gr.State, public: bool) -> LoadTab:
                 label="Upload PEFT adapters: one .zip per adapter, or adapter_config.json + adapter_model.safetensors",
                 file_count="multiple", file_types=UPLOAD_TYPES, height=140,
             )
-            # A public app refuses local paths but still loads hub ids, so the box stays, for those only.
+            # Paths and hub ids are a local-tool feature: a public app shows the box disabled, saying so.
             paths = gr.Textbox(
-                label="…or Hugging Face hub ids, one per line" if public else "…or local folders / hub ids, one per line", lines=2,
-                placeholder="owner/some-lora" if public else "assets/zoo/adapters/reverse\nowner/some-lora",
+                label="…or local folders / hub ids, one per line" + (" (when you run lego-viz locally)" if public else ""),
+                lines=2, interactive=not public,
+                placeholder="disabled on this public app: upload a .zip" if public else "assets/zoo/adapters/reverse\nowner/some-lora",
             )
             with gr.Row():
                 replace = gr.Checkbox(value=False, label="replace the current adapters", scale=2)
