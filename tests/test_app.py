@@ -454,3 +454,14 @@ def test_running_models_needs_a_fitting_base(char_pool):
     gpt2 = Session().with_adapters([make_adapter("g", r=8, base="gpt2", shapes={"transformer.h.0.attn.c_attn": (TOY_HIDDEN, 3 * TOY_HIDDEN)})], replace=True)
     with pytest.raises(gr.Error, match=r"adapters are for 'gpt2'.*the export work for them"):
         char_pool.run(gpt2, "reverse: ab=")
+
+
+@pytest.mark.parametrize(("task_type", "auto_class"), [("CAUSAL_LM", "AutoModelForCausalLM"), (None, "AutoModel"), ("FEATURE_EXTRACTION", "AutoModel")])
+def test_peft_snippet_loads_the_base_with_a_class_that_fits_the_task(task_type, auto_class):
+    import ast
+
+    from lego_viz.ui import learn
+
+    snippet = learn.peft_snippet("gpt2", "lego_merge", task_type)
+    ast.parse(snippet)  # valid Python as shown
+    assert f"from transformers import {auto_class}\n" in snippet and f'{auto_class}.from_pretrained("gpt2")' in snippet

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from lego_viz.export import export_adapter, zip_export
+from lego_viz.export import export_adapter, export_task_type, zip_export
 from lego_viz.ui import learn
 from lego_viz.ui.errors import user_errors
 from lego_viz.ui.merging import merged_session
@@ -51,7 +51,7 @@ def export(session: Session) -> tuple[Session, str, str, str]:
     name = _folder_name(session)
     folder = export_adapter(session.merged, workdir / name, adapters=adapters)
     archive = zip_export(folder, workdir / f"{name}.zip")
-    snippet = learn.PEFT_SNIPPET.format(base_model=session.merged.base_model or "<base model>", folder=name)
+    snippet = learn.peft_snippet(session.merged.base_model or "<base model>", name, export_task_type(session.merged))
     ranks = sorted(set(session.merged.ranks.values()))
     summary = (
         f"`{archive.name}` · {archive.stat().st_size / 1024:.0f} KiB · method **{session.merged.method}**, "
@@ -67,7 +67,7 @@ def build(session: gr.State) -> ExportTab:
             button = gr.Button("Build the merged adapter (.zip)", variant="primary", elem_id="export")
             summary = gr.Markdown(elem_id="export-summary")
             file = gr.File(label="Merged adapter: PEFT folder + merge_report.json + recipe.yaml", interactive=False, elem_id="export-file")
-            snippet = gr.Code(learn.PEFT_SNIPPET.format(base_model="<base model>", folder="<merge folder>"), language="python", label="Load it with PEFT", interactive=False)
+            snippet = gr.Code(learn.peft_snippet("<base model>", "<merge folder>"), language="python", label="Load it with PEFT", interactive=False)
         with gr.Column(scale=2):
             gr.Markdown(learn.EXPORT)
     button.click(export, [session], [session, file, snippet, summary], api_name="export")

@@ -79,11 +79,26 @@ cluster sizes, timings) and `recipe.yaml`, which re-runs the same merge from the
 """
 
 PEFT_SNIPPET = """\
-from transformers import AutoModelForCausalLM
+from transformers import {auto_class}
 from peft import PeftModel
 
-base = AutoModelForCausalLM.from_pretrained("{base_model}")
+base = {auto_class}.from_pretrained("{base_model}"){head_note}
 model = PeftModel.from_pretrained(base, "{folder}")  # the unzipped folder
 # Re-run the same merge from the command line (the recipe names the source adapters):
 #   python -m lego_viz merge --recipe {folder}/recipe.yaml --out merged_again
 """
+
+
+def peft_snippet(base_model: str, folder: str, task_type: str | None = "CAUSAL_LM") -> str:
+    """The "load it with PEFT" code for an export whose config says `task_type`.
+
+    A causal-LM merge loads on `AutoModelForCausalLM`; anything else (classification heads are not
+    merged, so their task type is exported as null) on the bare `AutoModel`.
+    """
+    causal = task_type == "CAUSAL_LM"
+    return PEFT_SNIPPET.format(
+        auto_class="AutoModelForCausalLM" if causal else "AutoModel",
+        base_model=base_model,
+        folder=folder,
+        head_note="" if causal else "  # not a causal-LM merge (task heads are never merged): use the class your task needs",
+    )
