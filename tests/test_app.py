@@ -98,6 +98,16 @@ def test_selection_drops_the_merge_and_needs_one_adapter(session):
         session.with_selection([False] * 3, [1.0] * 3).selected()
 
 
+def test_weight_zero_leaves_an_adapter_out_like_unticking(session):
+    zeroed = session.with_selection([True] * 3, [1.0, 0.0, -0.5])
+    assert [a.name for a in zeroed.selected()[0]] == ["a", "c"] and zeroed.selected()[1] == [1.0, -0.5]
+    merged = _cluster(zeroed)[0].merged
+    name = next(iter(merged.unit_owner))
+    assert len(merged.unit_owner[name]) == sum(a.modules[name].r for a in zeroed.selected()[0])  # b's units are not clustered
+    with pytest.raises(AdapterError, match="all adapter weights are zero"):
+        session.with_selection([True] * 3, [0.0] * 3).selected()
+
+
 def test_merge_settings_validation():
     with pytest.raises(ValueError, match="k must be"):
         MergeSettings(k=0)

@@ -19,7 +19,8 @@ An adapter of rank 8 on 28 modules (4 layers × 7 projections, as in the demo zo
 8 × 28 = 224 MSUs — the `#MSUs` column.
 
 **Use** picks which adapters take part in the map, the checks and the merge; **weight** scales an
-adapter's contribution (`w · ΔW`, applied to the `b` side of its MSUs).
+adapter's contribution (`w · ΔW`, applied to the `b` side of its MSUs); weight 0 leaves it out, like
+unticking.
 """
 
 MAP = """

@@ -79,10 +79,17 @@ class Session:
         )
 
     def selected(self) -> tuple[list[LoraAdapter], list[float]]:
-        """The adapters ticked "use" and their weights; raises when none is."""
-        pairs = [(a, w) for a, u, w in zip(self.adapters, self.use, self.weights) if u]
-        if not pairs:
+        """The adapters ticked "use" with a non-zero weight, and their weights; raises when none is.
+
+        Weight 0 leaves an adapter out, as unticking does: kept in, its units (zero once weighted)
+        would only use up merged ranks and crowd the map.
+        """
+        ticked = [(a, w) for a, u, w in zip(self.adapters, self.use, self.weights) if u]
+        if not ticked:
             raise AdapterError("no adapter selected: load the demo zoo or an adapter, and tick 'use' for at least one.")
+        pairs = [(a, w) for a, w in ticked if w != 0]
+        if not pairs:
+            raise AdapterError("all adapter weights are zero; the merge would be empty. Give at least one ticked adapter a non-zero weight.")
         return [a for a, _ in pairs], [w for _, w in pairs]
 
 
