@@ -140,6 +140,7 @@ def test_click_through_the_app(page, tmp_path_factory):
 
 def test_smora_tab_routes_a_prompt(page):
     """The SMoRA tab: route an example prompt through the router over merged MSUs and see every figure."""
+    page.get_by_role("tab", name="1 · Load adapters").wait_for()  # the tabs are drawn (when run on its own)
     if not page.get_by_role("tab", name="6 · SMoRA").count():
         pytest.skip("the SMoRA tab is shown only when the demo zoo is built (python scripts/build_zoo.py)")
     page.get_by_role("tab", name="6 · SMoRA").click()

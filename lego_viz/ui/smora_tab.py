@@ -159,7 +159,7 @@ def task_figure(routing: TaskRouting, module: str, units: Sequence[str]) -> go.F
     ))
     fig.update_layout(
         title={"text": f"Selection frequency per task · {module} ({TASK_TEXTS} held-out texts per task)", "font": {"size": 13}},
-        xaxis={"title": "rank (unit)", "type": "category"}, yaxis={"title": "task", "autorange": "reversed"},
+        xaxis={"title": "rank (unit)", "type": "category", "tickangle": -90}, yaxis={"title": "task", "autorange": "reversed"},
         height=140 + 30 * len(routing.tasks), **_LAYOUT,
     )
     return fig
@@ -177,13 +177,14 @@ def load_figure(load: torch.Tensor, bias: torch.Tensor, units: Sequence[str], mo
     fig.add_trace(go.Scatter(x=list(units), y=beta, name="bias β", mode="markers", marker={"color": "#d62728", "symbol": "diamond"},
                              hovertemplate="%{x}<br>β = %{y:.4f}<extra></extra>"), secondary_y=True)
     fig.add_hline(y=1.0, line_dash="dot", line_color="grey", secondary_y=False)
-    fig.update_xaxes(title_text="rank (unit)", type="category")
-    fig.update_yaxes(title_text="load c / mean(c)", secondary_y=False)
-    fig.update_yaxes(title_text="bias β", secondary_y=True, showgrid=False)
+    fig.update_xaxes(title_text="rank (unit)", type="category", tickangle=-90)  # upright labels stay inside the figure
+    # Axis titles name the two series, so no legend competes with the upright rank labels.
+    fig.update_yaxes(title_text="load c / mean(c) (bars)", secondary_y=False)
+    fig.update_yaxes(title_text="bias β (◆)", secondary_y=True, showgrid=False)
     fig.update_layout(
-        title={"text": f"Load per rank on held-out texts of all tasks · {module} · max(c)/mean(c) = {load_balance(load):.2f}",
-               "font": {"size": 13}},
-        height=380, legend={"orientation": "h", "y": -0.25}, **_LAYOUT,
+        title={"text": f"Load per rank · max(c)/mean(c) = {load_balance(load):.2f}"
+                       f"<br><sup>held-out texts of all tasks · {module}</sup>", "font": {"size": 13}},
+        height=400, showlegend=False, **{**_LAYOUT, "margin": {**_LAYOUT["margin"], "t": 70}},
     )
     return fig
 
