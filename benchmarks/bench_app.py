@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import statistics
 import time
 from collections.abc import Iterator
 
@@ -22,6 +23,7 @@ from lego_viz.ui.msu_map import ALL
 K_CHANGE_TARGET = 1.0
 UMAP_TARGET = 3.0
 ENDPOINTS = ("/load_zoo", "/cluster")
+K_CHANGES = (5, 6, 7, 8, 9)  # full mode: k moved five times after the first map (k = 4)
 SETTINGS = {
     "selection": ALL,
     "colour_by": "cluster",
@@ -82,8 +84,10 @@ def measure(quick: bool) -> dict[str, float]:
             return figures
         warm_up(block=True)
         figures["umap"] = _timed_call(client, projection="umap", k=4, **settings)
-        figures["k_change"] = _timed_call(client, projection="umap", k=5, **settings)
-        figures["pca"] = _timed_call(client, projection="pca", k=5, **settings)
+        # One k change is one sample of a noisy shared machine: take the median of several, keep the worst.
+        changes = sorted(_timed_call(client, projection="umap", k=k, **settings) for k in K_CHANGES)
+        figures["k_change"], figures["k_change_max"] = statistics.median(changes), changes[-1]
+        figures["pca"] = _timed_call(client, projection="pca", k=K_CHANGES[-1], **settings)
         return figures
 
 
@@ -108,10 +112,11 @@ def run(quick: bool = False) -> list[Row]:
             )
         )
     projection = "PCA" if quick else "UMAP"
+    spread = f", median of {len(K_CHANGES)} (slowest {seconds(figures['k_change_max'])})" if "k_change_max" in figures else ""
     rows += [
         Row(
             "5 app",
-            f"change k → new figure ({projection} cached)",
+            f"change k → new figure ({projection} cached{spread})",
             seconds(figures["k_change"]),
             "—",
             seconds(figures["k_change"]),
