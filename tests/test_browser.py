@@ -206,3 +206,20 @@ def test_smora_adapter_switch_routes_again(page):
     page.wait_for_function(f"document.querySelector('#smora-gates .gtitle')?.textContent.includes('{other} · model.layers.0.self_attn.q_proj')")
     # The load figure follows too (its max(c)/mean(c) differs); waiting for it also lets the chain finish here.
     page.wait_for_function(f"{load_title} !== {before!r}")
+
+
+def test_smora_tab_draws_its_figures_when_first_opened(page):
+    """A visitor who opens the SMoRA tab sees the example routed at once, before pressing Route."""
+    fresh = page.context.new_page()
+    try:
+        fresh.set_default_timeout(SLOW_MS)
+        fresh.goto(page.url)
+        fresh.get_by_role("tab", name="1 · Load adapters").wait_for()
+        if not fresh.get_by_role("tab", name="6 · SMoRA").count():
+            pytest.skip("the SMoRA tab is shown only when the demo zoo is built (python scripts/build_zoo.py)")
+        fresh.get_by_role("tab", name="6 · SMoRA").click()
+        for plot in ("smora-gates", "smora-sources", "smora-tasks", "smora-load"):
+            fresh.locator(f"#{plot} .js-plotly-plot").wait_for()
+        assert fresh.locator("#smora-output textarea").input_value().strip()
+    finally:
+        fresh.close()

@@ -111,6 +111,13 @@ def test_task_stats_figures(tiny_assets) -> None:
     assert "max(c)/mean(c)" in load.layout.title.text
 
 
+def test_first_visit_draws_everything_once(tiny_assets) -> None:
+    completion, gates, sources, tasks, load = smora_tab.first_visit("merged_router", MODULE, "sort: 3141=", "")
+    assert isinstance(completion, str) and all(isinstance(f, go.Figure) and f.data for f in (gates, sources, tasks, load))
+    again = smora_tab.first_visit("merged_router", MODULE, "sort: 3141=", completion or "shown")
+    assert len(again) == 5 and all(isinstance(out, type(gr.skip())) for out in again)  # already shown: nothing recomputed
+
+
 def test_choose_adapter_and_training_figure(tiny_assets) -> None:
     dropdown, training = smora_tab.choose_adapter("multitask")
     assert MODULE in [c[0] if isinstance(c, tuple) else c for c in dropdown.choices] and dropdown.value == MODULE

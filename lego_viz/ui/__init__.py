@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import gradio as gr
 
 from lego_viz.projection import warm_up
 from lego_viz.ui import export_tab, invariance_tab, learn, load_tab, map_tab, run_tab
 from lego_viz.ui.runtime import CONCURRENCY, MAX_FILE_SIZE, SESSION_TTL_S
+from lego_viz.ui.smora_tab import build_smora_tab
 from lego_viz.ui.state import Session, cleanup
 
 CSS = """
@@ -39,15 +38,6 @@ def launch_options() -> dict:
     return {"max_file_size": MAX_FILE_SIZE, "css": CSS, "js": JS, "theme": gr.themes.Soft()}
 
 
-def _smora_tab():
-    # The SMoRA tab is optional: the app works without it while it is being written.
-    if importlib.util.find_spec("lego_viz.ui.smora_tab") is None:
-        return None
-    from lego_viz.ui.smora_tab import build_smora_tab
-
-    return build_smora_tab
-
-
 def build_demo(public: bool = False) -> gr.Blocks:
     """Build the explorer app.
 
@@ -72,10 +62,8 @@ def build_demo(public: bool = False) -> gr.Blocks:
                 run_tab.build(session)
             with gr.Tab("5 · Export", id="export"):
                 export_tab.build(session)
-            build_smora = _smora_tab()
-            if build_smora is not None:
-                with gr.Tab("6 · SMoRA", id="smora"):
-                    build_smora()
+            with gr.Tab("6 · SMoRA", id="smora") as smora:
+                build_smora_tab(smora)
         _wire_follow_ups(session, load, msu_map, checks)
     demo.queue(default_concurrency_limit=CONCURRENCY)
     return demo

@@ -261,8 +261,18 @@ def choose_adapter(name: str, module: str | None = None):
     return gr.Dropdown(choices=modules, value=value), training_figure(shipped_results(), name)
 
 
-def build_smora_tab() -> None:
-    """Lay out the SMoRA router tab (inside the caller's `gr.Tab`) and wire its events."""
+def first_visit(name: str, module: str, prompt: str, shown: str):
+    """On opening the tab: route the example prompt and draw every figure, unless already shown."""
+    if shown:
+        return (gr.skip(),) * 5
+    return (*route(name, module, prompt), *task_stats(name, module))
+
+
+def build_smora_tab(tab: gr.Tab | None = None) -> None:
+    """Lay out the SMoRA router tab (inside `tab`, the caller's `gr.Tab`) and wire its events.
+
+    With `tab`, the first time it is opened routes the example prompt, so no figure starts empty.
+    """
     folders = shipped_adapters()
     gr.Markdown(INTRO)
     if not folders:
@@ -296,3 +306,6 @@ def build_smora_tab() -> None:
     adapter.change(choose_adapter, [adapter, module], [module, training_plot], api_name="smora_adapter").success(
         **route_io, api_visibility="private"
     ).success(**tasks_io, api_visibility="private")
+    if tab is not None:
+        tab.select(first_visit, [adapter, module, prompt, completion], route_io["outputs"] + tasks_io["outputs"],
+                   api_visibility="private")
