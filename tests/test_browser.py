@@ -172,6 +172,20 @@ def test_a_dropdown_pick_merges_once(page):
     page.wait_for_function("document.querySelector('#merge-summary').innerText.startsWith('lego')")
 
 
+def test_a_refused_method_goes_back_in_the_dropdown(page):
+    """ties needs equal ranks; the zoo mixes r = 4, 8, 16: the error says why and the dropdown shows the map's method."""
+    if not zoo_available():
+        pytest.skip("needs the demo zoo's mixed ranks (python scripts/build_zoo.py)")
+    page.get_by_role("tab", name="2 · MSU map & merge").click()
+    page.locator("#msu-map .js-plotly-plot").wait_for()
+    shown = page.locator("#merge-method input").input_value()
+    page.locator("#merge-method input").click()
+    page.get_by_role("option", name="ties", exact=True).click()
+    page.get_by_text("need equal ranks").first.wait_for()
+    page.wait_for_function(f"document.querySelector('#merge-method input').value === '{shown}'")
+    assert f"{shown} → merged rank" in page.locator("#merge-summary").inner_text()  # the map's merge is kept
+
+
 def test_k_typed_with_enter_or_moved_by_keys_redraws(page):
     """A k typed into the slider's box + Enter, or stepped with the arrow keys, re-clusters the map."""
     page.get_by_role("tab", name="2 · MSU map & merge").click()

@@ -136,16 +136,23 @@ def build(session: gr.State) -> MapTab:
         gr.Markdown(learn.MAP)
     tab = MapTab(selection, projection, colour_by, method, k, features, param_reweight, output_reweight, seed, button, plot, heatmap, summary)
     cluster_args = {"fn": cluster, "inputs": [session, *tab.inputs], "outputs": [session, *tab.outputs]}
+    redraw = {**cluster_args, "api_visibility": "private", "trigger_mode": "always_last", "show_progress": "minimal"}
     button.click(**cluster_args, api_name="cluster")
     # Slider and text-like controls fire on release/submit, so dragging does not queue a merge per pixel.
-    k.release(**cluster_args, api_visibility="private", trigger_mode="always_last", show_progress="minimal")
+    k.release(**redraw)
     seed.submit(**cluster_args, api_visibility="private")
     # k means nothing to methods whose rank is fixed by the inputs (linear, PEFT-style).
     method.change(lambda m: gr.update(interactive=MERGE_METHODS[m].takes_k), method, k, api_visibility="private", queue=False)
     for control in (projection, colour_by, features, param_reweight, output_reweight):
-        control.input(**cluster_args, api_visibility="private", trigger_mode="always_last", show_progress="minimal")
+        control.input(**redraw)
     # A dropdown fires .input twice per pick with the mouse (Gradio 6.31): two merges, every error shown twice.
     # .change fires once per new value, typed or picked.
-    for control in (selection, method):
-        control.change(**cluster_args, api_visibility="private", trigger_mode="always_last", show_progress="minimal")
+    selection.change(**redraw)
+    # A refused method (e.g. ties on unequal ranks) goes back in the dropdown to the method the map shows.
+    method.change(**redraw).failure(shown_method, session, method, api_visibility="private", queue=False)
     return tab
+
+
+def shown_method(session: Session) -> str:
+    """The method of the merge the session holds (the default before any)."""
+    return session.settings.method
