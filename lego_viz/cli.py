@@ -45,6 +45,24 @@ def _k_value(text: str) -> int | dict[str, int]:
         raise argparse.ArgumentTypeError(f"expected an integer or NAME=INT,... ; got {text!r}") from None
 
 
+def _option(text: str) -> tuple[str, object]:
+    """``NAME=VALUE`` of a method option; the value typed as a number or true/false where it reads as one."""
+    name, sep, raw = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE like merge=ties; got {text!r}")
+    value: object = raw.strip()
+    if value in ("true", "false"):
+        value = value == "true"
+    else:
+        for kind in (int, float):
+            try:
+                value = kind(raw)
+                break
+            except ValueError:
+                continue
+    return name.strip(), value
+
+
 def _load(specs: Sequence[str]) -> list[LoraAdapter]:
     if not specs:
         raise UsageError("give at least one adapter (a PEFT folder, a .zip of one, or a hub id).")
@@ -104,7 +122,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def _recipe_settings(args: argparse.Namespace) -> list[tuple[str, object]]:
     """The merge flags a recipe fixes, with what the command line gave (None / False: not given)."""
     names = ("method", "k", "weights", "features", "param_reweight", "no_output_reweight", "preset", "seed", "n_init",
-             "density", "allow_base_mismatch")
+             "density", "option", "allow_base_mismatch")
     return [("--" + name.replace("_", "-"), getattr(args, name)) for name in names]
 
 
@@ -140,6 +158,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
                 options[key] = value
         if args.no_output_reweight:
             options["output_reweight"] = False
+        options.update(args.option or [])
     merged = merge(adapters, method=method, k=k, weights=weights, allow_base_mismatch=allow, **options)
     checks = None
     if not args.no_checks:
@@ -183,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", allow_abbrev=False, help="merge adapters and export a PEFT folder + report + recipe")
     p.add_argument("adapters", nargs="*", metavar="ADAPTER")
     p.add_argument("--recipe", help="re-run the merge described by a recipe.yaml")
-    p.add_argument("--method", default=None, help="lego (default), linear, svd, peft_linear, ties, dare_linear")
+    p.add_argument("--method", default=None, help="lego (default), linear, svd, core_space, knots, peft_linear, ties, dare_linear")
     p.add_argument("--k", type=_k_value, default=None, help="target rank, or per module: q_proj=8,v_proj=4,*=6")
     p.add_argument("--weights", type=_float_list, default=None, help="comma-separated, one per adapter")
     p.add_argument("--features", default=None, help="raw, canonical (default) or normalized")
@@ -192,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default=None, help="lego preset: paper")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--n-init", type=int, default=None)
-    p.add_argument("--density", type=float, default=None, help="ties / dare_linear density")
+    p.add_argument("--density", type=float, default=None, help="ties / dare_linear / knots / core_space density")
+    p.add_argument("--option", type=_option, action="append", default=None, metavar="NAME=VALUE",
+                   help="any other method option, repeatable: merge=ties (core_space), rule=dare_ties (knots), rescale=lsq (lego)")
     p.add_argument("--allow-base-mismatch", action="store_true", help="merge adapters whose base names differ (same shapes)")
     p.add_argument("--no-checks", action="store_true", help="skip the invariance checks written to the report")
     p.add_argument("--out", required=True, help="output folder (must be empty unless --force)")

@@ -13,10 +13,16 @@ import time
 from collections.abc import Mapping, Sequence
 
 from lego_viz.adapters import LoraAdapter, _pattern_value, check_compatible, module_order
-from lego_viz.merge import exact, lego, peft_style  # noqa: F401  (registration)
+from lego_viz.merge import core_space, exact, knots, lego, peft_style  # noqa: F401  (registration)
 from lego_viz.merge.base import MERGE_METHODS, MergedAdapter, MergeError, MergeMethod, Option
 from lego_viz.merge.lego import PRESETS
 from lego_viz.msu import _weights
+
+# Menus and messages list the baselines and LEGO, then the merge lab, then PEFT's own rules.
+_MENU = ("linear", "svd", "lego", "core_space", "knots")
+_ordered = {name: MERGE_METHODS[name] for name in _MENU} | MERGE_METHODS
+MERGE_METHODS.clear()
+MERGE_METHODS.update(_ordered)
 
 __all__ = ["MERGE_METHODS", "PRESETS", "MergeError", "MergeMethod", "MergedAdapter", "Option", "merge", "resolve_k"]
 
@@ -99,8 +105,9 @@ def merge(
 
     Args:
         adapters: adapters for the same base model (checked).
-        method: one of :data:`MERGE_METHODS` (``lego``, ``linear``, ``svd``, ``peft_linear``, ``ties``, ``dare_linear``).
-        k: target rank (``lego``, ``svd``): an int, a per-module mapping, or None (largest source rank).
+        method: one of :data:`MERGE_METHODS` (``lego``, ``linear``, ``svd``, ``core_space``, ``knots``, ``peft_linear``,
+            ``ties``, ``dare_linear``).
+        k: target rank (``lego``, ``svd``, ``core_space``, ``knots``): an int, a per-module mapping, or None (largest source rank).
         weights: one per adapter, default 1.
         allow_base_mismatch: accept different base-model names when shapes agree.
         name: name of the merged adapter.

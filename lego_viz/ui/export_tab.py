@@ -12,6 +12,7 @@ from pathlib import Path
 import gradio as gr
 
 from lego_viz.export import export_adapter, export_task_type, zip_export
+from lego_viz.merge import MERGE_METHODS
 from lego_viz.ui import learn
 from lego_viz.ui.errors import user_errors
 from lego_viz.ui.merging import merged_session
@@ -30,7 +31,8 @@ class ExportTab:
 
 def _folder_name(session: Session) -> str:
     settings = session.settings
-    name = f"{settings.method}_k{settings.k}_merge" if settings.method in ("lego", "svd") else f"{settings.method}_merge"
+    spec = MERGE_METHODS.get(settings.method)
+    name = f"{settings.method}_k{settings.k}_merge" if spec and spec.takes_k else f"{settings.method}_merge"
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
 
