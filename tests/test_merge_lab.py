@@ -132,3 +132,35 @@ def test_cli_merges_with_lab_options_and_the_recipe_reproduces_them(tmp_path, to
     first, second = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("one", "two"))
     assert all(torch.equal(first[key], second[key]) for key in first)
     assert main(["merge", *dirs, "--method", "knots", "--option", "rule=fancy", "--out", str(tmp_path / "bad")]) == 2
+
+
+# ----------------------------------------------------------------------------- lego rescale=lsq
+
+
+def _relative_errors(merged, adapters, weights):
+    target = dense_sum(adapters, weights)
+    return {n: (m.delta_weight() - target[n]).norm().item() / target[n].norm().item() for n, m in merged.modules.items()}
+
+
+@pytest.mark.parametrize("k", [2, 5, 9])
+def test_lsq_rescale_is_never_worse_than_the_unscaled_centroids(toy_adapters, k):
+    plain = _relative_errors(merge(toy_adapters, "lego", k=k, weights=WEIGHTS, param_reweight="none", output_reweight=False),
+                             toy_adapters, WEIGHTS)
+    fitted = _relative_errors(merge(toy_adapters, "lego", k=k, weights=WEIGHTS, rescale="lsq"), toy_adapters, WEIGHTS)
+    for name in plain:
+        assert fitted[name] <= plain[name] + 1e-6, name  # s = 1 is feasible, so the optimum can only be lower
+    assert sum(fitted.values()) < 0.99 * sum(plain.values())
+
+
+def test_lsq_rescale_equals_the_dense_least_squares_solution(toy_adapters):
+    k = 4
+    plain = merge(toy_adapters, "lego", k=k, weights=WEIGHTS, param_reweight="none", output_reweight=False)
+    # the reweightings only rescale units, which the fit undoes: with them on the answer is the same
+    fitted = merge(toy_adapters, "lego", k=k, weights=WEIGHTS, rescale="lsq")
+    target = dense_sum(toy_adapters, WEIGHTS)
+    for name, lora in plain.modules.items():
+        units = torch.stack([torch.outer(lora.B[:, j], lora.A[j]).flatten() for j in range(k)], dim=1).double()
+        s = torch.linalg.lstsq(units, target[name].flatten().double()[:, None]).solution[:, 0]
+        expected = (units @ s).reshape(target[name].shape).float()
+        # float32 factors, float64 solves on both sides: agreement to ~1e-6 of the entries
+        assert torch.allclose(fitted.modules[name].delta_weight(), expected, rtol=1e-4, atol=1e-6), name

@@ -22,6 +22,8 @@ LEGO_OPTIONS = {
     "features": Option("canonical", "what k-means sees: raw [ã; b̃], canonical (scale/sign fixed), normalized (directions)", choices=FEATURE_MODES),
     "param_reweight": Option("l2", "rescale each centroid to its members' mean norm (l2 / linf) or not", choices=("none", "l2", "linf")),
     "output_reweight": Option(True, "scale the merged update by sqrt(mean source rank / k)", kind=bool),
+    "rescale": Option("none", "lsq: after clustering, fit one scale per merged rank so the merge is closest (Frobenius) "
+                      "to the exact weighted sum; it replaces both reweightings' scales", choices=("none", "lsq")),
     "seed": Option(0, "k-means random seed", kind=int, minimum=0),
     "n_init": Option(10, "k-means restarts (best inertia kept)", kind=int, minimum=1, maximum=1000),
     "max_iter": Option(100, "Lloyd iterations per restart", kind=int, minimum=1, maximum=10000),
@@ -145,6 +147,33 @@ def _centroids(
     return c_a * factor[:, None], c_b * factor[:, None]
 
 
+def lsq_scales(
+    adapters: Sequence[LoraAdapter], weights: list[float], name: str, owners: list[int], c_a: torch.Tensor, c_b: torch.Tensor
+) -> torch.Tensor:
+    """Per-unit scales ``s`` minimising ``‖Σ_j s_j b_j a_jᵀ − Σ_t w_t ΔW_t‖_F`` (DESIGN §5b).
+
+    The normal equations ``G s = h`` need only factor products: ``G = (C_b C_bᵀ) ∘ (C_a C_aᵀ)`` and
+    ``h_j = Σ_t b_jᵀ (w_t B̃_t)(Ã_t a_j)``, streamed adapter by adapter. Solved in float64 by
+    least squares, so coinciding or zero units (a singular G) get the minimum-norm answer.
+
+    Args:
+        c_a: (k, d_in) merged A rows; c_b: (k, d_out) merged B columns, as rows.
+
+    Returns:
+        ``s`` (k,).
+    """
+    h = torch.zeros(c_a.shape[0], dtype=torch.float64)
+    for t in owners:
+        lora = adapters[t].modules[name]
+        root = lora.scale**0.5
+        proj_b = (c_b @ lora.B.float()) * (root * weights[t])  # (k, r_t)
+        proj_a = (lora.A.float() @ c_a.T) * root  # (r_t, k)
+        h += (proj_b * proj_a.T).sum(dim=1).double()
+    c_a, c_b = c_a.double().cpu(), c_b.double().cpu()
+    gram = (c_b @ c_b.T) * (c_a @ c_a.T)  # (k, k)
+    return torch.linalg.lstsq(gram, h[:, None], driver="gelsd").solution[:, 0].float()
+
+
 def _dims(adapters: Sequence[LoraAdapter], name: str) -> tuple[int, int]:
     lora = next(a.modules[name] for a in adapters if name in a.modules)
     return lora.d_in, lora.d_out
@@ -209,6 +238,10 @@ def lego(adapters: Sequence[LoraAdapter], weights: list[float], k: Mapping[str, 
             ranks = [adapters[t].modules[name].r for t in units.owners]
             factor = (sum(ranks) / len(ranks) / rank) ** 0.25  # sqrt(r̄/k) on the update, split over both halves
             c_a, c_b = c_a * factor, c_b * factor
+        if options["rescale"] == "lsq":
+            scales = lsq_scales(adapters, weights, name, units.owners, c_a, c_b)
+            root = scales.abs().sqrt()  # split over both halves; the sign goes with b
+            c_a, c_b = c_a * root[:, None], c_b * (root * torch.sign(scales))[:, None]
         fan_in_fan_out = adapters[units.owners[0]].modules[name].fan_in_fan_out
         out.modules[name] = LoraModule(A=c_a.contiguous(), B=c_b.T.contiguous(), scale=1.0, fan_in_fan_out=fan_in_fan_out)
         out.labels[name] = labels
