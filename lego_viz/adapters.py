@@ -79,6 +79,7 @@ class LoraAdapter:
     sha256: str = ""
     weights_file: str = ""
     config_sha256: str = ""  # the config sets the scale, so a recipe checks it as well as the weights
+    dtype: str = "float32"  # how the file stored A and B (loading converts to float32); exports default to it
 
     @property
     def base_model(self) -> str | None:
@@ -411,6 +412,12 @@ def build_modules(
     return modules, extra, warnings
 
 
+def stored_dtype(tensors: dict[str, torch.Tensor]) -> str:
+    """The dtype of a file's LoRA factors (``bfloat16``, ``float16``, ``float32``); float32 when they mix."""
+    dtypes = {str(t.dtype).removeprefix("torch.") for key, t in tensors.items() if _LORA_KEY.match(key)}
+    return dtypes.pop() if len(dtypes) == 1 else "float32"
+
+
 def load_adapter(spec: str | os.PathLike, name: str | None = None, workdir: Path | None = None) -> LoraAdapter:
     """Load and validate one PEFT LoRA adapter.
 
@@ -442,6 +449,7 @@ def load_adapter(spec: str | os.PathLike, name: str | None = None, workdir: Path
         sha256=_sha256(weights_path),
         weights_file=weights_path.name,
         config_sha256=_sha256(folder / CONFIG_NAME),
+        dtype=stored_dtype(tensors),
     )
 
 

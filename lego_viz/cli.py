@@ -127,28 +127,31 @@ def _recipe_settings(args: argparse.Namespace) -> list[tuple[str, object]]:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from lego_viz.export import export_adapter, load_recipe
+    from lego_viz.export import export_adapter
     from lego_viz.merge import merge
 
     options = {}
-    if args.recipe:
+    dtype, max_rank = args.dtype, args.max_rank
+    if args.config or args.recipe:
+        from lego_viz.mergekit_config import load_config, load_models
+
+        flag, what = ("--config", "config") if args.config else ("--recipe", "recipe")
+        if args.config and args.recipe:
+            raise UsageError("give --config or --recipe, not both (a recipe is a config).")
         if args.adapters:
-            raise UsageError("give either adapters or --recipe, not both.")
-        given = [flag for flag, value in _recipe_settings(args) if value not in (None, False)]
+            raise UsageError(f"give either adapters or {flag}, not both.")
+        given = [option for option, value in _recipe_settings(args) if value not in (None, False)]
         if given:
-            raise UsageError(f"--recipe takes the merge settings from the recipe; drop {', '.join(given)} "
-                             "(or edit the recipe).")
-        recipe = load_recipe(args.recipe)
-        adapters = load_adapters([entry["path"] for entry in recipe["adapters"]], [entry["name"] for entry in recipe["adapters"]])
-        for entry, adapter in zip(recipe["adapters"], adapters):
-            if entry.get("sha256") and entry["sha256"] != adapter.sha256:
-                print(f"warning: {adapter.name} changed since the recipe was written (sha256 differs)", file=sys.stderr)
-            if entry.get("config_sha256") and entry["config_sha256"] != adapter.config_sha256:
-                print(f"warning: {adapter.name} changed since the recipe was written (its adapter_config.json differs)",
-                      file=sys.stderr)
-        method, k, weights = recipe["method"], recipe.get("k"), recipe.get("weights")
-        options.update(recipe.get("options") or {})
-        allow = bool(recipe.get("allow_base_mismatch"))
+            raise UsageError(f"{flag} takes the merge settings from the {what}; drop {', '.join(given)} "
+                             f"(or edit the {what}).")
+        config = load_config(args.config or args.recipe, what)
+        adapters, notes = load_models(config)
+        for note in notes:
+            print(f"warning: {note}", file=sys.stderr)
+        method, k, weights, allow = config.method, config.k, config.weights, config.allow_base_mismatch
+        options.update(config.options)
+        dtype = dtype or config.dtype
+        max_rank = max_rank or config.max_rank
     else:
         adapters = _load(args.adapters)
         method, k, weights, allow = args.method or "lego", args.k, args.weights, args.allow_base_mismatch
@@ -168,12 +171,17 @@ def cmd_merge(args: argparse.Namespace) -> int:
             "permutation": check_permutation(adapters).to_dict(per_module=False),
             "concat_sum": check_concat_sum(adapters, merged.weights).to_dict(per_module=False),
         }
-    out = export_adapter(merged, args.out, force=args.force, adapters=adapters, checks=checks)
+    out = export_adapter(merged, args.out, force=args.force, adapters=adapters, checks=checks, dtype=dtype,
+                         max_rank=max_rank)
     ranks = sorted(set(merged.ranks.values()))
     print(f"merged {len(adapters)} adapters with {method} → rank {ranks[0] if len(ranks) == 1 else ranks} "
           f"over {len(merged.modules)} modules in {merged.timings['total']:.2f} s → {out}")
     for warning in dict.fromkeys(merged.warnings):
         print(f"note: {warning}")
+    if args.push_to_hub:
+        from lego_viz.serving import push_to_hub
+
+        print(f"pushed to {push_to_hub(out, args.push_to_hub)}")
     return 0
 
 
@@ -201,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("merge", allow_abbrev=False, help="merge adapters and export a PEFT folder + report + recipe")
     p.add_argument("adapters", nargs="*", metavar="ADAPTER")
-    p.add_argument("--recipe", help="re-run the merge described by a recipe.yaml")
+    p.add_argument("--config", help="merge as a mergekit-style YAML says (models, merge_method, parameters, dtype)")
+    p.add_argument("--recipe", help="re-run the merge described by a recipe.yaml (a config of the same form)")
     p.add_argument("--method", default=None, help="lego (default), linear, svd, core_space, knots, peft_linear, ties, dare_linear")
     p.add_argument("--k", type=_k_value, default=None, help="target rank, or per module: q_proj=8,v_proj=4,*=6")
     p.add_argument("--weights", type=_float_list, default=None, help="comma-separated, one per adapter")
@@ -218,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-checks", action="store_true", help="skip the invariance checks written to the report")
     p.add_argument("--out", required=True, help="output folder (must be empty unless --force)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="saved weights (default: the inputs')")
+    p.add_argument("--max-rank", type=int, default=None, help="refuse a merge with any module above this rank")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO", help="upload the export (with its model card)")
     p.set_defaults(func=cmd_merge)
 
     for module_name in _PLUGINS:

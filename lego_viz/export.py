@@ -1,4 +1,4 @@
-"""Write a merged adapter as a PEFT folder, with ``merge_report.json`` and ``recipe.yaml`` (DESIGN §7).
+"""Write a merged adapter as a PEFT folder, with ``merge_report.json``, ``recipe.yaml`` and a model card (DESIGN §7).
 
 Writes are atomic: everything goes to a temporary sibling folder that is renamed into place at the
 end, so an interrupted export leaves neither a half-written adapter nor stray temp files.
@@ -22,6 +22,9 @@ from safetensors.torch import save_file
 from lego_viz.adapters import CONFIG_NAME, KEY_PREFIX, AdapterError, LoraAdapter
 from lego_viz.invariance import Factored, relative_error
 from lego_viz.merge import MergedAdapter
+from lego_viz.mergekit_config import recipe_config
+from lego_viz.model_card import CARD_NAME, model_card
+from lego_viz.serving import cast_factor, check_max_rank, resolve_dtype
 
 REPORT_NAME = "merge_report.json"
 RECIPE_NAME = "recipe.yaml"
@@ -126,30 +129,27 @@ def _portable(source: str) -> str:
     return str(path.resolve()) if path.exists() else source
 
 
-def recipe(merged: MergedAdapter) -> dict:
-    """What ``python -m lego_viz merge --recipe`` needs to redo this merge."""
-    options = {key: value for key, value in merged.options.items() if key != "k"}
-    return {
-        "lego_viz_recipe": 1,
-        "adapters": [{"path": _portable(s["source"]), "name": s["name"], "sha256": s["sha256"],
-                  "config_sha256": s.get("config_sha256", "")} for s in merged.sources],
-        "weights": merged.weights,
-        "method": merged.method,
-        "k": merged.options.get("k"),
-        "options": options,
-        "allow_base_mismatch": any("allowed by request" in w for w in merged.warnings),
-    }
+def recipe(merged: MergedAdapter, dtype: str = "float32") -> dict:
+    """What ``python -m lego_viz merge --config`` needs to redo this merge: a mergekit-style config."""
+    sources = [{"path": _portable(s["source"]), "name": s["name"], "sha256": s["sha256"],
+                "config_sha256": s.get("config_sha256", "")} for s in merged.sources]
+    return recipe_config(merged, sources, dtype)
 
 
-def _write(folder: Path, merged: MergedAdapter, report: dict) -> None:
+def _write(folder: Path, merged: MergedAdapter, report: dict, dtype: torch.dtype) -> None:
     tensors = {}
     for name, lora in merged.modules.items():
-        tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = lora.A.detach().to(torch.float32).contiguous().cpu()
-        tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = lora.B.detach().to(torch.float32).contiguous().cpu()
+        for side, factor in (("A", lora.A), ("B", lora.B)):
+            key = f"{KEY_PREFIX}{name}.lora_{side}.weight"
+            tensors[key] = cast_factor(factor, dtype, key)
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
-    (folder / CONFIG_NAME).write_text(json.dumps(peft_config(merged), indent=2) + "\n", encoding="utf-8")
+    config = peft_config(merged)
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     (folder / REPORT_NAME).write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
-    (folder / RECIPE_NAME).write_text(yaml.safe_dump(recipe(merged), sort_keys=False), encoding="utf-8")
+    dtype_name = str(dtype).removeprefix("torch.")
+    steps = recipe(merged, dtype_name)
+    (folder / RECIPE_NAME).write_text(yaml.safe_dump(steps, sort_keys=False), encoding="utf-8")
+    (folder / CARD_NAME).write_text(model_card(merged, steps, dtype_name, config["task_type"]), encoding="utf-8")
 
 
 def export_adapter(
@@ -158,6 +158,8 @@ def export_adapter(
     force: bool = False,
     adapters: list[LoraAdapter] | None = None,
     checks: dict | None = None,
+    dtype: str | None = None,
+    max_rank: int | None = None,
 ) -> Path:
     """Write ``merged`` as a PEFT LoRA folder that ``PeftModel.from_pretrained`` loads.
 
@@ -167,6 +169,8 @@ def export_adapter(
         force: replace a non-empty folder.
         adapters: the source adapters, to put reconstruction errors in the report.
         checks: invariance results to put in the report.
+        dtype: ``fp32``/``bf16``/``fp16`` for the saved factors; default the inputs' dtype.
+        max_rank: refuse the export if any module's rank exceeds it (serving stacks cap LoRA rank).
 
     Returns:
         The folder written.
@@ -176,11 +180,13 @@ def export_adapter(
         raise ExportError(f"{out} exists and is not a folder; choose another --out.")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ExportError(f"{out} is not empty; choose an empty folder or pass --force to replace it.")
+    check_max_rank(merged, max_rank)
+    saved_dtype = resolve_dtype(dtype, [s.get("dtype", "float32") for s in merged.sources])
     out.parent.mkdir(parents=True, exist_ok=True)
     report = build_report(merged, adapters, checks)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        _write(tmp, merged, report)
+        _write(tmp, merged, report, saved_dtype)
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}-{time.monotonic_ns()}"
             os.replace(out, old)

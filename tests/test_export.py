@@ -141,7 +141,8 @@ def test_recipe_reproduces_the_same_tensors_bit_for_bit(tmp_path, toy_adapters):
     second = load_file(str(tmp_path / "two" / "adapter_model.safetensors"))
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     recipe = yaml.safe_load((tmp_path / "one" / "recipe.yaml").read_text())
-    assert recipe["options"]["features"] == "normalized" and recipe["weights"] == [1.0, 0.5, 2.0]
+    assert recipe["parameters"]["features"] == "normalized" and recipe["parameters"]["k"] == 5
+    assert [m["parameters"]["weight"] for m in recipe["models"]] == [1.0, 0.5, 2.0]
 
 
 def test_recipe_notices_a_changed_adapter_config(tmp_path, toy_adapters, capsys):

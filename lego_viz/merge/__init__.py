@@ -152,7 +152,7 @@ def merge(
         sources=[
             {"name": a.name, "source": a.source, "sha256": a.sha256, "base_model": a.base_model,
              "r": a.config.get("r"), "lora_alpha": a.config.get("lora_alpha"), "weights_file": a.weights_file,
-             "config_sha256": a.config_sha256}
+             "config_sha256": a.config_sha256, "dtype": a.dtype}
             for a in adapters
         ],
         base_model=first.base_model,

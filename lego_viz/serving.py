@@ -1,0 +1,112 @@
+"""Make an export fit where it is served: the saved dtype, a rank cap, and the push to the Hub.
+
+Serving stacks load LoRAs in the model's dtype (most adapters in the wild are bf16) and cap the rank
+they accept (vLLM's ``max_lora_rank``, 16 by default), so both are settled at export time, with a
+message that says what to change rather than a failure on the server.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from lego_viz.adapters import AdapterError
+
+if TYPE_CHECKING:
+    from lego_viz.merge import MergedAdapter
+
+# Names users type (CLI, mergekit configs) → the torch dtype name written to the safetensors file.
+DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+          "fp16": "float16", "float16": "float16"}
+
+
+class ServingError(AdapterError):
+    """The export does not fit the serving constraints asked for; the message says what to lower or change."""
+
+
+def resolve_dtype(requested: str | None, source_dtypes: Iterable[str]) -> torch.dtype:
+    """The dtype to save the merged factors in.
+
+    Args:
+        requested: ``fp32``/``bf16``/``fp16`` (or the full torch names); None for the inputs' dtype.
+        source_dtypes: how each source adapter stored its factors.
+
+    Returns:
+        The torch dtype: the requested one, else the inputs' common dtype, else float32 (inputs differ).
+    """
+    if requested is None:
+        found = {DTYPES.get(str(d), "float32") for d in source_dtypes}
+        name = found.pop() if len(found) == 1 else "float32"
+    else:
+        name = DTYPES.get(str(requested).lower())
+        if name is None:
+            raise ServingError(f"unknown dtype {requested!r}; valid: fp32, bf16, fp16 (or float32, bfloat16, float16).")
+    return getattr(torch, name)
+
+
+def cast_factor(tensor: torch.Tensor, dtype: torch.dtype, key: str) -> torch.Tensor:
+    """``tensor`` in ``dtype``; refuses a cast that overflows (fp16 tops out at 65504)."""
+    out = tensor.detach().to(dtype).contiguous().cpu()
+    if not torch.isfinite(out).all():
+        raise ServingError(f"{key} overflows in {str(dtype).removeprefix('torch.')} (largest |value| "
+                           f"{tensor.abs().max().item():.3g}); export in bf16 or fp32 instead.")
+    return out
+
+
+def check_max_rank(merged: MergedAdapter, max_rank: int | None) -> None:
+    """Refuse a merge with any module above ``max_rank`` (a serving stack would reject it on load)."""
+    if max_rank is None:
+        return
+    if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1:
+        raise ServingError(f"max rank must be a positive whole number, got {max_rank!r}.")
+    over = {name: r for name, r in merged.ranks.items() if r > max_rank}
+    if not over:
+        return
+    worst = max(over, key=over.get)
+    if merged.method in ("lego", "svd"):
+        fix = f"lower k to {max_rank} or less (e.g. --k {max_rank}, or a per-module k for those modules)"
+    else:
+        fix = (f"method {merged.method} keeps the inputs' ranks (linear: their sum); use lego or svd with "
+               f"k ≤ {max_rank}, or merge fewer / lower-rank adapters")
+    raise ServingError(f"{len(over)} of {len(merged.ranks)} modules exceed max rank {max_rank} (largest: rank "
+                       f"{over[worst]} at {worst}); {fix}.")
+
+
+def push_to_hub(folder: str | os.PathLike, repo_id: str, token: str | None = None, private: bool = False) -> str:
+    """Upload an exported folder (it carries its model card) to a Hub model repo.
+
+    Args:
+        folder: the export.
+        repo_id: ``owner/name``; created when it does not exist.
+        token: a Hub token; default the logged-in one (``HF_TOKEN`` or ``hf auth login``).
+        private: create the repo private.
+
+    Returns:
+        The URL of the upload's commit.
+
+    Raises:
+        ServingError: offline, no token, or the Hub refused (the message names the cause).
+    """
+    folder = Path(folder)
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no"):
+        raise ServingError(f"cannot push to {repo_id}: HF_HUB_OFFLINE is set. The export is complete in {folder}; "
+                           f"push it later with `hf upload {repo_id} {folder}`.")
+    from huggingface_hub import HfApi, get_token
+
+    token = token or get_token()
+    if not token:
+        raise ServingError(f"cannot push to {repo_id}: no Hugging Face token. Run `hf auth login` or set HF_TOKEN; "
+                           f"the export is complete in {folder}.")
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
+                                 commit_message="Upload LoRA merged with lego-viz")
+    except Exception as exc:  # network, auth and permission errors all come back as one line
+        raise ServingError(f"push to {repo_id} failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}); "
+                           f"the export is complete in {folder}.") from None
+    return str(getattr(info, "commit_url", info))
