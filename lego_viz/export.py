@@ -94,7 +94,9 @@ def reconstruction_errors(merged: MergedAdapter, adapters: list[LoraAdapter]) ->
     return errors
 
 
-def build_report(merged: MergedAdapter, adapters: list[LoraAdapter] | None = None, checks: dict | None = None) -> dict:
+def build_report(
+    merged: MergedAdapter, adapters: list[LoraAdapter] | None = None, checks: dict | None = None, advice: dict | None = None
+) -> dict:
     report = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "method": merged.method,
@@ -120,6 +122,8 @@ def build_report(merged: MergedAdapter, adapters: list[LoraAdapter] | None = Non
         }
     if checks:
         report["invariance"] = checks
+    if advice:
+        report["advice"] = advice  # which k: suggested ranks and the budget allocation (lego_viz.advise)
     return report
 
 
@@ -160,6 +164,7 @@ def export_adapter(
     checks: dict | None = None,
     dtype: str | None = None,
     max_rank: int | None = None,
+    advice: dict | None = None,
 ) -> Path:
     """Write ``merged`` as a PEFT LoRA folder that ``PeftModel.from_pretrained`` loads.
 
@@ -171,6 +176,7 @@ def export_adapter(
         checks: invariance results to put in the report.
         dtype: ``fp32``/``bf16``/``fp16`` for the saved factors; default the inputs' dtype.
         max_rank: refuse the export if any module's rank exceeds it (serving stacks cap LoRA rank).
+        advice: the "which k?" suggestion (:meth:`lego_viz.advise.Advice.summary`) to put in the report.
 
     Returns:
         The folder written.
@@ -183,7 +189,7 @@ def export_adapter(
     check_max_rank(merged, max_rank)
     saved_dtype = resolve_dtype(dtype, [s.get("dtype", "float32") for s in merged.sources])
     out.parent.mkdir(parents=True, exist_ok=True)
-    report = build_report(merged, adapters, checks)
+    report = build_report(merged, adapters, checks, advice)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         _write(tmp, merged, report, saved_dtype)
