@@ -9,6 +9,7 @@ squared singular values, which never increase with k, so greedy is optimal there
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import re
 from collections.abc import Mapping, Sequence
@@ -63,6 +64,15 @@ class Advice:
             values = [errors[max(i for i, kk in enumerate(ks) if kk <= k)] for ks, errors in series]
             means.append(sum(values) / len(values))
         return grid, means
+
+    def with_budget(self, budget: int) -> Advice:
+        """The same curves with ranks allocated under another total budget (cheap: no merge runs)."""
+        allocation = allocate(self.curves, budget)
+        uniform = max(1, budget // len(self.curves))
+        return dataclasses.replace(
+            self, budget=budget, allocation=allocation, allocated_error=_error_at(self.curves, allocation),
+            uniform_k=uniform, uniform_error=_error_at(self.curves, dict.fromkeys(allocation, uniform)),
+        )
 
     def summary(self) -> dict:
         """What ``merge_report.json`` keeps: the suggestions and the allocation, without the per-module curves."""
@@ -228,17 +238,6 @@ def advise(
         curves = [ModuleCurve(c.module, c.n, c.svd, *measured[c.module]) for c in curves]
     draft = Advice(curves, {}, {}, 0, {}, 0.0, 0, 0.0)
     knees = {m: knee(*draft.mean_curve(m)) for m in CURVE_METHODS if draft.mean_curve(m)[0]}
-    if budget is None:
-        budget = len(curves) * knees["svd"]
-    allocation = allocate(curves, budget)
-    uniform = max(1, budget // len(curves))
-    return Advice(
-        curves=curves,
-        knee=knees,
-        module_knee={c.module: knee(range(1, c.max_k + 1), c.svd) for c in curves},
-        budget=budget,
-        allocation=allocation,
-        allocated_error=_error_at(curves, allocation),
-        uniform_k=uniform,
-        uniform_error=_error_at(curves, dict.fromkeys(allocation, uniform)),
-    )
+    module_knee = {c.module: knee(range(1, c.max_k + 1), c.svd) for c in curves}
+    draft = dataclasses.replace(draft, knee=knees, module_knee=module_knee)
+    return draft.with_budget(len(curves) * knees["svd"] if budget is None else budget)

@@ -24,6 +24,7 @@ from lego_viz.invariance import Factored, relative_error
 from lego_viz.merge import MergedAdapter
 from lego_viz.mergekit_config import recipe_config
 from lego_viz.model_card import CARD_NAME, model_card
+from lego_viz.retention import retention
 from lego_viz.serving import cast_factor, check_max_rank, resolve_dtype
 
 REPORT_NAME = "merge_report.json"
@@ -120,6 +121,8 @@ def build_report(
         report["relative_error_vs_weighted_sum"] = {
             "max": max(errors.values()), "mean": sum(errors.values()) / len(errors), "per_module": errors,
         }
+        # ⟨ΔW_merge, w_t ΔW_t⟩ / ‖w_t ΔW_t‖² per source adapter: how much of each the merge keeps
+        report["retention"] = retention(merged.modules, adapters, merged.weights)
     if checks:
         report["invariance"] = checks
     if advice:

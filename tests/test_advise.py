@@ -91,3 +91,28 @@ def test_cli_advise_writes_the_allocated_merge_and_refuses_a_small_budget(tmp_pa
     assert report["method"] == "svd" and sum(report["ranks"].values()) == 18 == report["advice"]["budget"]
     assert main(["advise", *dirs, "--budget", "2", "--no-lego"]) == 2
     assert "cannot give each of the 6 modules rank 1" in capsys.readouterr().err
+
+
+def test_app_panel_suggests_rebudgets_and_the_export_records_it(toy_adapters):
+    from lego_viz.ui import advise_panel
+    from lego_viz.ui.export_tab import export
+    from lego_viz.ui.merging import merged_session
+    from lego_viz.ui.state import Session
+
+    session = Session().with_adapters(toy_adapters, replace=True)
+    session, advice, figure, text, slider = advise_panel.suggest(session, 0)
+    assert session.advice["budget"] == 6 * advice.knee["svd"] and "Suggested k" in text
+    assert {trace.name for trace in figure.data} >= {"svd", "lego"}
+    assert figure.layout.xaxis.title.text and figure.layout.yaxis.title.text
+    session, advice, _, text = advise_panel.rebudget(session, advice, 20)
+    assert sum(session.advice["allocation"].values()) == 20 and "budget of **20**" in text
+    session = merged_session(session)
+    bars = advise_panel.retention_figure(session)
+    assert list(bars.data[0].y) == ["a", "b", "c"] and all(0 < x < 2 for x in bars.data[0].x)
+    session, archive, _, _ = export(session)
+    import zipfile
+
+    with zipfile.ZipFile(archive) as zf:
+        report = json.loads(zf.read(next(n for n in zf.namelist() if n.endswith("merge_report.json"))))
+    assert report["advice"]["budget"] == 20 and set(report["retention"]) == {"a", "b", "c"}
+    assert session.with_selection([True, False, True], [1.0, 1.0, 1.0]).advice is None  # a new selection drops it

@@ -164,3 +164,29 @@ def test_lsq_rescale_equals_the_dense_least_squares_solution(toy_adapters):
         expected = (units @ s).reshape(target[name].shape).float()
         # float32 factors, float64 solves on both sides: agreement to ~1e-6 of the entries
         assert torch.allclose(fitted.modules[name].delta_weight(), expected, rtol=1e-4, atol=1e-6), name
+
+
+# ----------------------------------------------------------------------------- retention
+
+
+def test_retention_equals_the_dense_projection(toy_adapters):
+    from lego_viz.retention import retention
+
+    merged = merge(toy_adapters, "lego", k=4, weights=WEIGHTS)
+    scores = retention(merged.modules, toy_adapters, WEIGHTS)
+    for adapter, w in zip(toy_adapters, WEIGHTS):
+        dense = {n: (merged.modules[n].delta_weight() * (w * lora.delta_weight())).sum() / (w * lora.delta_weight()).square().sum()
+                 for n, lora in adapter.modules.items()}
+        assert scores[adapter.name]["per_module"] == pytest.approx({n: float(v) for n, v in dense.items()}, rel=1e-4, abs=1e-6)
+        assert scores[adapter.name]["mean"] == pytest.approx(sum(map(float, dense.values())) / len(dense), rel=1e-4)
+    alone = retention(merge([toy_adapters[0]], "linear").modules, [toy_adapters[0]], [1.0])
+    assert alone["a"]["mean"] == pytest.approx(1.0, rel=1e-5)  # a merge that is the adapter keeps all of it
+
+
+def test_report_holds_retention_per_adapter(tmp_path, toy_adapters):
+    import json
+
+    merged = merge(toy_adapters, "core_space", k=3)
+    report = json.loads((export_adapter(merged, tmp_path / "r", adapters=toy_adapters) / "merge_report.json").read_text())
+    assert set(report["retention"]) == {"a", "b", "c"}
+    assert all(0.0 < entry["mean"] < 1.5 for entry in report["retention"].values())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from lego_viz.projection import warm_up
-from lego_viz.ui import export_tab, invariance_tab, learn, load_tab, map_tab, run_tab
+from lego_viz.ui import advise_panel, export_tab, invariance_tab, learn, load_tab, map_tab, run_tab
 from lego_viz.ui.runtime import CONCURRENCY, MAX_FILE_SIZE, SESSION_TTL_S
 from lego_viz.ui.smora_tab import build_smora_tab
 from lego_viz.ui.state import Session, cleanup
@@ -56,6 +56,7 @@ def build_demo(public: bool = False) -> gr.Blocks:
                 load = load_tab.build(session, public)
             with gr.Tab("2 · MSU map & merge", id="map"):
                 msu_map = map_tab.build(session)
+                advise_panel.build(session, msu_map.summary)
             with gr.Tab("3 · Invariance checks", id="invariance"):
                 checks = invariance_tab.build(session)
             with gr.Tab("4 · Run the models", id="run"):

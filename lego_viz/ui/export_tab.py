@@ -51,7 +51,7 @@ def export(session: Session) -> tuple[Session, str, str, str]:
     workdir = Path(tempfile.mkdtemp(prefix="lego_viz_export_"))
     session = dataclasses.replace(session, export_dir=str(workdir))
     name = _folder_name(session)
-    folder = export_adapter(session.merged, workdir / name, adapters=adapters)
+    folder = export_adapter(session.merged, workdir / name, adapters=adapters, advice=session.advice)
     archive = zip_export(folder, workdir / f"{name}.zip")
     snippet = learn.peft_snippet(session.merged.base_model or "<base model>", name, export_task_type(session.merged))
     ranks = sorted(set(session.merged.ranks.values()))

@@ -52,6 +52,7 @@ class Session:
     merged: MergedAdapter | None = None  # the merge of the current selection and settings, if computed
     merge_errors: dict[str, float] | None = None  # per module ‖ΔW_merge − Σ w·ΔW‖ / ‖Σ w·ΔW‖ of `merged`
     export_dir: str | None = None  # temp folder of the last export, removed with the session
+    advice: dict | None = None  # the "Which k?" suggestion for the current selection (lego_viz.advise.Advice.summary)
 
     def with_adapters(self, adapters: Sequence[LoraAdapter], replace: bool) -> Session:
         """A session holding `adapters` (added to or replacing the current ones), all selected at weight 1."""
@@ -68,6 +69,7 @@ class Session:
             weights=(self.weights if not replace else ()) + (1.0,) * (len(combined) - len(kept)),
             merged=None,
             merge_errors=None,
+            advice=None,
         )
 
     def with_selection(self, use: Sequence[bool], weights: Sequence[float]) -> Session:
@@ -75,7 +77,7 @@ class Session:
         n = len(self.adapters)
         return dataclasses.replace(
             self, use=tuple(bool(u) for u in use[:n]), weights=tuple(float(w) for w in weights[:n]),
-            merged=None, merge_errors=None,
+            merged=None, merge_errors=None, advice=None,
         )
 
     def selected(self) -> tuple[list[LoraAdapter], list[float]]:
