@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from lego_viz.adapters import AdapterError, LoraAdapter, check_compatible, load_adapters
 
 # Packages that contribute subcommands; a missing one (e.g. a trimmed install) is skipped.
-_PLUGINS = ("lego_viz.zoo.cli", "lego_viz.smora.cli", "lego_viz.advise_cli")
+_PLUGINS = ("lego_viz.zoo.cli", "lego_viz.smora.cli", "lego_viz.advise_cli", "lego_viz.run_cli")
 
 
 class UsageError(Exception):

@@ -1,0 +1,304 @@
+"""Base models for real adapters: find the base (local folder, Hugging Face cache, Hub), guard its size, load it.
+
+The base named by the adapters' ``base_model_name_or_path`` (or one the user types) is resolved in
+this order: a local folder; the Hugging Face cache (works offline); the Hub, when online. Its size
+is counted from ``config.json`` on the meta device before any weight is read or downloaded, so a
+model too large for the machine is refused with a message instead of exhausting memory.
+
+Headless: the app and the CLI both go through :func:`resolve_base` and :func:`load_base`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lego_viz.adapters import _HUB_ID, LoraAdapter, printable, same_base
+
+# Above this many parameters a CPU load is refused unless the limit is raised: 2 B float32
+# parameters are 8 GiB, and a forward pass per model variant on a few prompts already takes minutes.
+CPU_MAX_PARAMS = 2_000_000_000
+MAX_PARAMS_ENV = "LEGO_VIZ_MAX_BASE_PARAMS"
+ALLOWLIST_ENV = "LEGO_VIZ_BASE_ALLOWLIST"
+# What a causal LM needs from a hub repo: config, safetensors weights (single or sharded), tokenizer.
+# Pickled .bin weights are not fetched: safetensors cannot run code.
+HUB_PATTERNS = [
+    "config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
+    "tokenizer*", "vocab.json", "merges.txt", "special_tokens_map.json", "*.model", "*.tiktoken",
+]
+_HEAD_INFIXES = (".modules_to_save.default", ".modules_to_save", ".original_module")
+
+
+class BaseModelError(ValueError):
+    """A base model cannot be found, is refused or is too large; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class BaseSource:
+    """A resolved base model: a local folder with ``config.json`` (and, once fetched, weights)."""
+
+    name: str  # what the adapters or the user named
+    path: Path
+    origin: str  # "local folder", "Hugging Face cache" or "Hugging Face Hub"
+    parameters: int
+    model_type: str
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.model_type}, {self.parameters / 1e6:,.1f} M parameters, from the {self.origin})"
+
+
+def adapters_base(adapters: Sequence[LoraAdapter]) -> str:
+    """The base model the adapters name in ``base_model_name_or_path`` (they must agree)."""
+    names = [a.base_model for a in adapters if a.base_model]
+    if not names:
+        raise BaseModelError(
+            "the adapters do not name their base model (no base_model_name_or_path in adapter_config.json); "
+            "give the base explicitly (a local folder or a hub id)."
+        )
+    for other in names[1:]:
+        if not same_base(names[0], other):
+            raise BaseModelError(f"the adapters name different base models ({names[0]!r}, {other!r}); give the base explicitly.")
+    return names[0]
+
+
+def base_allowlist() -> list[str]:
+    """Hub ids a public app may load as bases: ``LEGO_VIZ_BASE_ALLOWLIST``, comma- or space-separated."""
+    return [item for item in re.split(r"[,\s]+", os.environ.get(ALLOWLIST_ENV, "")) if item]
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
+def _cache_dir() -> Path:
+    # Read at call time: huggingface_hub reads HF_HOME once at import, but a test or a launcher may set it later.
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    return Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface") / "hub"
+
+
+def _has_weights(folder: Path) -> bool:
+    return any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
+
+
+def _from_cache(repo_id: str) -> Path | None:
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, local_files_only=True, cache_dir=_cache_dir()))
+    except Exception:  # not cached (huggingface_hub raises several types for that)
+        return None
+    return folder if (folder / "config.json").is_file() and _has_weights(folder) else None
+
+
+def _hub_config(repo_id: str) -> Path:
+    """Fetch only ``config.json`` (a few kB) so the size guard runs before any weight is downloaded."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id, "config.json", cache_dir=_cache_dir(), etag_timeout=5)).parent
+    except Exception as exc:
+        raise BaseModelError(
+            f"{repo_id!r} is not in the Hugging Face cache ({_cache_dir()}) and could not be fetched from the Hub "
+            f"({type(exc).__name__}); check the name, or give a local folder with the model."
+        ) from None
+
+
+def count_parameters(folder: Path, name: str = "") -> tuple[int, str]:
+    """Parameters of the causal LM described by ``folder/config.json``, counted without reading weights.
+
+    The model is built on the meta device (no memory is allocated), so this takes well under a
+    second even for billions of parameters.
+
+    Returns:
+        (number of parameters, model_type)
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    label = name or str(folder)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except Exception as exc:
+        raise BaseModelError(f"{printable(label)}: config.json cannot be read as a transformers config ({str(exc)[:160]}).") from None
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except ValueError as exc:
+        raise BaseModelError(
+            f"{printable(label)}: {config.model_type!r} has no causal-LM class in transformers ({str(exc)[:120]}); "
+            "the run panel compares next-token outputs of causal language models."
+        ) from None
+    return sum(p.numel() for p in model.parameters()), config.model_type
+
+
+def max_parameters(device: str, override: float | None = None) -> float:
+    """The size guard's limit: ``override``, else ``LEGO_VIZ_MAX_BASE_PARAMS``, else a default per device.
+
+    The default is :data:`CPU_MAX_PARAMS` on the CPU, and on CUDA what fits in 80% of the GPU's
+    memory in bfloat16.
+    """
+    if override is not None:
+        return float(override)
+    configured = os.environ.get(MAX_PARAMS_ENV, "").strip()
+    if configured:
+        try:
+            return float(configured)
+        except ValueError:
+            raise BaseModelError(f"{MAX_PARAMS_ENV}={configured!r} is not a number (e.g. 7e9).") from None
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory * 0.8 / 2
+    return CPU_MAX_PARAMS
+
+
+def check_size(parameters: int, device: str, name: str, limit: float | None = None) -> None:
+    """Refuse a base above :func:`max_parameters` with a message naming the way out."""
+    limit = max_parameters(device, limit)
+    if parameters > limit:
+        bytes_per = 2 if device.startswith("cuda") else 4
+        raise BaseModelError(
+            f"{printable(name)} has {parameters / 1e9:.2f} B parameters, above the limit of {limit / 1e9:.2f} B on {device} "
+            f"(it needs about {parameters * bytes_per / 2**30:.1f} GiB of memory). Run on a GPU, or raise the limit with "
+            f"{MAX_PARAMS_ENV}=... (CLI: --max-params) if this machine has the memory."
+        )
+
+
+def resolve_base(
+    spec: str | None,
+    adapters: Sequence[LoraAdapter] = (),
+    *,
+    public: bool = False,
+    device: str = "cpu",
+    max_params: float | None = None,
+) -> BaseSource:
+    """Find the base model, check it may be loaded here, and make its files local.
+
+    Args:
+        spec: a local folder or a hub id; empty or None takes the adapters' ``base_model_name_or_path``.
+        adapters: the adapters to run (for the default base).
+        public: a public app: local folders are refused, and hub ids must be in :func:`base_allowlist`.
+        device: where the model will run (sets the default size limit).
+        max_params: override of the size limit (see :func:`max_parameters`).
+
+    Returns:
+        The resolved base; its folder holds the config, the weights and the tokenizer.
+
+    Raises:
+        BaseModelError: not found (offline and not cached), refused, or too large.
+    """
+    name = spec.strip() if spec and spec.strip() else adapters_base(adapters)
+    if "\x00" in name:
+        raise BaseModelError("the base model name contains a NUL byte.")
+    path = Path(name).expanduser()
+    if name.startswith(("/", "\\", ".", "~")) or path.exists():
+        if public:
+            raise BaseModelError(
+                f"local folders are refused on this public app ({printable(name[:80])}); type an allowed hub id "
+                f"({', '.join(base_allowlist()) or 'none is allowed here'}), or run lego-viz locally."
+            )
+        if not (path / "config.json").is_file():
+            raise BaseModelError(f"{printable(name)}: no config.json there; expected a transformers model folder (config.json + weights + tokenizer).")
+        return _guarded(name, path.resolve(), "local folder", device, max_params)
+    if len(name) > 200 or not _HUB_ID.match(name) or ".." in name:
+        raise BaseModelError(f"{printable(name[:120])!r}: no such folder, and not a valid hub id (owner/name).")
+    if public and name.lower() not in {item.lower() for item in base_allowlist()}:
+        allowed = ", ".join(base_allowlist()) or "none"
+        raise BaseModelError(
+            f"{name!r} is not in this app's list of base models ({allowed}); its owner sets {ALLOWLIST_ENV}. "
+            "Run lego-viz locally to use any base model."
+        )
+    cached = _from_cache(name)
+    if cached is not None:
+        return _guarded(name, cached, "Hugging Face cache", device, max_params)
+    if _offline():
+        raise BaseModelError(
+            f"{name!r} is not in the Hugging Face cache ({_cache_dir()}) and HF_HUB_OFFLINE is set: download it once with "
+            f"network access (`hf download {name}`), or give a local folder with the model."
+        )
+    source = _guarded(name, _hub_config(name), "Hugging Face Hub", device, max_params)
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(name, allow_patterns=HUB_PATTERNS, cache_dir=_cache_dir(), etag_timeout=5))
+    except Exception as exc:
+        raise BaseModelError(f"{name!r}: downloading the model failed ({type(exc).__name__}: {str(exc)[:120]}).") from None
+    if not _has_weights(folder):
+        raise BaseModelError(f"{name!r} has no safetensors weights on the Hub; download it yourself and give the local folder.")
+    return BaseSource(name, folder, source.origin, source.parameters, source.model_type)
+
+
+def _guarded(name: str, folder: Path, origin: str, device: str, max_params: float | None) -> BaseSource:
+    parameters, model_type = count_parameters(folder, name)
+    check_size(parameters, device, name, max_params)
+    return BaseSource(name, folder, origin, parameters, model_type)
+
+
+def load_base(source: BaseSource, device: str = "cpu") -> tuple[torch.nn.Module, object]:
+    """Load the base causal LM (bfloat16 on CUDA, float32 on the CPU) and its tokenizer, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path)
+    except Exception as exc:
+        raise BaseModelError(f"{source.name}: no usable tokenizer in {source.path} ({type(exc).__name__}); a base folder needs one.") from None
+    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, local_files_only=True)
+    return model.to(device).eval(), tokenizer
+
+
+# --------------------------------------------------------------------------- task heads
+
+
+def _head_name(key: str) -> str:
+    for infix in _HEAD_INFIXES:
+        key = key.replace(infix, "")
+    return key
+
+
+def adapter_heads(model: torch.nn.Module, adapter: LoraAdapter) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The adapter's saved non-LoRA tensors (``modules_to_save``, task heads) that fit ``model``.
+
+    A tensor is used when the base has a parameter of the same name and shape (PEFT's own rule for
+    ``modules_to_save``); the others are named in the notes, e.g. a sequence-classification
+    ``score`` head on a causal LM, which has no such module.
+
+    Returns:
+        (parameter name → tensor to use while this adapter runs, notes)
+    """
+    params = dict(model.named_parameters())
+    usable: dict[str, torch.Tensor] = {}
+    unused: list[str] = []
+    for key, tensor in adapter.extra_tensors.items():
+        name = _head_name(key)
+        if name in params and tuple(params[name].shape) == tuple(tensor.shape):
+            usable[name] = tensor
+        else:
+            unused.append(f"{name} {list(tensor.shape)}")
+    notes = []
+    if usable:
+        notes.append(f"{adapter.name}: its saved {', '.join(usable)} replace the base's while it runs (modules_to_save).")
+    if unused:
+        shown = ", ".join(unused[:3]) + (" …" if len(unused) > 3 else "")
+        notes.append(f"{adapter.name}: {shown} not used — the base causal LM has no such parameter (a classification head).")
+    return usable, notes
+
+
+@contextlib.contextmanager
+def swapped_parameters(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Temporarily copy ``tensors`` into the model's parameters of the same names; restore them after."""
+    params = dict(model.named_parameters())
+    saved = {name: params[name].detach().clone() for name in tensors}
+    try:
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                params[name].copy_(tensor.to(params[name]))
+        yield
+    finally:
+        with torch.no_grad():
+            for name, original in saved.items():
+                params[name].copy_(original)
