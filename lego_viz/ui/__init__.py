@@ -5,7 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from lego_viz.projection import warm_up
-from lego_viz.ui import advise_panel, export_tab, invariance_tab, learn, load_tab, map_tab, run_tab
+from lego_viz.ui import advise_panel, export_tab, invariance_tab, learn, load_tab, map_tab, real_run, run_tab
 from lego_viz.ui.runtime import CONCURRENCY, MAX_FILE_SIZE, SESSION_TTL_S
 from lego_viz.ui.smora_tab import build_smora_tab
 from lego_viz.ui.state import Session, cleanup
@@ -61,6 +61,7 @@ def build_demo(public: bool = False) -> gr.Blocks:
                 checks = invariance_tab.build(session)
             with gr.Tab("4 · Run the models", id="run"):
                 run_tab.build(session)
+                real_run.build(session, public)
             with gr.Tab("5 · Export", id="export"):
                 export_tab.build(session)
             with gr.Tab("6 · SMoRA", id="smora") as smora:

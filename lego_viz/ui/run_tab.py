@@ -46,8 +46,9 @@ def _require_fit(model, adapters: Sequence[LoraAdapter]) -> None:
     if not fits_model(model, adapters):
         bases = ", ".join(sorted({f"'{a.base_model}'" for a in adapters if a.base_model})) or "another base model"
         raise ValueError(
-            f"these adapters are for {bases}, which this app cannot run: only the demo zoo's base is bundled. "
-            "The map, the weight-space checks and the export work for them; load the demo zoo to run models here."
+            f"these adapters are for {bases}, which this panel cannot run: only the demo zoo's base is bundled. "
+            "The map, the weight-space checks and the export work for them; run them on their own base in "
+            "'Real adapters on their real base model' below."
         )
 
 
