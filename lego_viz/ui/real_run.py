@@ -53,7 +53,7 @@ from lego_viz.ui.state import Session
 MAX_BASES = 1
 DEFAULT_METHODS = ("lego", "svd", "linear")
 OUTPUT_TOKENS = 24  # greedy tokens per model: a sentence's worth, (T + 2) models deep
-RETENTION_HEADERS = ["merge", "adapter", "KL(adapter‖merge)", "KL(adapter‖base)", "kept", "log-lik/token adapter", "log-lik/token merge"]
+RETENTION_HEADERS = ["merge", "adapter", "KL(adapter‖merge)", "KL(adapter‖base)", "kept"]
 CHECK_HEADERS = ["check", "max |Δlogit|", "tolerance", "expected", "result"]
 _CHECK_NAMES = {
     "permutation": "permute ranks (rows of A with columns of B)",
@@ -214,9 +214,8 @@ def _pct(value: float) -> str:
 def retention_rows(report: RetentionReport) -> list[list[str]]:
     """The retention table: one row per (merge, adapter)."""
     return [
-        [r["merge"], r["adapter"], f"{r['kl_to_merge']:.4g}", f"{r['kl_to_base']:.4g}", _pct(r["kept"]),
-         f"{r['loglik_adapter']:.4f}", f"{r['loglik_merge']:.4f}"]
-        for r in report.rows()
+        [r["merge"], r["adapter"], f"{r['kl_to_merge']:.4g}", f"{r['kl_to_base']:.4g}", _pct(r["kept"])]
+        for r in report.rows()  # log-likelihoods are in the summary above the table
     ]
 
 
@@ -232,9 +231,9 @@ def retention_figure(report: RetentionReport) -> go.Figure:
         )
     fig.add_hline(y=100, line_dash="dot", line_color="grey", annotation_text="merge = adapter", annotation_position="top left")
     fig.update_layout(
-        barmode="group", height=380, margin={"l": 60, "r": 20, "t": 50, "b": 40},
-        title=f"How much of each adapter the merge keeps ({report.n_texts} texts, {report.n_tokens} tokens)",
-        yaxis_title="kept = 1 − KL(t‖merge)/KL(t‖base)  (%)", legend_title="merge",
+        barmode="group", height=400, margin={"l": 60, "r": 20, "t": 60, "b": 40},
+        title=f"{report.n_texts} texts, {report.n_tokens} tokens", yaxis_title="kept (%)",
+        legend={"orientation": "h", "y": 1.12, "x": 0},
     )
     return fig
 
@@ -294,38 +293,41 @@ def handlers(public: bool):
 def build(session: gr.State, public: bool) -> RealRunPanel:
     """Lay out the panel (inside the run tab) and wire its buttons."""
     load, outputs, retention, checks = handlers(public)
-    gr.Markdown("## Real adapters on their real base model", elem_id="real-run-title")
-    with gr.Row():
-        with gr.Column(scale=3):
-            with gr.Row():
-                hint = f"an allowed hub id ({ALLOWLIST_ENV})" if public else "a local folder or hub id"
-                base = gr.Textbox(
-                    label=f"Base model: empty = the adapters' base_model_name_or_path (HF cache first), or {hint}",
-                    placeholder="gpt2" if public else "gpt2  or  /models/my-base", scale=3, elem_id="real-base",
-                )
-                load_button = gr.Button("Load base", scale=1, elem_id="real-load-base")
-            status = gr.Markdown(elem_id="real-base-status")
-            with gr.Row():
-                prompt = gr.Textbox("The meaning of life is", label="Prompt", scale=3, elem_id="real-prompt")
-                outputs_button = gr.Button("Greedy outputs", scale=1, elem_id="real-outputs")
-            outputs_table = gr.Dataframe(headers=["model", "greedy output"], value=[], interactive=False, wrap=True,
-                                         label="Base, each adapter, the merge", elem_id="real-outputs-table")
-            text = gr.Textbox(lines=4, label=f"Your text: one text per line (≤ {MAX_TEXTS})", elem_id="real-text",
+    with gr.Column(elem_id="real-run"):
+        gr.Markdown("## Real adapters on their real base model", elem_id="real-run-title")
+        with gr.Row():
+            with gr.Column(scale=3):
+                with gr.Row():
+                    hint = f"an allowed hub id ({ALLOWLIST_ENV})" if public else "a local folder or hub id"
+                    base = gr.Textbox(
+                        label=f"Base model: empty = the adapters' base_model_name_or_path (HF cache first), or {hint}",
+                        placeholder="gpt2" if public else "gpt2  or  /models/my-base", scale=3, elem_id="real-base",
+                    )
+                    load_button = gr.Button("Load base", scale=1, elem_id="real-load-base")
+                status = gr.Markdown(elem_id="real-base-status")
+                with gr.Row():
+                    prompt = gr.Textbox("The meaning of life is", label="Prompt", scale=3, elem_id="real-prompt")
+                    outputs_button = gr.Button("Greedy outputs", scale=1, elem_id="real-outputs")
+                outputs_table = gr.Dataframe(headers=["model", "greedy output"], value=[], interactive=False, wrap=True,
+                                             label="Base, each adapter, the merge", elem_id="real-outputs-table")
+            with gr.Column(scale=2):
+                gr.Markdown(LEARN)
+        with gr.Row():
+            text = gr.Textbox(lines=5, label=f"Your text: one text per line (≤ {MAX_TEXTS})", scale=3, elem_id="real-text",
                               placeholder="Paste text like the adapters' task, one example per line…")
-            upload = gr.File(label="…or a .txt / .jsonl file of prompts", file_types=[".txt", ".jsonl"], height=90, elem_id="real-upload")
-            methods = gr.CheckboxGroup(list(MERGE_METHODS), value=list(DEFAULT_METHODS), label="Merge methods (the map tab's k and options)",
-                                       elem_id="real-methods")
-            with gr.Row():
-                retention_button = gr.Button("How much of each adapter does the merge keep?", variant="primary", elem_id="real-retention")
-                checks_button = gr.Button("Output-space checks on this base", elem_id="real-checks")
-            retention_notes = gr.Markdown(elem_id="real-retention-notes")
-            retention_table = gr.Dataframe(headers=RETENTION_HEADERS, value=[], interactive=False, wrap=True,
+            upload = gr.File(label="…or a .txt / .jsonl file of prompts", file_types=[".txt", ".jsonl"], scale=2, elem_id="real-upload")
+        methods = gr.CheckboxGroup(list(MERGE_METHODS), value=list(DEFAULT_METHODS), label="Merge methods (the map tab's k and options)",
+                                   elem_id="real-methods")
+        with gr.Row():
+            retention_button = gr.Button("How much of each adapter does the merge keep?", variant="primary", elem_id="real-retention")
+            checks_button = gr.Button("Output-space checks on this base", elem_id="real-checks")
+        retention_notes = gr.Markdown(elem_id="real-retention-notes")
+        with gr.Row():
+            retention_table = gr.Dataframe(headers=RETENTION_HEADERS, value=[], interactive=False, wrap=True, scale=3,
                                            label="Retention per adapter and method", elem_id="real-retention-table")
-            retention_plot = gr.Plot(label="kept per adapter", elem_id="real-retention-plot")
-            checks_table = gr.Dataframe(headers=CHECK_HEADERS, value=[], interactive=False, wrap=True,
-                                        label="Output-space checks", elem_id="real-checks-table")
-        with gr.Column(scale=2):
-            gr.Markdown(LEARN)
+            retention_plot = gr.Plot(label="kept per adapter", scale=2, elem_id="real-retention-plot")
+        checks_table = gr.Dataframe(headers=CHECK_HEADERS, value=[], interactive=False, wrap=True,
+                                    label="Output-space checks", elem_id="real-checks-table")
     load_button.click(load, [session, base], status, api_name="real_base")
     outputs_button.click(outputs, [session, base, prompt], outputs_table, api_name="real_outputs")
     retention_button.click(retention, [session, base, text, upload, methods], [retention_table, retention_plot, retention_notes],
