@@ -255,6 +255,17 @@ def test_export_replaces_its_previous_folder_and_cleanup_removes_it(session):
     assert not Path(second.export_dir).exists()
 
 
+def test_export_tab_dtype_and_max_rank(session):
+    session = _cluster(session, k=3)[0]
+    with pytest.raises(gr.Error, match=r"exceed max rank 2 .*lower k to 2"):
+        export_tab.export(session, "fp32", 2)
+    _, archive, _, _ = export_tab.export(session, "bf16", 3)
+    with zipfile.ZipFile(archive) as zf:
+        name = next(n for n in zf.namelist() if n.endswith("adapter_model.safetensors"))
+        header = zf.read(name)[8:400].decode("utf-8", "replace")
+    assert '"dtype":"BF16"' in header and '"F32"' not in header
+
+
 # ----------------------------------------------------------------------------- loading
 
 

@@ -128,3 +128,24 @@ def test_zoo_load_cluster_check_run_export(client, tmp_path):
     base, tokenizer = load_base(device="cpu")
     model = PeftModel.from_pretrained(base, folder).eval()
     assert len(generate(model, tokenizer, ["reverse: lego="])) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not zoo_available(), reason="the demo zoo is not built (python scripts/build_zoo.py)")
+def test_readme_client_script_runs_against_the_app(app_url, tmp_path, monkeypatch):
+    """The README's gradio_client script, taken from the README itself so the two cannot drift."""
+    import re
+
+    from lego_viz.adapters import load_adapter
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = re.search(r"^## Scriptable Space\n(.*?)(?=^## )", readme, re.M | re.S).group(1)
+    script = re.search(r"^```py\n(.*?)^```", section, re.M | re.S).group(1)
+    assert 'Client("http://127.0.0.1:7860/")' in script
+    monkeypatch.chdir(tmp_path)
+    exec(compile(script.replace("http://127.0.0.1:7860/", app_url), "README.md", "exec"), {"__name__": "__readme__"})
+    folder = next((tmp_path / "merged_adapter").rglob("adapter_config.json")).parent
+    assert {p.name for p in folder.iterdir()} >= {"adapter_model.safetensors", "README.md", "recipe.yaml", "merge_report.json"}
+    merged = load_adapter(folder)
+    assert merged.dtype == "bfloat16" and set(merged.ranks) == {8}  # the export settings the script asked for
+    assert "assets/zoo/base" in (folder / "README.md").read_text()  # the card names the base model
