@@ -35,6 +35,8 @@ NOT_REPO_PATHS = {
     ".venv/bin/python",  # created by scripts/setup.sh
     "DIR/recipe.yaml",  # CLI placeholder
     "openai-community/gpt2",  # a hub id
+    "owner/space-name",  # a Space id in the gradio_client script
+    "merged_adapter.zip",  # written by the gradio_client script
     "α/k",  # a formula
     # file names inside adapter folders and exports, not repository paths
     "adapter_config.json",
