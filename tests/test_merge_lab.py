@@ -190,3 +190,12 @@ def test_report_holds_retention_per_adapter(tmp_path, toy_adapters):
     report = json.loads((export_adapter(merged, tmp_path / "r", adapters=toy_adapters) / "merge_report.json").read_text())
     assert set(report["retention"]) == {"a", "b", "c"}
     assert all(0.0 < entry["mean"] < 1.5 for entry in report["retention"].values())
+
+
+def test_spearman_of_the_retention_benchmark():
+    from benchmarks.retention_accuracy import spearman
+
+    assert spearman([0.1, 0.5, 0.9, 2.0], [0.0, 0.2, 0.3, 0.9]) == pytest.approx(1.0)  # monotone, not linear
+    assert spearman([1.0, 2.0, 3.0], [0.3, 0.2, 0.1]) == pytest.approx(-1.0)
+    assert spearman([1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 1.0, 0.0]) == pytest.approx(0.2582, abs=1e-4)  # ties: average ranks
+    assert spearman([1.0, 2.0], [0.0, 0.0]) != spearman([1.0, 2.0], [0.0, 0.0])  # constant accuracy: nan, not 0

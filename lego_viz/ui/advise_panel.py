@@ -38,7 +38,8 @@ def curves_figure(advice: Advice) -> go.Figure:
         fig.add_trace(go.Scatter(x=[k], y=[errors[ks.index(k)]], name=f"{method} knee: k={k}", mode="markers",
                                  marker={"color": colour, "size": 14, "symbol": "star"}))
     fig.add_trace(go.Scatter(x=[advice.uniform_k], y=[advice.allocated_error], mode="markers",
-                             name=f"budget {advice.budget}: per-module ranks", marker={"color": "black", "size": 11, "symbol": "diamond"}))
+                             name=f"budget {advice.budget}: per-module ranks",
+                             marker={"color": "black", "size": 12, "symbol": "diamond-open", "line": {"width": 2}}))
     fig.update_layout(
         height=380, margin={"l": 10, "r": 10, "t": 50, "b": 10}, template="plotly_white",
         title={"text": f"Which k? Mean over {len(advice.curves)} modules", "font": {"size": 13}},
@@ -98,7 +99,8 @@ def retention_figure(session: Session) -> go.Figure | None:
     fig.add_vline(x=1.0, line_dash="dot", line_color="grey", annotation_text="all of it", annotation_position="top")
     fig.update_layout(
         height=110 + 30 * len(names), margin={"l": 10, "r": 10, "t": 40, "b": 10}, template="plotly_white",
-        title={"text": f"Retention in weight space · {session.merged.method}", "font": {"size": 13}},
+        title={"text": f"Retention in weight space · {session.merged.method}, rank {max(session.merged.ranks.values())}",
+               "font": {"size": 13}},
         xaxis={"title": "⟨ΔW_merge, w·ΔW_t⟩ / ‖w·ΔW_t‖² (mean over modules)"},
         yaxis={"title": "source adapter", "autorange": "reversed", "type": "category"},
     )
