@@ -6,7 +6,11 @@ says how the adapter was made — method, k, each source with its hashes — and
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import yaml
+
+from lego_viz.adapters import _HUB_ID
 
 CARD_NAME = "README.md"
 _PIPELINES = {"CAUSAL_LM": "text-generation", "SEQ_2_SEQ_LM": "text2text-generation"}
@@ -27,8 +31,9 @@ def model_card(merged, recipe: dict, dtype: str, task_type: str | None) -> str:
         task_type: the exported ``task_type`` (None when heads were left out).
     """
     meta = {"library_name": "peft", "tags": ["lora", "lego-viz", f"merge-{merged.method}"]}
-    if merged.base_model:
-        meta["base_model"] = merged.base_model
+    base = merged.base_model
+    if base and _HUB_ID.match(base) and not Path(base).exists():
+        meta["base_model"] = base  # the Hub refuses a card whose base_model is not a model id (a local path)
     if task_type in _PIPELINES:
         meta["pipeline_tag"] = _PIPELINES[task_type]
     k = merged.options.get("k", "—")

@@ -92,6 +92,15 @@ def test_model_card_names_base_method_sources_and_recipe(tmp_path):
     assert f"```yaml\n{recipe_text}\n```" in card
 
 
+def test_model_card_leaves_a_local_base_path_out_of_the_hub_metadata(tmp_path):
+    from lego_viz.export import recipe
+    from lego_viz.model_card import model_card
+
+    merged = merge([make_adapter("a", base=str(tmp_path))], "linear")  # a base that is a local folder
+    card = model_card(merged, recipe(merged), "float32", "CAUSAL_LM")
+    assert "base_model" not in yaml.safe_load(card.split("---")[1]) and str(tmp_path) in card
+
+
 def test_push_fails_clearly_offline(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     dirs = _folders(tmp_path)
