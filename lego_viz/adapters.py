@@ -2,7 +2,10 @@
 
 An adapter can be given as a PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``
 or ``.bin``), a ``.zip`` of one, or a hub id. Everything is converted to float32 on the CPU; the
-original file is hashed so that reports and recipes can name exactly what was merged.
+original file is hashed so that reports and recipes can name exactly what was merged. With
+``lazy=True`` a safetensors adapter is validated from its header and stays on disk until a module is
+used (:mod:`lego_viz.stored`). torch is imported where tensors are made, not here, so a command that
+only reads headers starts fast.
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -257,13 +262,17 @@ def _read_config(folder: Path, label: str) -> dict:
     return config
 
 
-def _read_weights(folder: Path, label: str) -> tuple[dict[str, torch.Tensor], Path]:
+def _weights_path(folder: Path, label: str) -> Path:
     for name in WEIGHT_NAMES:
         path = folder / name
         if path.is_file():
-            break
-    else:
-        raise AdapterError(f"{label}: no adapter_model.safetensors or adapter_model.bin next to {CONFIG_NAME}.")
+            return path
+    raise AdapterError(f"{label}: no adapter_model.safetensors or adapter_model.bin next to {CONFIG_NAME}.")
+
+
+def _read_weights(path: Path, label: str) -> dict[str, torch.Tensor]:
+    import torch
+
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -282,7 +291,7 @@ def _read_weights(folder: Path, label: str) -> tuple[dict[str, torch.Tensor], Pa
         raise AdapterError(f"{label}: {path.name} is corrupt or truncated ({type(exc).__name__}: {str(exc)[:160]}).") from None
     if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
         raise AdapterError(f"{label}: {path.name} must hold a flat mapping of tensor names to tensors.")
-    return tensors, path
+    return tensors
 
 
 def _offending_global(exc: Exception) -> str:
@@ -351,12 +360,16 @@ def _validate_config(config: dict, label: str) -> None:
 
 
 def build_modules(
-    tensors: dict[str, torch.Tensor], config: dict, label: str, weights_name: str
+    tensors: dict[str, torch.Tensor], config: dict, label: str, weights_name: str, stored=None
 ) -> tuple[dict[str, LoraModule], dict[str, torch.Tensor], list[str]]:
     """Pair up ``lora_A``/``lora_B`` tensors into validated :class:`LoraModule` objects.
 
+    Args:
+        stored: a :class:`lego_viz.stored.SafetensorsFile` whose ``tensors`` (shapes only) are
+            passed as ``tensors``: the modules stay on disk (:class:`~lego_viz.stored.StoredLoraModule`).
+
     Returns:
-        (modules, extra tensors kept aside, warnings)
+        (modules, extra tensors kept aside — their headers only when ``stored`` —, warnings)
     """
     pairs: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     extra: dict[str, torch.Tensor] = {}
@@ -394,6 +407,16 @@ def build_modules(
                 f"{label}: {key_a} has r={A.shape[0]} rows but the config says r={r} for {module} "
                 "(r / rank_pattern); the config and the weights do not belong together."
             )
+        if stored is not None:
+            for key in (key_a, key_b):
+                if bad := stored.count_nonfinite(key):
+                    raise AdapterError(f"{label}: {weights_name} tensor {key} has {bad} NaN/inf values.")
+            from lego_viz.stored import StoredLoraModule
+
+            modules[module] = StoredLoraModule(stored, key_a, key_b, scale, fan_in_fan_out)
+            continue
+        import torch
+
         A32, B32 = A.detach().to(torch.float32), B.detach().to(torch.float32)
         for key, tensor in ((key_a, A32), (key_b, B32)):
             if not torch.isfinite(tensor).all():
@@ -413,21 +436,28 @@ def build_modules(
 
 
 def stored_dtype(tensors: dict[str, torch.Tensor]) -> str:
-    """The dtype of a file's LoRA factors (``bfloat16``, ``float16``, ``float32``); float32 when they mix."""
-    dtypes = {str(t.dtype).removeprefix("torch.") for key, t in tensors.items() if _LORA_KEY.match(key)}
+    """The dtype of a file's LoRA factors (``bfloat16``, ``float16``, ``float32``); float32 when they mix.
+
+    ``tensors`` may hold tensors or, for a lazy adapter, :class:`lego_viz.stored.TensorInfo` headers.
+    """
+    dtypes = {str(getattr(t, "torch_dtype", t.dtype)).removeprefix("torch.") for key, t in tensors.items() if _LORA_KEY.match(key)}
     return dtypes.pop() if len(dtypes) == 1 else "float32"
 
 
-def load_adapter(spec: str | os.PathLike, name: str | None = None, workdir: Path | None = None) -> LoraAdapter:
+def load_adapter(
+    spec: str | os.PathLike, name: str | None = None, workdir: Path | None = None, lazy: bool = False
+) -> LoraAdapter:
     """Load and validate one PEFT LoRA adapter.
 
     Args:
         spec: a PEFT folder, a ``.zip`` of one, a file inside one, or a hub id.
         name: display name (default: the folder name).
         workdir: where zips are extracted.
+        lazy: keep a safetensors adapter on disk: modules are validated now (shapes, NaN/inf) and
+            read when used (``.bin`` files cannot be read in parts and load whole either way).
 
     Returns:
-        The adapter with float32 ``A``/``B`` per module and per-module scale.
+        The adapter with float32 ``A``/``B`` per module (read on access when lazy) and per-module scale.
 
     Raises:
         AdapterError: with a message naming the adapter, file and tensor at fault.
@@ -437,8 +467,16 @@ def load_adapter(spec: str | os.PathLike, name: str | None = None, workdir: Path
     label = printable(label or os.fspath(spec))
     config = _read_config(folder, label)
     _validate_config(config, label)
-    tensors, weights_path = _read_weights(folder, label)
-    modules, extra, warnings = build_modules(tensors, config, label, weights_path.name)
+    weights_path = _weights_path(folder, label)
+    if lazy and weights_path.suffix == ".safetensors":
+        from lego_viz.stored import SafetensorsFile
+
+        stored = SafetensorsFile(weights_path, label)
+        tensors = stored.tensors
+        modules, extra, warnings = build_modules(tensors, config, label, weights_path.name, stored=stored)
+    else:
+        tensors = _read_weights(weights_path, label)
+        modules, extra, warnings = build_modules(tensors, config, label, weights_path.name)
     return LoraAdapter(
         name=label,
         source=os.fspath(spec),
@@ -532,11 +570,13 @@ def check_compatible(adapters: Sequence[LoraAdapter], allow_base_mismatch: bool 
     return warnings
 
 
-def load_adapters(specs: Iterable[str | os.PathLike], names: Sequence[str] | None = None) -> list[LoraAdapter]:
-    """Load several adapters, de-duplicating display names."""
+def load_adapters(
+    specs: Iterable[str | os.PathLike], names: Sequence[str] | None = None, lazy: bool = False
+) -> list[LoraAdapter]:
+    """Load several adapters (``lazy`` as in :func:`load_adapter`), de-duplicating display names."""
     adapters: list[LoraAdapter] = []
     for i, spec in enumerate(specs):
-        adapter = load_adapter(spec, name=names[i] if names else None)
+        adapter = load_adapter(spec, name=names[i] if names else None, lazy=lazy)
         base, n = adapter.name, 2
         while any(a.name == adapter.name for a in adapters):
             adapter.name = f"{base}_{n}"

@@ -50,14 +50,10 @@ def run_advise(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers) -> None:
-    """Add `advise` to the `python -m lego_viz` parser."""
+def configure(name: str, parser: argparse.ArgumentParser) -> None:
+    """Add the options of `advise` to its `python -m lego_viz` subparser (help line: lego_viz.cli.PLUGIN_COMMANDS)."""
     from lego_viz.cli import _float_list
 
-    parser = subparsers.add_parser(
-        "advise", allow_abbrev=False,
-        help="which k: reconstruction error vs rank per module (svd, lego), the knee, and ranks under a total budget",
-    )
     parser.add_argument("adapters", nargs="+", metavar="ADAPTER")
     parser.add_argument("--budget", type=int, default=None, help="total ranks over all modules (default: modules × the svd knee)")
     parser.add_argument("--max-rank", type=int, default=None, help="largest k per module (default: 2 × the largest source rank)")

@@ -1,7 +1,11 @@
 """Command line: ``python -m lego_viz {inspect,check,merge,...}``.
 
-Bad input exits with code 2 and one line on stderr (no traceback); feature packages add their own
-subcommands through a ``register(subparsers)`` function.
+Bad input exits with code 2 and one line on stderr (no traceback). Start-up stays light: this module
+imports nothing heavy at the top, and subcommands that live elsewhere are listed in
+:data:`PLUGIN_COMMANDS` by name and help line, so their module (and what it pulls in: transformers,
+peft, ...) is imported only when that command runs. To add one, put ``"name": ("module", "help")``
+there and give the module a ``configure(name, parser)`` that adds the options and
+``parser.set_defaults(func=...)``.
 """
 
 from __future__ import annotations
@@ -12,11 +16,20 @@ import json
 import re
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from lego_viz.adapters import AdapterError, LoraAdapter, check_compatible, load_adapters
+if TYPE_CHECKING:
+    from lego_viz.adapters import LoraAdapter
 
-# Packages that contribute subcommands; a missing one (e.g. a trimmed install) is skipped.
-_PLUGINS = ("lego_viz.zoo.cli", "lego_viz.smora.cli", "lego_viz.advise_cli", "lego_viz.run_cli")
+# Subcommands of other packages: name → (module with ``configure(name, parser)``, help line).
+PLUGIN_COMMANDS = {
+    "zoo-eval": ("lego_viz.zoo.cli", "per-task exact-match accuracy of the demo zoo base, a task adapter or a merged adapter"),
+    "smora-train": ("lego_viz.smora.cli", "train the zoo SMoRA adapters and baselines; write results + tables"),
+    "smora-eval": ("lego_viz.smora.cli", "zoo accuracy and load balance of a saved SMoRA adapter"),
+    "advise": ("lego_viz.advise_cli",
+               "which k: reconstruction error vs rank per module (svd, lego), the knee, and ranks under a total budget"),
+    "run": ("lego_viz.run_cli", "run base, each adapter and a merge on your text: log-likelihood and KL retention of each adapter"),
+}
 
 
 class UsageError(Exception):
@@ -64,9 +77,12 @@ def _option(text: str) -> tuple[str, object]:
 
 
 def _load(specs: Sequence[str]) -> list[LoraAdapter]:
+    """Adapters validated from their files and left there (safetensors): read when a module is used."""
+    from lego_viz.adapters import load_adapters
+
     if not specs:
         raise UsageError("give at least one adapter (a PEFT folder, a .zip of one, or a hub id).")
-    return load_adapters(specs)
+    return load_adapters(specs, lazy=True)
 
 
 # --------------------------------------------------------------------------- inspect
@@ -94,6 +110,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from lego_viz.adapters import check_compatible
     from lego_viz.invariance import check_concat_sum, check_permutation
 
     adapters = _load(args.adapters)
@@ -126,9 +143,27 @@ def _recipe_settings(args: argparse.Namespace) -> list[tuple[str, object]]:
     return [("--" + name.replace("_", "-"), getattr(args, name)) for name in names]
 
 
+class _ProgressBar:
+    """A tqdm bar on stderr (modules done / total) that shows up only once a merge has run ~2 s."""
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="module", desc="merge", delay=2.0, file=sys.stderr, leave=False)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from lego_viz.export import export_adapter
-    from lego_viz.merge import merge
+    from lego_viz.stream import merge_streaming
 
     options = {}
     dtype, max_rank = args.dtype, args.max_rank
@@ -162,17 +197,18 @@ def cmd_merge(args: argparse.Namespace) -> int:
         if args.no_output_reweight:
             options["output_reweight"] = False
         options.update(args.option or [])
-    merged = merge(adapters, method=method, k=k, weights=weights, allow_base_mismatch=allow, **options)
-    checks = None
-    if not args.no_checks:
-        from lego_viz.invariance import check_concat_sum, check_permutation
-
-        checks = {
-            "permutation": check_permutation(adapters).to_dict(per_module=False),
-            "concat_sum": check_concat_sum(adapters, merged.weights).to_dict(per_module=False),
-        }
-    out = export_adapter(merged, args.out, force=args.force, adapters=adapters, checks=checks, dtype=dtype,
-                         max_rank=max_rank)
+    # Module group by group: memory stays at one group, and the checks and the report's errors and
+    # retention use the tensors the merge just read (lego_viz.stream).
+    progress = _ProgressBar()
+    try:
+        result = merge_streaming(adapters, method=method, k=k, weights=weights, allow_base_mismatch=allow,
+                                 checks=not args.no_checks, progress=progress, **options)
+    finally:
+        progress.close()
+    merged = result.merged
+    checks = {key: r.to_dict(per_module=False) for key, r in result.checks.items()} or None
+    out = export_adapter(merged, args.out, force=args.force, checks=checks, errors=result.errors,
+                         retained=result.retained, dtype=dtype, max_rank=max_rank)
     ranks = sorted(set(merged.ranks.values()))
     print(f"merged {len(adapters)} adapters with {method} → rank {ranks[0] if len(ranks) == 1 else ranks} "
           f"over {len(merged.modules)} modules in {merged.timings['total']:.2f} s → {out}")
@@ -188,7 +224,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parser
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line.
+
+    Args:
+        only: a subcommand name: fill in only that plugin command's options (the others keep their
+            help line), so running one command imports only its own module. None fills in all.
+    """
     parser = _Parser(prog="python -m lego_viz", allow_abbrev=False, description="See, check and merge LoRA adapters unit by unit (LoRA-LEGO).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -232,14 +274,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--push-to-hub", default=None, metavar="REPO", help="upload the export (with its model card)")
     p.set_defaults(func=cmd_merge)
 
-    for module_name in _PLUGINS:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name and module_name.startswith(exc.name):
-                continue
-            raise
-        module.register(sub)
+    for name, (module_name, help_line) in PLUGIN_COMMANDS.items():
+        p = sub.add_parser(name, allow_abbrev=False, help=help_line)
+        if only is None or only == name:
+            try:
+                module = importlib.import_module(module_name)
+            except ModuleNotFoundError as exc:
+                if not (exc.name and module_name.startswith(exc.name)):
+                    raise
+                if only is None:  # listing everything: a trimmed install simply lacks the command
+                    sub.choices.pop(name)
+                    continue
+                raise UsageError(f"{name}: not part of this install ({module_name} is missing).") from None
+            module.configure(name, p)
     return parser
 
 
@@ -260,10 +307,13 @@ def _glue_negative_lists(argv: Sequence[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = _glue_negative_lists(sys.argv[1:] if argv is None else argv)
+    # The first word that is not an option names the command (the top level has no valued options).
+    command = next((word for word in argv if not word.startswith("-")), "")
     try:
-        args = build_parser().parse_args(_glue_negative_lists(sys.argv[1:] if argv is None else argv))
+        args = build_parser(only=command).parse_args(argv)
         return args.func(args)
-    except (UsageError, AdapterError, ValueError, KeyError, OSError) as exc:
+    except (UsageError, ValueError, KeyError, OSError) as exc:  # AdapterError is a ValueError
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"error: {message}", file=sys.stderr)
         return 2

@@ -20,7 +20,7 @@ import yaml
 from safetensors.torch import save_file
 
 from lego_viz.adapters import CONFIG_NAME, KEY_PREFIX, AdapterError, LoraAdapter
-from lego_viz.invariance import Factored, relative_error
+from lego_viz.invariance import Factored, low_rank_relative_error
 from lego_viz.merge import MergedAdapter
 from lego_viz.mergekit_config import recipe_config
 from lego_viz.model_card import CARD_NAME, model_card
@@ -87,16 +87,20 @@ def _versions() -> dict[str, str]:
 
 
 def reconstruction_errors(merged: MergedAdapter, adapters: list[LoraAdapter]) -> dict[str, float]:
-    """Per module, ``‖ΔW_merged − Σ w_t ΔW_t‖ / ‖Σ w_t ΔW_t‖`` from factors (no dense matrix)."""
+    """Per module, ``‖ΔW_merged − Σ w_t ΔW_t‖ / ‖Σ w_t ΔW_t‖`` from factors (no dense matrix).
+
+    Exact (float32 products, float64 sums); ``‖Σ w_t ΔW_t‖²`` comes from the merge where it had it.
+    """
     errors = {}
     for name, lora in merged.modules.items():
         parts = [Factored.of(a.modules[name], w) for a, w in zip(adapters, merged.weights) if name in a.modules]
-        errors[name] = relative_error(Factored.concat(parts), Factored.of(lora))
+        errors[name] = low_rank_relative_error(Factored.concat(parts), Factored.of(lora), merged.reference_sq_norms.get(name))
     return errors
 
 
 def build_report(
-    merged: MergedAdapter, adapters: list[LoraAdapter] | None = None, checks: dict | None = None, advice: dict | None = None
+    merged: MergedAdapter, adapters: list[LoraAdapter] | None = None, checks: dict | None = None, advice: dict | None = None,
+    errors: dict[str, float] | None = None, retained: dict | None = None,
 ) -> dict:
     report = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -116,13 +120,17 @@ def build_report(
     if task in _HEAD_TASKS:
         report["warnings"] = [*report["warnings"], f"task_type {task} exported as null: its classification head is "
                               "task-specific and not part of the merge; load the adapter on a base with the head you want."]
-    if adapters is not None:
+    if errors is None and adapters is not None:
         errors = reconstruction_errors(merged, adapters)
+    if errors:
         report["relative_error_vs_weighted_sum"] = {
             "max": max(errors.values()), "mean": sum(errors.values()) / len(errors), "per_module": errors,
         }
+    if retained is None and adapters is not None:
         # ⟨ΔW_merge, w_t ΔW_t⟩ / ‖w_t ΔW_t‖² per source adapter: how much of each the merge keeps
-        report["retention"] = retention(merged.modules, adapters, merged.weights)
+        retained = retention(merged.modules, adapters, merged.weights)
+    if retained is not None:
+        report["retention"] = retained
     if checks:
         report["invariance"] = checks
     if advice:
@@ -168,6 +176,8 @@ def export_adapter(
     dtype: str | None = None,
     max_rank: int | None = None,
     advice: dict | None = None,
+    errors: dict[str, float] | None = None,
+    retained: dict | None = None,
 ) -> Path:
     """Write ``merged`` as a PEFT LoRA folder that ``PeftModel.from_pretrained`` loads.
 
@@ -180,6 +190,8 @@ def export_adapter(
         dtype: ``fp32``/``bf16``/``fp16`` for the saved factors; default the inputs' dtype.
         max_rank: refuse the export if any module's rank exceeds it (serving stacks cap LoRA rank).
         advice: the "which k?" suggestion (:meth:`lego_viz.advise.Advice.summary`) to put in the report.
+        errors, retained: per-module reconstruction errors and per-adapter retention already computed
+            (by a streamed merge, :mod:`lego_viz.stream`) instead of recomputing them from ``adapters``.
 
     Returns:
         The folder written.
@@ -192,7 +204,7 @@ def export_adapter(
     check_max_rank(merged, max_rank)
     saved_dtype = resolve_dtype(dtype, [s.get("dtype", "float32") for s in merged.sources])
     out.parent.mkdir(parents=True, exist_ok=True)
-    report = build_report(merged, adapters, checks, advice)
+    report = build_report(merged, adapters, checks, advice, errors, retained)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         _write(tmp, merged, report, saved_dtype)

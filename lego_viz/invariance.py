@@ -97,6 +97,46 @@ def relative_error(reference: Factored, candidate: Factored) -> float:
     return diff / denom
 
 
+# Below this relative error, expanding ‖ref − cand‖² = ‖ref‖² − 2⟨ref, cand⟩ + ‖cand‖² loses the
+# digits that matter (float32 products carry ~1e-6 of ‖ref‖²); the QR route is used instead.
+EXPANSION_FLOOR = 0.05
+
+
+def _sq_norm(f: Factored) -> float:
+    """‖Σ s_j B_j A_j‖_F² from float32 Gram blocks, summed in float64."""
+    total = 0.0
+    for i, (b_i, a_i, s_i) in enumerate(f.terms):
+        for j, (b_j, a_j, s_j) in enumerate(f.terms[: i + 1]):
+            block = float(((b_i.T @ b_j).double() * (a_i @ a_j.T).double()).sum()) * s_i * s_j
+            total += block if i == j else 2 * block
+    return total
+
+
+def _inner(f: Factored, g: Factored) -> float:
+    """⟨F, G⟩_F = Σ tr((B_fᵀ B_g)(A_g A_fᵀ)) over term pairs (float32 products, float64 sums)."""
+    return sum(
+        float(((b_f.T @ b_g).double() * (a_f @ a_g.T).double()).sum()) * s_f * s_g
+        for b_f, a_f, s_f in f.terms
+        for b_g, a_g, s_g in g.terms
+    )
+
+
+def low_rank_relative_error(reference: Factored, candidate: Factored, reference_sq: float | None = None) -> float:
+    """:func:`relative_error` for a candidate of small rank k (a merge), without a QR of the reference.
+
+    Expands the square: the cross term and ``‖cand‖²`` cost ``O((d_in + d_out)·m·k)``; ``‖ref‖²``
+    (``O((d_in + d_out)·m²)``) may be passed in by a merge that had it already. Where the error is
+    below :data:`EXPANSION_FLOOR` the expansion cancels, and the exact QR route answers instead.
+    """
+    ref_sq = _sq_norm(reference) if reference_sq is None else reference_sq
+    if ref_sq <= 0.0:
+        return relative_error(reference, candidate)
+    error_sq = ref_sq - 2 * _inner(reference, candidate) + _sq_norm(candidate)
+    if error_sq < EXPANSION_FLOOR**2 * ref_sq:
+        return relative_error(reference, candidate)
+    return (error_sq / ref_sq) ** 0.5
+
+
 def probe_vectors(d_in: int, n_probes: int = 4, seed: int = 0) -> torch.Tensor:
     """The random probe rows ``x`` (n_probes, d_in) used by :func:`probe_relative_error`."""
     return torch.randn(n_probes, d_in, generator=torch.Generator().manual_seed(seed))

@@ -87,12 +87,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if all(c["passed"] for c in payload.get("checks", [])) else 1
 
 
-def register(subparsers) -> None:
-    """Add ``run`` to the ``python -m lego_viz`` parser."""
-    p = subparsers.add_parser(
-        "run", allow_abbrev=False,
-        help="run base, each adapter and a merge on your text: log-likelihood and KL retention of each adapter",
-    )
+def configure(name: str, p: argparse.ArgumentParser) -> None:
+    """Add the options of ``run`` to its ``python -m lego_viz`` subparser (help line: lego_viz.cli.PLUGIN_COMMANDS)."""
     p.add_argument("adapters", nargs="+", metavar="ADAPTER", help="the source adapters (PEFT folder, .zip or hub id)")
     p.add_argument("--merged", required=True, help="the merged adapter folder (written by `merge --out`)")
     p.add_argument("--base", default=None, help="base model folder or hub id (default: the adapters' base_model_name_or_path, "

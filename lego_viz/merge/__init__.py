@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 
 from lego_viz.adapters import LoraAdapter, _pattern_value, check_compatible, module_order
 from lego_viz.merge import core_space, exact, knots, lego, peft_style  # noqa: F401  (registration)
-from lego_viz.merge.base import MERGE_METHODS, MergedAdapter, MergeError, MergeMethod, Option
+from lego_viz.merge.base import MERGE_METHODS, MergedAdapter, MergeError, MergeMethod, MethodOutput, Option
 from lego_viz.merge.lego import PRESETS
 from lego_viz.msu import _weights
 
@@ -92,6 +92,76 @@ def _resolve_options(spec: MergeMethod, options: dict) -> dict:
     return resolved
 
 
+def plan(
+    adapters: Sequence[LoraAdapter],
+    method: str,
+    k: int | Mapping[str, int] | None,
+    weights: Sequence[float] | None,
+    allow_base_mismatch: bool,
+    options: dict,
+) -> tuple[MergeMethod, dict, list[str], list[float], dict[str, int] | None]:
+    """Validate a merge before any weights are read: (method, resolved options, warnings, weights, ranks)."""
+    spec = MERGE_METHODS.get(method)
+    if spec is None:
+        names = sorted(MERGE_METHODS, key=lambda m: m != "lego")  # the headline method first
+        raise MergeError(f"unknown merge method {method!r}; valid methods: {', '.join(names)}.")
+    resolved = _resolve_options(spec, dict(options))
+    warnings = check_compatible(adapters, allow_base_mismatch=allow_base_mismatch)
+    weights = _weights(adapters, weights)
+    if spec.takes_k:
+        ranks = resolve_k(adapters, k)
+    elif k is not None:
+        raise MergeError(f"method {method!r} takes no k: its rank is fixed by the inputs. Drop k or choose lego/svd.")
+    else:
+        ranks = None
+    return spec, resolved, warnings, weights, ranks
+
+
+def wrap(
+    spec: MergeMethod,
+    adapters: Sequence[LoraAdapter],
+    output: MethodOutput,
+    resolved: dict,
+    k: int | Mapping[str, int] | None,
+    weights: list[float],
+    warnings: list[str],
+    elapsed: float,
+    name: str | None = None,
+) -> MergedAdapter:
+    """Turn a method's output into the :class:`MergedAdapter` every caller gets."""
+    first = adapters[0]
+    template = {key: first.config.get(key) for key in ("task_type", "fan_in_fan_out", "bias") if key in first.config}
+    modules = output.modules
+    if len({a.fan_in_fan_out for a in adapters}) > 1:
+        # Flags that disagree (check_compatible warns): True is the likely truth, as configs of old
+        # PEFT versions left it out for GPT-2 Conv1D; PEFT resets it from the layer type on load anyway.
+        template["fan_in_fan_out"] = True
+        modules = {n: dataclasses.replace(m, fan_in_fan_out=True) for n, m in modules.items()}
+    record = dict(resolved)
+    if spec.takes_k:
+        record["k"] = k if isinstance(k, int) or k is None else dict(k)
+    return MergedAdapter(
+        name=name or f"{spec.name}_merge",
+        method=spec.name,
+        options=record,
+        modules=modules,
+        sources=[
+            {"name": a.name, "source": a.source, "sha256": a.sha256, "base_model": a.base_model,
+             "r": a.config.get("r"), "lora_alpha": a.config.get("lora_alpha"), "weights_file": a.weights_file,
+             "config_sha256": a.config_sha256, "dtype": a.dtype}
+            for a in adapters
+        ],
+        base_model=first.base_model,
+        template_config=template,
+        weights=[w if math.isfinite(w) else 0.0 for w in weights],
+        labels=output.labels,
+        unit_owner=output.unit_owner,
+        timings={**output.timings, "total": elapsed},
+        warnings=warnings + output.warnings + [w for a in adapters for w in a.warnings],
+        reference_sq_norms=output.reference_sq_norms,
+    )
+
+
 def merge(
     adapters: Sequence[LoraAdapter],
     method: str = "lego",
@@ -116,50 +186,9 @@ def merge(
     Returns:
         A :class:`MergedAdapter` with scale-1 modules, settings, timings and (lego) cluster labels.
     """
-    spec = MERGE_METHODS.get(method)
-    if spec is None:
-        names = sorted(MERGE_METHODS, key=lambda m: m != "lego")  # the headline method first
-        raise MergeError(f"unknown merge method {method!r}; valid methods: {', '.join(names)}.")
-    resolved = _resolve_options(spec, dict(options))
     adapters = list(adapters)
-    warnings = check_compatible(adapters, allow_base_mismatch=allow_base_mismatch)
-    weights = _weights(adapters, weights)
-    if spec.takes_k:
-        ranks = resolve_k(adapters, k)
-    elif k is not None:
-        raise MergeError(f"method {method!r} takes no k: its rank is fixed by the inputs. Drop k or choose lego/svd.")
-    else:
-        ranks = None
+    spec, resolved, warnings, weights, ranks = plan(adapters, method, k, weights, allow_base_mismatch, options)
     start = time.perf_counter()
     output = spec.fn(adapters, weights, ranks, resolved)
     elapsed = time.perf_counter() - start
-    first = adapters[0]
-    template = {key: first.config.get(key) for key in ("task_type", "fan_in_fan_out", "bias") if key in first.config}
-    modules = output.modules
-    if len({a.fan_in_fan_out for a in adapters}) > 1:
-        # Flags that disagree (check_compatible warns): True is the likely truth, as configs of old
-        # PEFT versions left it out for GPT-2 Conv1D; PEFT resets it from the layer type on load anyway.
-        template["fan_in_fan_out"] = True
-        modules = {n: dataclasses.replace(m, fan_in_fan_out=True) for n, m in modules.items()}
-    record = dict(resolved)
-    if spec.takes_k:
-        record["k"] = k if isinstance(k, int) or k is None else dict(k)
-    return MergedAdapter(
-        name=name or f"{method}_merge",
-        method=method,
-        options=record,
-        modules=modules,
-        sources=[
-            {"name": a.name, "source": a.source, "sha256": a.sha256, "base_model": a.base_model,
-             "r": a.config.get("r"), "lora_alpha": a.config.get("lora_alpha"), "weights_file": a.weights_file,
-             "config_sha256": a.config_sha256, "dtype": a.dtype}
-            for a in adapters
-        ],
-        base_model=first.base_model,
-        template_config=template,
-        weights=[w if math.isfinite(w) else 0.0 for w in weights],
-        labels=output.labels,
-        unit_owner=output.unit_owner,
-        timings={**output.timings, "total": elapsed},
-        warnings=warnings + output.warnings + [w for a in adapters for w in a.warnings],
-    )
+    return wrap(spec, adapters, output, resolved, k, weights, warnings, elapsed, name)

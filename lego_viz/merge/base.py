@@ -51,6 +51,9 @@ class MethodOutput:
     unit_owner: dict[str, torch.Tensor] = field(default_factory=dict)  # per module, adapter index of each unit
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    # per module ‖Σ_t w_t ΔW_t‖_F², where the method got it for free (lego: its Gram matrices; svd: the
+    # singular values), so the report's errors need no second pass over the inputs
+    reference_sq_norms: dict[str, float] = field(default_factory=dict)
 
 
 MethodFn = Callable[[Sequence[LoraAdapter], list[float], Mapping[str, int] | None, dict], MethodOutput]
@@ -97,6 +100,7 @@ class MergedAdapter:
     unit_owner: dict[str, torch.Tensor] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    reference_sq_norms: dict[str, float] = field(default_factory=dict)  # see MethodOutput
 
     @property
     def ranks(self) -> dict[str, int]:

@@ -15,11 +15,11 @@ import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
-from peft.utils import merge_utils
 
 from lego_viz.adapters import LoraAdapter, LoraModule, module_order
 from lego_viz.merge.base import MethodOutput, Option, register
 from lego_viz.merge.lowrank import balanced_truncation, block_slices, svd_basis
+from lego_viz.merge.peft_style import peft_merge_utils
 from lego_viz.msu import module_msus
 
 CORE_MERGES = ("tsv", "ta", "ties")
@@ -40,7 +40,7 @@ def ties_merge(tensors: Sequence[torch.Tensor], density: float, majority_sign_me
     """
     with warnings.catch_warnings():  # density 1 means "no trim" here, not a mistake worth a warning
         warnings.filterwarnings("ignore", message="The density .* no pruning")
-        return merge_utils.ties(list(tensors), torch.ones(len(tensors)), density, majority_sign_method)
+        return peft_merge_utils().ties(list(tensors), torch.ones(len(tensors)), density, majority_sign_method)
 
 
 def tsv_merge(cores: Sequence[torch.Tensor], ranks: Sequence[int]) -> torch.Tensor:

@@ -26,7 +26,9 @@ def linear(adapters: Sequence[LoraAdapter], weights: list[float], k: Mapping[str
     return out
 
 
-def truncated_svd_factors(B: torch.Tensor, A: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def truncated_svd_factors(
+    B: torch.Tensor, A: torch.Tensor, k: int, singular_values: list | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Best rank-k factors of ``B A`` without forming it.
 
     QR of both factors leaves a small core ``R_B R_Aᵀ`` whose SVD is the SVD of ``B A``.
@@ -34,6 +36,7 @@ def truncated_svd_factors(B: torch.Tensor, A: torch.Tensor, k: int) -> tuple[tor
 
     Args:
         B: (d_out, n); A: (n, d_in).
+        singular_values: if given, all singular values of ``B A`` are appended to it.
 
     Returns:
         ``(B_k (d_out, k), A_k (k, d_in))``.
@@ -41,6 +44,8 @@ def truncated_svd_factors(B: torch.Tensor, A: torch.Tensor, k: int) -> tuple[tor
     q_b, r_b = torch.linalg.qr(B)
     q_a, r_a = torch.linalg.qr(A.T)
     u, s, vh = torch.linalg.svd(r_b @ r_a.T)
+    if singular_values is not None:
+        singular_values.append(s)
     k_eff = min(k, s.shape[0])
     B_k = (q_b @ u[:, :k_eff]) * s[:k_eff]
     A_k = vh[:k_eff] @ q_a.T
@@ -64,7 +69,9 @@ def svd(adapters: Sequence[LoraAdapter], weights: list[float], k: Mapping[str, i
         limit = min(table.d_in, table.d_out)
         if rank > limit:
             raise MergeError(f"k={rank} exceeds min(d_in, d_out)={limit} of module {name}; a rank-{rank} SVD does not exist.")
-        B_k, A_k = truncated_svd_factors(*table.factors(), rank)
+        spectrum: list[torch.Tensor] = []
+        B_k, A_k = truncated_svd_factors(*table.factors(), rank, spectrum)
+        out.reference_sq_norms[name] = float(spectrum[0].double().square().sum())  # ‖B A‖_F² = Σ s²
         out.modules[name] = LoraModule(A=A_k.contiguous(), B=B_k.contiguous(), scale=1.0, fan_in_fan_out=table.fan_in_fan_out)
     return out
 

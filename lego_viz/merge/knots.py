@@ -16,12 +16,12 @@ import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
-from peft.utils import merge_utils
 
 from lego_viz.adapters import LoraAdapter, LoraModule, module_order
 from lego_viz.merge.base import MethodOutput, Option, register
 from lego_viz.merge.core_space import ties_merge
 from lego_viz.merge.lowrank import balanced_truncation, block_slices, rows_basis, svd_basis
+from lego_viz.merge.peft_style import peft_merge_utils
 from lego_viz.msu import module_msus
 
 KNOTS_OPTIONS = {
@@ -64,7 +64,7 @@ def merge_blocks(blocks: Sequence[torch.Tensor], rule: str, density: float, sign
         # PEFT draws DARE's mask from the global RNG; fork it so the merge is seeded and the caller's RNG untouched.
         warnings.filterwarnings("ignore", message="The density .* no pruning")
         torch.manual_seed(seed)
-        return merge_utils.dare_ties(list(blocks), torch.ones(len(blocks)), density, sign_method)
+        return peft_merge_utils().dare_ties(list(blocks), torch.ones(len(blocks)), density, sign_method)
 
 
 @register(

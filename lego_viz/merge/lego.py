@@ -51,6 +51,13 @@ class _Units:
     avg_b: torch.Tensor  # (n,)
     seen_a: torch.Tensor  # (n,) factor of A[i] in what k-means sees
     seen_b: torch.Tensor  # (n,)
+    fold_a: torch.Tensor  # (n,) factor of A[i] in the folded, weighted unit ã_i
+    fold_b: torch.Tensor  # (n,)
+
+    def reference_sq_norm(self) -> float:
+        """‖Σ_i b̃_i ã_iᵀ‖_F² = Σ_ij (ã_i·ã_j)(b̃_i·b̃_j), in float64 from the Gram matrices."""
+        fa, fb = self.fold_a.double(), self.fold_b.double()
+        return float(((fa[:, None] * self.gram_a.double() * fa[None]) * (fb[:, None] * self.gram_b.double() * fb[None])).sum())
 
     def gram(self) -> torch.Tensor:
         """Gram matrix of the features k-means sees, (n, n)."""
@@ -68,7 +75,7 @@ def _units(adapters: Sequence[LoraAdapter], weights: list[float], name: str, fea
     owner = torch.cat([torch.full((lora.r,), t, dtype=torch.long) for t, lora in present])
     gram_a, gram_b = A @ A.T, B.T @ B
     if features == "raw":
-        return _Units([t for t, _ in present], owner, gram_a, gram_b, alpha, beta, alpha, beta)
+        return _Units([t for t, _ in present], owner, gram_a, gram_b, alpha, beta, alpha, beta, alpha, beta)
     raw_na = gram_a.diagonal().clamp_min(0).sqrt()  # ‖A[i]‖
     raw_nb = gram_b.diagonal().clamp_min(0).sqrt()
     norm_a, norm_b = alpha * raw_na, beta.abs() * raw_nb  # ‖ã_i‖, ‖b̃_i‖
@@ -81,10 +88,10 @@ def _units(adapters: Sequence[LoraAdapter], weights: list[float], name: str, fea
     keep = (~zero).to(A.dtype)
     avg_a, avg_b = alpha * c * sign * keep, beta / c * sign * keep
     if features == "canonical":
-        return _Units([t for t, _ in present], owner, gram_a, gram_b, avg_a, avg_b, avg_a, avg_b)
+        return _Units([t for t, _ in present], owner, gram_a, gram_b, avg_a, avg_b, avg_a, avg_b, alpha, beta)
     seen_a = sign * keep / raw_na.clamp_min(_TINY)
     seen_b = sign * torch.sign(beta) * keep / raw_nb.clamp_min(_TINY)
-    return _Units([t for t, _ in present], owner, gram_a, gram_b, avg_a, avg_b, seen_a, seen_b)
+    return _Units([t for t, _ in present], owner, gram_a, gram_b, avg_a, avg_b, seen_a, seen_b, alpha, beta)
 
 
 def canonical_order(gram: torch.Tensor) -> torch.Tensor:
@@ -208,6 +215,7 @@ def lego(adapters: Sequence[LoraAdapter], weights: list[float], k: Mapping[str, 
         gram = units.gram()
         order = canonical_order(gram)
         prepared[name] = (units, gram[order][:, order], order)
+        out.reference_sq_norms[name] = units.reference_sq_norm()
         groups.setdefault((gram.shape[0], k[name]), []).append(name)
     timings["gram"] = time.perf_counter() - start
 

@@ -12,7 +12,6 @@ import math
 from collections.abc import Mapping, Sequence
 
 import torch
-from peft.utils import merge_utils
 
 from lego_viz.adapters import LoraAdapter, LoraModule, module_order
 from lego_viz.merge.base import MergeError, MethodOutput, Option, register
@@ -20,6 +19,13 @@ from lego_viz.merge.base import MergeError, MethodOutput, Option, register
 _DENSITY = Option(0.5, "fraction of entries kept per factor", kind=float, minimum=0.0, maximum=1.0)
 _SIGN = Option("total", "how TIES elects the majority sign", choices=("total", "frequency"))
 _SEED = Option(0, "seed of DARE's random drop mask", kind=int, minimum=0)
+
+
+def peft_merge_utils():
+    # Imported on use: peft pulls in transformers (seconds), which no other method needs.
+    from peft.utils import merge_utils
+
+    return merge_utils
 
 
 def _combine(adapters: Sequence[LoraAdapter], weights: list[float], rule) -> MethodOutput:
@@ -51,7 +57,7 @@ def _combine(adapters: Sequence[LoraAdapter], weights: list[float], rule) -> Met
     equal_ranks=True,
 )
 def peft_linear(adapters, weights, k: Mapping[str, int] | None, options: dict) -> MethodOutput:
-    return _combine(adapters, weights, merge_utils.task_arithmetic)
+    return _combine(adapters, weights, peft_merge_utils().task_arithmetic)
 
 
 @register(
@@ -63,7 +69,7 @@ def peft_linear(adapters, weights, k: Mapping[str, int] | None, options: dict) -
 )
 def ties(adapters, weights, k: Mapping[str, int] | None, options: dict) -> MethodOutput:
     density, sign = options["density"], options["majority_sign_method"]
-    return _combine(adapters, weights, lambda ts, ws: merge_utils.ties(ts, ws, density, sign))
+    return _combine(adapters, weights, lambda ts, ws: peft_merge_utils().ties(ts, ws, density, sign))
 
 
 @register(
@@ -79,4 +85,4 @@ def dare_linear(adapters, weights, k: Mapping[str, int] | None, options: dict) -
     # leaves the caller's RNG untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(options["seed"])
-        return _combine(adapters, weights, lambda ts, ws: merge_utils.dare_linear(ts, ws, density))
+        return _combine(adapters, weights, lambda ts, ws: peft_merge_utils().dare_linear(ts, ws, density))

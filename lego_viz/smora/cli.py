@@ -76,18 +76,17 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers) -> None:
-    """Add `smora-train` and `smora-eval` to the `python -m lego_viz` parser."""
+def configure(name: str, parser: argparse.ArgumentParser) -> None:
+    """Add the options of `smora-train` or `smora-eval` to its `python -m lego_viz` subparser."""
     from lego_viz.zoo.model import ZOO_DIR
 
-    train = subparsers.add_parser("smora-train", help="train the zoo SMoRA adapters and baselines; write results + tables")
-    add_experiment_args(train)
-    train.set_defaults(func=run_train)
-
-    evaluate = subparsers.add_parser("smora-eval", help="zoo accuracy and load balance of a saved SMoRA adapter")
-    evaluate.add_argument("adapter", type=Path, help="SMoRA folder (smora_config.json + smora_model.safetensors)")
-    evaluate.add_argument("--tasks", default=None, help="comma-separated zoo tasks (default: all)")
-    evaluate.add_argument("--n", type=int, default=100, help="held-out prompts per task (default 100)")
-    evaluate.add_argument("--zoo", type=Path, default=ZOO_DIR, help="zoo folder holding the base model")
-    evaluate.add_argument("--device", default=None, help="torch device (default: cuda when available)")
-    evaluate.set_defaults(func=run_eval)
+    if name == "smora-train":
+        add_experiment_args(parser)
+        parser.set_defaults(func=run_train)
+        return
+    parser.add_argument("adapter", type=Path, help="SMoRA folder (smora_config.json + smora_model.safetensors)")
+    parser.add_argument("--tasks", default=None, help="comma-separated zoo tasks (default: all)")
+    parser.add_argument("--n", type=int, default=100, help="held-out prompts per task (default 100)")
+    parser.add_argument("--zoo", type=Path, default=ZOO_DIR, help="zoo folder holding the base model")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available)")
+    parser.set_defaults(func=run_eval)

@@ -43,14 +43,11 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers) -> None:
-    """Add `zoo-eval` to the `python -m lego_viz` parser."""
+def configure(name: str, parser: argparse.ArgumentParser) -> None:
+    """Add the options of `zoo-eval` (the only command here) to its `python -m lego_viz` subparser."""
     from lego_viz.zoo.evaluate import DEFAULT_EVAL_N
     from lego_viz.zoo.model import ZOO_DIR
 
-    parser = subparsers.add_parser(
-        "zoo-eval", help="per-task exact-match accuracy of the demo zoo base, a task adapter or a merged adapter"
-    )
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--adapter", type=Path, default=None, help="a PEFT adapter folder for the zoo base")
     which.add_argument("--merged", type=Path, default=None, help="a merged adapter folder written by `merge`/export")

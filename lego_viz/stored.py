@@ -1,0 +1,174 @@
+"""Adapters that stay on disk: read a safetensors file tensor by tensor, when a module is used.
+
+A merge of many large adapters must not hold them all in memory. The safetensors format is a JSON
+header of names, dtypes, shapes and byte ranges followed by the raw data, so one tensor is one
+``pread`` of its range: memory stays at the modules being processed, kept as stored (bf16/fp16)
+until the moment they are turned into float32. We read with plain file reads rather than the
+library's memory map, whose touched pages would stay resident in the process until it closes.
+
+Validation needs no torch: shapes come from the header and NaN/inf are found from the bit patterns
+with numpy (an all-ones exponent), so ``inspect`` starts fast.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lego_viz.adapters import AdapterError, LoraModule
+
+if TYPE_CHECKING:
+    import torch
+
+# safetensors dtype → (bytes per element, mask of the exponent bits for floats else None, torch dtype name)
+_DTYPES = {
+    "F64": (8, 0x7FF0000000000000, "float64"),
+    "F32": (4, 0x7F800000, "float32"),
+    "F16": (2, 0x7C00, "float16"),
+    "BF16": (2, 0x7F80, "bfloat16"),
+    "I64": (8, None, "int64"), "I32": (4, None, "int32"), "I16": (2, None, "int16"), "I8": (1, None, "int8"),
+    "U8": (1, None, "uint8"), "BOOL": (1, None, "bool"),
+}
+_UINT = {1: "<u1", 2: "<u2", 4: "<u4", 8: "<u8"}
+# Largest header safetensors itself accepts (100 MB): anything bigger is garbage, not a header.
+_MAX_HEADER = 100_000_000
+# Bytes scanned per step when looking for NaN/inf, so a large tensor is never held twice.
+_SCAN_BYTES = 1 << 24
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives in a safetensors file."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    nbytes: int
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def torch_dtype(self) -> str:
+        """The torch name of the stored dtype (``bfloat16``), without importing torch."""
+        return _DTYPES[self.dtype][2]
+
+
+class SafetensorsFile:
+    """The index of a safetensors file; tensors are read on request.
+
+    Args:
+        path: the ``.safetensors`` file.
+        label: adapter name used in error messages.
+
+    Raises:
+        AdapterError: the header is not a valid safetensors header or points outside the file.
+    """
+
+    def __init__(self, path: str | os.PathLike, label: str) -> None:
+        self.path = Path(path)
+        self.label = label
+        size = self.path.stat().st_size
+        try:
+            with open(self.path, "rb") as handle:
+                (length,) = struct.unpack("<Q", handle.read(8))
+                if length > min(_MAX_HEADER, size - 8):
+                    raise ValueError(f"header length {length} exceeds the file")
+                header = json.loads(handle.read(length))
+            if not isinstance(header, dict):
+                raise ValueError("header is not a JSON object")
+            data_start = 8 + length
+            self.tensors: dict[str, TensorInfo] = {}
+            for key, entry in header.items():
+                if key == "__metadata__":
+                    continue
+                width = _DTYPES[entry["dtype"]][0]
+                shape = tuple(int(d) for d in entry["shape"])
+                begin, end = (int(x) for x in entry["data_offsets"])
+                if not 0 <= begin <= end <= size - data_start or end - begin != width * math.prod(shape):
+                    raise ValueError(f"tensor {key} has byte range {begin}..{end} that does not fit its shape or the file")
+                self.tensors[key] = TensorInfo(entry["dtype"], shape, data_start + begin, end - begin)
+        except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            raise AdapterError(f"{label}: {self.path.name} is corrupt or truncated ({type(exc).__name__}: {str(exc)[:160]}).") from None
+
+    def _read_bytes(self, info: TensorInfo, start: int = 0, nbytes: int | None = None) -> bytearray:
+        nbytes = info.nbytes - start if nbytes is None else nbytes
+        buffer = bytearray(nbytes)
+        with open(self.path, "rb") as handle:
+            handle.seek(info.start + start)
+            if handle.readinto(buffer) != nbytes:
+                raise AdapterError(f"{self.label}: {self.path.name} is corrupt or truncated (it changed while being read).")
+        return buffer
+
+    def count_nonfinite(self, key: str) -> int:
+        """NaN/inf values of a float tensor (0 for integer tensors), read in bounded chunks."""
+        import numpy as np
+
+        info = self.tensors[key]
+        width, mask, _ = _DTYPES[info.dtype]
+        if mask is None:
+            return 0
+        bad = 0
+        step = _SCAN_BYTES - _SCAN_BYTES % width
+        for offset in range(0, info.nbytes, step):
+            bits = np.frombuffer(self._read_bytes(info, offset, min(step, info.nbytes - offset)), dtype=_UINT[width])
+            bad += int(np.count_nonzero((bits & np.array(mask, dtype=bits.dtype)) == mask))
+        return bad
+
+    def read(self, key: str) -> torch.Tensor:
+        """One tensor in float32 (converted from its stored dtype here, after the read)."""
+        import torch
+
+        info = self.tensors[key]
+        dtype = getattr(torch, _DTYPES[info.dtype][2])
+        tensor = torch.frombuffer(self._read_bytes(info), dtype=dtype) if info.nbytes else torch.empty(0, dtype=dtype)
+        return tensor.reshape(info.shape).to(torch.float32)
+
+
+class StoredLoraModule(LoraModule):
+    """A :class:`LoraModule` whose ``A`` and ``B`` are read from the file on each access (float32).
+
+    Shapes, ``r`` and the scale are known without reading; :meth:`load` reads both factors once and
+    returns a plain in-memory module, which is what a merge works on, one group of modules at a time.
+    """
+
+    def __init__(self, file: SafetensorsFile, key_a: str, key_b: str, scale: float, fan_in_fan_out: bool = False):
+        # A frozen dataclass: set the fields the way its own __init__ would.
+        for name, value in (("file", file), ("key_a", key_a), ("key_b", key_b), ("scale", scale),
+                            ("fan_in_fan_out", fan_in_fan_out)):
+            object.__setattr__(self, name, value)
+
+    @property
+    def A(self) -> torch.Tensor:  # (r, d_in)
+        return self.file.read(self.key_a)
+
+    @property
+    def B(self) -> torch.Tensor:  # (d_out, r)
+        return self.file.read(self.key_b)
+
+    @property
+    def r(self) -> int:
+        return self.file.tensors[self.key_a].shape[0]
+
+    @property
+    def d_in(self) -> int:
+        return self.file.tensors[self.key_a].shape[1]
+
+    @property
+    def d_out(self) -> int:
+        return self.file.tensors[self.key_b].shape[0]
+
+    @property
+    def stored_bytes(self) -> int:
+        return self.file.tensors[self.key_a].nbytes + self.file.tensors[self.key_b].nbytes
+
+    def load(self) -> LoraModule:
+        return LoraModule(A=self.A, B=self.B, scale=self.scale, fan_in_fan_out=self.fan_in_fan_out)
+
+    def __repr__(self) -> str:
+        return f"StoredLoraModule({self.file.path.name}: {self.key_a}, r={self.r}, d_in={self.d_in}, d_out={self.d_out})"
