@@ -39,13 +39,13 @@ def labels_inertia(features: np.ndarray, labels: np.ndarray) -> float:
 
 
 def sklearn_loop(
-    adapters, labels: dict[str, torch.Tensor], seed: int = 0
+    adapters, labels: dict[str, torch.Tensor | None], seed: int = 0
 ) -> tuple[float, dict[str, float], dict[str, float]]:
     """Time ``KMeans.fit`` on each module's features.
 
     Args:
         adapters: the merged adapters.
-        labels: our cluster labels per module, scored on the same features.
+        labels: our cluster labels per module (None: time scikit-learn only), scored on the same features.
 
     Returns:
         (total fit seconds, scikit-learn inertia per module, our inertia per module).
@@ -57,8 +57,22 @@ def sklearn_loop(
         _, elapsed = timed(lambda km=km, feats=feats: km.fit(feats))
         total += elapsed
         theirs[name] = labels_inertia(feats, km.labels_)
-        ours[name] = labels_inertia(feats, own.numpy())
+        if own is not None:
+            ours[name] = labels_inertia(feats, own.numpy())
     return total, theirs, ours
+
+
+# Seconds of the loop per adapter shape, measured once per process: the CLI item compares against
+# the same measurement as this item instead of spending minutes repeating it.
+_LOOP_SECONDS: dict[ReferenceShape, float] = {}
+
+
+def sklearn_seconds(shape: ReferenceShape) -> float:
+    """The scikit-learn loop's fit time over every module of ``make_adapters(shape)``."""
+    if shape not in _LOOP_SECONDS:
+        adapters = make_adapters(shape)
+        _LOOP_SECONDS[shape] = sklearn_loop(adapters, dict.fromkeys(shape.module_names()))[0]
+    return _LOOP_SECONDS[shape]
 
 
 def warm_up() -> None:
@@ -75,6 +89,7 @@ def run(quick: bool = False) -> list[Row]:
     merged, lego_time = timed(lambda: merge(adapters, "lego", k=K, n_init=N_INIT, features=FEATURES, seed=0))
     names = list(merged.modules)
     sk_time, sk_inertia, lego_inertia = sklearn_loop(adapters, merged.labels)
+    _LOOP_SECONDS[shape] = sk_time
     total_ratio = sum(lego_inertia.values()) / sum(sk_inertia.values())
     worst = max(lego_inertia[name] / sk_inertia[name] for name in names)
     speedup = sk_time / lego_time

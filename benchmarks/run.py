@@ -4,7 +4,8 @@
     python -m benchmarks.run --quick    # seconds, for CI; writes only where --out says
 
 Items: 1 lego vs scikit-learn, 2 factored svd vs PEFT, 3 invariance checks, 4 peak memory,
-5 app latency (see each ``bench_*.py``; each also runs on its own).
+5 app latency, 6 the merge command and start-up, 7 streamed merges of 64 bf16 adapters (see each
+``bench_*.py``; each also runs on its own).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 from threadpoolctl import threadpool_limits
 
-from benchmarks import bench_app, bench_checks, bench_lego, bench_memory, bench_svd
+from benchmarks import bench_app, bench_checks, bench_cli, bench_lego, bench_memory, bench_stream, bench_svd
 from benchmarks.report import Row, load_average, machine, markdown
 
 ITEMS: dict[str, Callable[[bool], list[Row]]] = {
@@ -26,6 +27,8 @@ ITEMS: dict[str, Callable[[bool], list[Row]]] = {
     "checks": bench_checks.run,
     "memory": bench_memory.run,
     "app": bench_app.run,
+    "cli": bench_cli.run,
+    "stream": bench_stream.run,
 }
 RESULTS = Path(__file__).parent / "results.md"
 

@@ -83,7 +83,7 @@ def _summary(session: Session) -> str:
 @user_errors
 def cluster(
     session: Session, selection: str, projection: str, colour_by: str, method: str, k: float, features: str,
-    param_reweight: str, output_reweight: bool, seed: float,
+    param_reweight: str, output_reweight: bool, seed: float, progress=gr.Progress(),  # noqa: B008 (Gradio's way)
 ) -> tuple:
     """Merge with the controls' settings (reused if unchanged) and draw the map and the cluster heatmap.
 
@@ -91,7 +91,7 @@ def cluster(
         (session, map figure, heatmap figure or None, summary markdown)
     """
     settings = MergeSettings(method, int(k), features, param_reweight, bool(output_reweight), int(seed))
-    session = merged_session(session, settings)
+    session = merged_session(session, settings, lambda done, total: progress(done / total, desc=f"merged {done}/{total} modules"))
     adapters, weights = session.selected()
     merged = session.merged
     modules = select_modules(adapters, selection)

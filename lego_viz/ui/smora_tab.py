@@ -297,15 +297,19 @@ def build_smora_tab(tab: gr.Tab | None = None) -> None:
         load_plot = gr.Plot(label="Load per rank and bias", elem_id="smora-load")
     training_plot = gr.Plot(training_figure(shipped_results(), name), label="Load balance over training", elem_id="smora-training")
 
-    route_io = {"fn": route, "inputs": [adapter, module, prompt], "outputs": [completion, gates_plot, sources_plot]}
-    tasks_io = {"fn": task_stats, "inputs": [adapter, module], "outputs": [tasks_plot, load_plot]}
+    # Every event of the tab shares one queue slot, so they finish in the order they were asked for:
+    # otherwise the first-open routing of the default adapter (slow while the model loads) could land
+    # after a quick switch to another adapter and paint the old adapter's figures under the new name.
+    one_at_a_time = {"concurrency_id": "smora", "concurrency_limit": 1}
+    route_io = {"fn": route, "inputs": [adapter, module, prompt], "outputs": [completion, gates_plot, sources_plot], **one_at_a_time}
+    tasks_io = {"fn": task_stats, "inputs": [adapter, module], "outputs": [tasks_plot, load_plot], **one_at_a_time}
     button.click(**route_io, api_name="smora_route").then(**tasks_io, api_name="smora_tasks")
     prompt.submit(**route_io, api_visibility="private")
     module.change(**route_io, api_visibility="private").then(**tasks_io, api_visibility="private")
     # Route again at once: the output and figures of the previous adapter must not stay under the new name.
-    adapter.change(choose_adapter, [adapter, module], [module, training_plot], api_name="smora_adapter").success(
+    adapter.change(choose_adapter, [adapter, module], [module, training_plot], api_name="smora_adapter", **one_at_a_time).success(
         **route_io, api_visibility="private"
     ).success(**tasks_io, api_visibility="private")
     if tab is not None:
         tab.select(first_visit, [adapter, module, prompt, completion], route_io["outputs"] + tasks_io["outputs"],
-                   api_visibility="private")
+                   api_visibility="private", **one_at_a_time)

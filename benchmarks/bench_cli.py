@@ -1,0 +1,80 @@
+"""Item 6: the ``merge`` command as a user runs it, and the CLI's start-up (issue 15, items 1–2).
+
+The merge figure is what the user feels: the wall time of ``python -m lego_viz merge`` (defaults:
+lego, canonical features, ``n_init=10``, invariance checks and report on) minus the wall time of
+``python -m lego_viz inspect`` on the same adapters (start-up, reading and validating the files),
+each the best of two runs in a fresh process. The baseline is the per-module scikit-learn
+``KMeans(n_init=10)`` loop of item 1 on the same adapters (shared with item 1 in one run).
+Start-up: ``--help`` and ``inspect`` of a tiny adapter, best of three.
+
+    python -m benchmarks.bench_cli [--quick]
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.bench_lego import N_INIT, K, sklearn_seconds
+from benchmarks.report import Row, item_main, seconds
+from benchmarks.synthetic import ReferenceShape, make_adapters, save_adapters
+
+QUICK_SHAPE = ReferenceShape(n_layers=2, shrink=8)
+FULL_SHAPE = ReferenceShape()
+TINY_SHAPE = ReferenceShape(n_layers=1, n_adapters=1, rank=4, shrink=64)
+SPEEDUP_TARGET = 50.0
+STARTUP_TARGET = 1.5
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli_seconds(*args: str, repeats: int = 2) -> float:
+    """Best wall time of ``python -m lego_viz ARGS`` in a fresh process, with this process's thread count."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "HF_HUB_OFFLINE": "1"}
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "lego_viz", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+        elapsed = time.perf_counter() - start
+        if done.returncode != 0:
+            raise RuntimeError(f"lego_viz {args[0]} failed:\n{done.stderr[-2000:]}")
+        best = min(best, elapsed)
+    return best
+
+
+def run(quick: bool = False) -> list[Row]:
+    shape = QUICK_SHAPE if quick else FULL_SHAPE
+    with tempfile.TemporaryDirectory(prefix="lego_viz_bench_cli_") as tmp:
+        folders = [str(p) for p in save_adapters(make_adapters(shape), Path(tmp) / "in")]
+        tiny = str(save_adapters(make_adapters(TINY_SHAPE, seed=5), Path(tmp) / "tiny")[0])
+        help_time = cli_seconds("--help", repeats=3)
+        tiny_time = cli_seconds("inspect", tiny, repeats=3)
+        inspect_time = cli_seconds("inspect", *folders)
+        merge_time = cli_seconds("merge", *folders, "--k", str(K), "--n-init", str(N_INIT), "--out", f"{tmp}/out", "--force")
+    felt = merge_time - inspect_time
+    baseline = sklearn_seconds(shape)
+    speedup = baseline / felt
+    scope = f"{len(shape.module_names())} modules ({shape.n_layers} layers{', widths ÷' + str(shape.shrink) if shape.shrink > 1 else ''})"
+    return [
+        Row("6 cli", f"`merge` wall {seconds(merge_time)} − `inspect` wall {seconds(inspect_time)}, "
+            f"lego k={K}, n_init={N_INIT}, checks + report on, {scope}",
+            seconds(felt), f"scikit-learn loop {seconds(baseline)}", f"{speedup:.0f}× faster",
+            f"≥ {SPEEDUP_TARGET:.0f}×", speedup >= SPEEDUP_TARGET),
+        Row("6 cli", "`python -m lego_viz --help` wall", seconds(help_time), "—", seconds(help_time),
+            f"< {STARTUP_TARGET} s", help_time < STARTUP_TARGET),
+        Row("6 cli", "`python -m lego_viz inspect` of a tiny adapter, wall", seconds(tiny_time), "—",
+            seconds(tiny_time), f"< {STARTUP_TARGET} s", tiny_time < STARTUP_TARGET),
+    ]
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    return item_main(run, __doc__, "2 layers at 1/8 width: seconds, for CI", argv)
+
+
+if __name__ == "__main__":
+    main()
