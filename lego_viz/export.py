@@ -113,6 +113,7 @@ def build_report(
         "ranks": merged.ranks,
         "cluster_sizes": merged.cluster_sizes(),
         "timings_s": merged.timings,
+        "details": merged.details,
         "warnings": merged.warnings,
         "versions": _versions(),
     }

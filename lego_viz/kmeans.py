@@ -27,7 +27,7 @@ from numbers import Integral, Real
 
 import torch
 
-__all__ = ["GramKMeans", "cluster_means", "gram_kmeans", "pairwise_gram"]
+__all__ = ["GramKMeans", "cluster_means", "gram_kmeans", "pairwise_gram", "sketch_kmeans"]
 
 _CHUNK_ELEMENTS = 1 << 19
 
@@ -284,6 +284,98 @@ def _inertia(gram: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
     scores = norms[:, None] - 2 * gw  # (b, n, r, k)
     own = torch.gather(scores, -1, labels.transpose(1, 2)[..., None])[..., 0]  # (b, n, r)
     return (gram.diagonal(dim1=-2, dim2=-1)[..., None] + own).clamp(min=0).sum(dim=1)
+
+
+def sketch_kmeans(
+    x: torch.Tensor,
+    n_clusters: int,
+    *,
+    n_init: int = 10,
+    max_iter: int = 100,
+    tol: float = 1e-4,
+    generator: torch.Generator | None = None,
+    sketch_dim: int = 256,
+    polish_iter: int = 30,
+    polish_top: int = 3,
+) -> tuple[torch.Tensor, float]:
+    """k-means for point sets too large for an ``n × n`` Gram matrix (adapter libraries).
+
+    The restarts (k-means++ seeding, Lloyd) run on a Gaussian sketch ``x Ω`` of ``sketch_dim``
+    columns, which keeps every distance up to a few percent; the best restart's clusters are then
+    polished with Lloyd steps on the full points, so the result is a local optimum of the real
+    objective. Cost ``O(n·d·sketch_dim)`` once plus ``O(n·sketch_dim·k)`` per step, instead of
+    ``O(n²·d)`` for the Gram matrix and ``O(n²·k)`` per step.
+
+    Args:
+        x: points ``(n, d)``.
+        n_clusters: ``k``, ``1 ≤ k ≤ n``.
+        n_init, max_iter, tol, generator: as in :func:`gram_kmeans` (``tol`` relative to the mean
+            per-feature variance, here of the sketch).
+        sketch_dim: columns of the sketch.
+        polish_iter: most Lloyd steps on the full points.
+        polish_top: restarts (best by sketch inertia) polished; the best on the full points wins.
+
+    Returns:
+        ``(labels (n,), inertia)`` with the inertia on the full points.
+    """
+    n, d = x.shape
+    _check_params(n_clusters, n, n_init, max_iter, tol)
+    x = x.float() - x.float().mean(dim=0)
+    omega = torch.randn(d, sketch_dim, generator=generator).to(x.device) / sketch_dim**0.5
+    sketch = x @ omega  # (n, m)
+    n_local_trials = 2 + int(math.log(n_clusters))
+    uniforms = torch.rand((n_init, n_clusters, n_local_trials), generator=generator, dtype=torch.float64).to(x.device, x.dtype)
+    tol_abs = tol * float(sketch.var(dim=0, unbiased=False).mean())
+    labels, inertia = _points_lloyd(sketch, _points_plusplus(sketch, n_clusters, uniforms), max_iter, tol_abs)
+    # The sketch ranks restarts only roughly: the best few are polished and judged on the full points.
+    top = inertia.argsort()[:polish_top]
+    labels, inertia = _points_lloyd(x, cluster_means(x, labels[top], n_clusters), polish_iter, 0.0)
+    best = int(inertia.argmin())
+    return labels[best], float(inertia[best])
+
+
+def _points_plusplus(points: torch.Tensor, k: int, uniforms: torch.Tensor) -> torch.Tensor:
+    """Greedy k-means++ centres (r, k, m) in feature space, one set per restart (as _kmeans_plusplus)."""
+    n = points.shape[0]
+    sq = points.square().sum(dim=1)
+
+    def dist_to(idx: torch.Tensor) -> torch.Tensor:  # (r, t) -> (r, t, n)
+        return (sq + sq[idx][..., None] - 2 * points[idx] @ points.T).clamp(min=0)
+
+    seeds = [(uniforms[:, 0, :1] * n).long().clamp(max=n - 1)]
+    closest = dist_to(seeds[0])[:, 0]
+    for step in range(1, k):
+        cumulative = closest.cumsum(dim=-1)
+        candidates = torch.searchsorted(cumulative, (uniforms[:, step, :] * cumulative[:, -1:]).contiguous()).clamp(max=n - 1)
+        with_candidate = torch.minimum(closest[:, None], dist_to(candidates))  # (r, trials, n)
+        best = with_candidate.sum(dim=-1).argmin(dim=-1, keepdim=True)
+        seeds.append(torch.gather(candidates, 1, best))
+        closest = torch.gather(with_candidate, 1, best[..., None].expand(-1, -1, n))[:, 0]
+    return points[torch.cat(seeds, dim=-1)]
+
+
+def _points_lloyd(
+    points: torch.Tensor, centres: torch.Tensor, max_iter: int, tol_abs: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd steps in feature space from centres (r, k, m); returns labels (r, n) and inertia (r,)."""
+    r, k, _ = centres.shape
+    n = points.shape[0]
+    sq = points.square().sum(dim=1)
+    labels = torch.full((r, n), -1, dtype=torch.long, device=points.device)
+    for _ in range(max_iter):
+        scores = centres.square().sum(dim=-1)[:, None] - 2 * torch.einsum("nm,rkm->rnk", points, centres)  # (r, n, k)
+        best, assigned = scores.min(dim=-1)
+        assigned = _relocate_empty(assigned, (sq + best).clamp(min=0), k)
+        members = torch.zeros((r, k, n), dtype=points.dtype, device=points.device).scatter_(1, assigned[:, None], 1.0)
+        new = (members @ points) / members.sum(dim=-1, keepdim=True).clamp(min=1)  # cluster means (r, k, m)
+        shift = (new - centres).square().sum(dim=(1, 2))
+        stable = (assigned == labels).all(dim=-1)
+        labels, centres = assigned, new
+        if bool((stable | (shift <= tol_abs)).all()):
+            break
+    scores = centres.square().sum(dim=-1)[:, None] - 2 * torch.einsum("nm,rkm->rnk", points, centres)
+    own = torch.gather(scores, -1, labels[..., None])[..., 0]
+    return labels, (sq + own).clamp(min=0).sum(dim=-1)
 
 
 def cluster_means(x: torch.Tensor, labels: torch.Tensor, n_clusters: int) -> torch.Tensor:

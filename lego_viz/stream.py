@@ -67,6 +67,17 @@ def _loaded(adapters: Sequence[LoraAdapter], names: Sequence[str]) -> list[LoraA
     return views
 
 
+def _add_counts(total: dict, part: dict) -> None:
+    """Add a group's details into the total: numbers add up, nested dicts recurse, the rest is kept."""
+    for key, value in part.items():
+        if isinstance(value, dict):
+            _add_counts(total.setdefault(key, {}), value)
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            total[key] = total.get(key, 0) + value
+        else:
+            total[key] = value
+
+
 def _combine_checks(parts: list[CheckResult]) -> CheckResult:
     first = parts[0]
     combined = CheckResult(name=first.name, tolerance=first.tolerance, expect_pass=first.expect_pass, method=first.method)
@@ -129,6 +140,7 @@ def merge_streaming(
         output.warnings += [w for w in part.warnings if w not in output.warnings]
         for key, value in part.timings.items():
             output.timings[key] = output.timings.get(key, 0.0) + value
+        _add_counts(output.details, part.details)
         if checks:
             found["permutation"].append(check_permutation(block, exact=exact["permutation"]))
             found["concat_sum"].append(check_concat_sum(block, weights, exact=exact["concat_sum"]))

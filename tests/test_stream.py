@@ -94,3 +94,33 @@ def test_report_errors_match_dense_float64(k) -> None:
         reference = sum(a.modules[name].delta_weight().double() for a in adapters)
         dense = float((reference - module.delta_weight().double()).norm() / reference.norm())
         assert errors[name] == pytest.approx(dense, rel=1e-4, abs=1e-6)
+
+
+def test_sketch_kmeans_finds_separated_clusters() -> None:
+    from lego_viz.kmeans import sketch_kmeans
+
+    gen = torch.Generator().manual_seed(0)
+    centres = 10 * torch.randn(5, 300, generator=gen)
+    truth = torch.arange(400) % 5
+    points = centres[truth] + torch.randn(400, 300, generator=gen)
+    labels, inertia = sketch_kmeans(points, 5, n_init=4, generator=torch.Generator().manual_seed(1), sketch_dim=32)
+    # Same partition up to relabelling: each true cluster maps to exactly one found cluster.
+    pairs = {(int(t), int(f)) for t, f in zip(truth, labels)}
+    assert len(pairs) == 5 and len({f for _, f in pairs}) == 5
+    expected = sum(float((points[truth == j] - points[truth == j].mean(0)).square().sum()) for j in range(5))
+    assert inertia == pytest.approx(expected, rel=1e-4)
+
+
+def test_lego_switches_to_the_sketch_for_many_units(monkeypatch) -> None:
+    import lego_viz.merge.lego as lego_module
+
+    adapters = [make_adapter(n, seed=i) for i, n in enumerate("abc")]  # n = 12 units per module
+    gram = merge(adapters, "lego", k=3)
+    monkeypatch.setattr(lego_module, "GRAM_UNITS", 8)
+    sketched = merge(adapters, "lego", k=3)
+    n_modules = len(gram.modules)
+    assert gram.details["kmeans"] == {"gram (n ≤ 2048 units)": n_modules, "sketch (n > 2048 units)": 0}
+    assert sketched.details["kmeans"] == {"gram (n ≤ 8 units)": 0, "sketch (n > 8 units)": n_modules}
+    for name, module in sketched.modules.items():
+        assert module.A.shape == gram.modules[name].A.shape and torch.isfinite(module.A).all()
+        assert sorted(set(sketched.labels[name].tolist())) == [0, 1, 2]

@@ -54,6 +54,7 @@ class MethodOutput:
     # per module ‖Σ_t w_t ΔW_t‖_F², where the method got it for free (lego: its Gram matrices; svd: the
     # singular values), so the report's errors need no second pass over the inputs
     reference_sq_norms: dict[str, float] = field(default_factory=dict)
+    details: dict = field(default_factory=dict)  # how the method ran, for the report (lego: which k-means)
 
 
 MethodFn = Callable[[Sequence[LoraAdapter], list[float], Mapping[str, int] | None, dict], MethodOutput]
@@ -101,6 +102,7 @@ class MergedAdapter:
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     reference_sq_norms: dict[str, float] = field(default_factory=dict)  # see MethodOutput
+    details: dict = field(default_factory=dict)  # see MethodOutput
 
     @property
     def ranks(self) -> dict[str, int]:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from lego_viz.adapters import LoraAdapter, LoraModule, module_order
-from lego_viz.kmeans import GramKMeans
+from lego_viz.kmeans import GramKMeans, sketch_kmeans
 from lego_viz.merge.base import MethodOutput, Option, register
 from lego_viz.msu import FEATURE_MODES
 
@@ -32,6 +32,9 @@ LEGO_OPTIONS = {
 }
 
 _TINY = 1e-30
+# Above this many units in a module, k-means leaves the n×n Gram matrix (n² memory, O(n²) per step)
+# for a sketch of the points (kmeans.sketch_kmeans); below it the Gram route is faster.
+GRAM_UNITS = 2048
 
 
 @dataclass
@@ -45,17 +48,21 @@ class _Units:
 
     owners: list[int]  # adapter index of each block of units
     adapter_index: torch.Tensor  # (n,)
-    gram_a: torch.Tensor  # (n, n) raw A Aᵀ
-    gram_b: torch.Tensor  # (n, n) raw Bᵀ B
+    gram_a: torch.Tensor | None  # (n, n) raw A Aᵀ; None on the sketch path (too many units)
+    gram_b: torch.Tensor | None  # (n, n) raw Bᵀ B
     avg_a: torch.Tensor  # (n,) factor of A[i] in the vectors averaged into centroids
     avg_b: torch.Tensor  # (n,)
     seen_a: torch.Tensor  # (n,) factor of A[i] in what k-means sees
     seen_b: torch.Tensor  # (n,)
     fold_a: torch.Tensor  # (n,) factor of A[i] in the folded, weighted unit ã_i
     fold_b: torch.Tensor  # (n,)
+    sq_a: torch.Tensor  # (n,) ‖A[i]‖² (the Gram diagonal)
+    sq_b: torch.Tensor  # (n,)
 
-    def reference_sq_norm(self) -> float:
-        """‖Σ_i b̃_i ã_iᵀ‖_F² = Σ_ij (ã_i·ã_j)(b̃_i·b̃_j), in float64 from the Gram matrices."""
+    def reference_sq_norm(self) -> float | None:
+        """‖Σ_i b̃_i ã_iᵀ‖_F² = Σ_ij (ã_i·ã_j)(b̃_i·b̃_j), in float64 from the Gram matrices (None without them)."""
+        if self.gram_a is None:
+            return None
         fa, fb = self.fold_a.double(), self.fold_b.double()
         return float(((fa[:, None] * self.gram_a.double() * fa[None]) * (fb[:, None] * self.gram_b.double() * fb[None])).sum())
 
@@ -65,7 +72,10 @@ class _Units:
         return sa[:, None] * self.gram_a * sa[None] + sb[:, None] * self.gram_b * sb[None]
 
 
-def _units(adapters: Sequence[LoraAdapter], weights: list[float], name: str, features: str) -> _Units:
+def _units(
+    adapters: Sequence[LoraAdapter], weights: list[float], name: str, features: str, gram: bool = True
+) -> tuple[_Units, torch.Tensor | None]:
+    """The module's units, and (``gram=False``, for the sketch path) the points k-means sees (n, d_in + d_out)."""
     present = [(t, a.modules[name]) for t, a in enumerate(adapters) if name in a.modules]
     # float32 whatever the storage: a bf16/fp16 Gram would lose the precision k-means needs.
     A = torch.cat([lora.A for _, lora in present]).float()  # (n, d_in)
@@ -73,36 +83,51 @@ def _units(adapters: Sequence[LoraAdapter], weights: list[float], name: str, fea
     alpha = torch.cat([torch.full((lora.r,), lora.scale**0.5) for _, lora in present])
     beta = torch.cat([torch.full((lora.r,), lora.scale**0.5 * weights[t]) for t, lora in present])
     owner = torch.cat([torch.full((lora.r,), t, dtype=torch.long) for t, lora in present])
-    gram_a, gram_b = A @ A.T, B.T @ B
+    if gram:
+        gram_a, gram_b = A @ A.T, B.T @ B
+        sq_a, sq_b = gram_a.diagonal(), gram_b.diagonal()
+    else:
+        gram_a = gram_b = None
+        sq_a, sq_b = A.square().sum(dim=1), B.square().sum(dim=0)
+    head = ([t for t, _ in present], owner, gram_a, gram_b)
     if features == "raw":
-        return _Units([t for t, _ in present], owner, gram_a, gram_b, alpha, beta, alpha, beta, alpha, beta)
-    raw_na = gram_a.diagonal().clamp_min(0).sqrt()  # ‖A[i]‖
-    raw_nb = gram_b.diagonal().clamp_min(0).sqrt()
-    norm_a, norm_b = alpha * raw_na, beta.abs() * raw_nb  # ‖ã_i‖, ‖b̃_i‖
-    zero = (norm_a <= _TINY) | (norm_b <= _TINY)
-    # canonical: equal halves (c = sqrt(‖b̃‖/‖ã‖)), sign so that the largest |entry| of ã is positive
-    c = torch.exp(0.5 * (torch.log(norm_b.clamp_min(_TINY)) - torch.log(norm_a.clamp_min(_TINY))))
-    # Sign of the largest |entry| (ties count as +): amax/amin read A once with no |A| temporary,
-    # ~10× faster than abs().argmax() and ~30× faster than aminmax() on CPU (torch 2.13).
-    sign = torch.where(-A.amin(dim=1) > A.amax(dim=1), -1.0, 1.0)
-    keep = (~zero).to(A.dtype)
-    avg_a, avg_b = alpha * c * sign * keep, beta / c * sign * keep
-    if features == "canonical":
-        return _Units([t for t, _ in present], owner, gram_a, gram_b, avg_a, avg_b, avg_a, avg_b, alpha, beta)
-    seen_a = sign * keep / raw_na.clamp_min(_TINY)
-    seen_b = sign * torch.sign(beta) * keep / raw_nb.clamp_min(_TINY)
-    return _Units([t for t, _ in present], owner, gram_a, gram_b, avg_a, avg_b, seen_a, seen_b, alpha, beta)
+        units = _Units(*head, alpha, beta, alpha, beta, alpha, beta, sq_a, sq_b)
+    else:
+        raw_na = sq_a.clamp_min(0).sqrt()  # ‖A[i]‖
+        raw_nb = sq_b.clamp_min(0).sqrt()
+        norm_a, norm_b = alpha * raw_na, beta.abs() * raw_nb  # ‖ã_i‖, ‖b̃_i‖
+        zero = (norm_a <= _TINY) | (norm_b <= _TINY)
+        # canonical: equal halves (c = sqrt(‖b̃‖/‖ã‖)), sign so that the largest |entry| of ã is positive
+        c = torch.exp(0.5 * (torch.log(norm_b.clamp_min(_TINY)) - torch.log(norm_a.clamp_min(_TINY))))
+        # Sign of the largest |entry| (ties count as +): amax/amin read A once with no |A| temporary,
+        # ~10× faster than abs().argmax() and ~30× faster than aminmax() on CPU (torch 2.13).
+        sign = torch.where(-A.amin(dim=1) > A.amax(dim=1), -1.0, 1.0)
+        keep = (~zero).to(A.dtype)
+        avg_a, avg_b = alpha * c * sign * keep, beta / c * sign * keep
+        if features == "canonical":
+            units = _Units(*head, avg_a, avg_b, avg_a, avg_b, alpha, beta, sq_a, sq_b)
+        else:
+            seen_a = sign * keep / raw_na.clamp_min(_TINY)
+            seen_b = sign * torch.sign(beta) * keep / raw_nb.clamp_min(_TINY)
+            units = _Units(*head, avg_a, avg_b, seen_a, seen_b, alpha, beta, sq_a, sq_b)
+    points = None if gram else torch.cat([units.seen_a[:, None] * A, units.seen_b[:, None] * B.T], dim=1)
+    return units, points
 
 
-def canonical_order(gram: torch.Tensor) -> torch.Tensor:
+def canonical_order(gram: torch.Tensor | None = None, points: torch.Tensor | None = None) -> torch.Tensor:
     """An order of the points that does not depend on the order they came in.
 
     k-means++ seeding draws indices, so without this a permutation of the input ranks could land
     in another local optimum. Sorting by (squared norm, sum of inner products) — both
-    permutation-equivariant — makes the whole merge permutation-invariant.
+    permutation-equivariant — makes the whole merge permutation-invariant. From the Gram matrix,
+    or from the points themselves (``x_i · Σ_j x_j``) when there are too many for one.
     """
-    g = gram.double()
-    diag, rowsum = g.diagonal(), g.sum(dim=1)
+    if gram is not None:
+        g = gram.double()
+        diag, rowsum = g.diagonal(), g.sum(dim=1)
+    else:
+        x = points.double()
+        diag, rowsum = x.square().sum(dim=1), x @ x.sum(dim=0)
     order = torch.argsort(rowsum, stable=True)
     return order[torch.argsort(diag[order], stable=True)]
 
@@ -122,7 +147,7 @@ def _centroids(
     """Mean of each cluster's (folded, possibly canonical) members, optionally rescaled to the
     members' mean norm; streamed adapter by adapter so no concatenated copy is made."""
     n = labels.shape[0]
-    onehot = torch.zeros(n, k, dtype=units.gram_a.dtype)
+    onehot = torch.zeros(n, k, dtype=units.avg_a.dtype)
     onehot[torch.arange(n), labels] = 1.0
     mean = onehot / onehot.sum(dim=0).clamp_min(1.0)  # (n, k)
     w_a, w_b = mean * units.avg_a[:, None], mean * units.avg_b[:, None]
@@ -139,7 +164,7 @@ def _centroids(
     if reweight == "none":
         return c_a, c_b
     if reweight == "l2":
-        member = (units.avg_a.square() * units.gram_a.diagonal() + units.avg_b.square() * units.gram_b.diagonal()).clamp_min(0).sqrt()
+        member = (units.avg_a.square() * units.sq_a + units.avg_b.square() * units.sq_b).clamp_min(0).sqrt()
         current = (c_a.square().sum(1) + c_b.square().sum(1)).sqrt()
     else:
         peaks_a, peaks_b, start = [], [], 0
@@ -207,20 +232,37 @@ def lego(adapters: Sequence[LoraAdapter], weights: list[float], k: Mapping[str, 
     timings = {"gram": 0.0, "kmeans": 0.0, "centroids": 0.0}
     device = _device(options["device"])
     names = module_order(adapters)
-    prepared: dict[str, tuple[_Units, torch.Tensor, torch.Tensor]] = {}
+    prepared: dict[str, tuple[_Units, torch.Tensor | None, torch.Tensor]] = {}
     groups: dict[tuple[int, int], list[str]] = {}
+    sorted_labels: dict[str, torch.Tensor] = {}
+    kmeans_seconds = 0.0
     start = time.perf_counter()
     for name in names:  # pass 1: Gram matrices only (O(n²) kept per module)
-        units = _units(adapters, weights, name, options["features"])
+        n = sum(a.modules[name].r for a in adapters if name in a.modules)
+        if n > GRAM_UNITS and k[name] < n:
+            # An adapter library: n² no longer fits; k-means runs on a sketch of the points instead.
+            units, points = _units(adapters, weights, name, options["features"], gram=False)
+            order = canonical_order(points=points)
+            prepared[name] = (units, None, order)
+            begin = time.perf_counter()
+            sorted_labels[name], _ = sketch_kmeans(
+                points[order].to(device), k[name], n_init=options["n_init"], max_iter=options["max_iter"], tol=options["tol"],
+                generator=torch.Generator().manual_seed(options["seed"]))
+            sorted_labels[name] = sorted_labels[name].cpu()
+            kmeans_seconds += time.perf_counter() - begin
+            continue
+        units, _ = _units(adapters, weights, name, options["features"])
         gram = units.gram()
         order = canonical_order(gram)
         prepared[name] = (units, gram[order][:, order], order)
         out.reference_sq_norms[name] = units.reference_sq_norm()
         groups.setdefault((gram.shape[0], k[name]), []).append(name)
-    timings["gram"] = time.perf_counter() - start
+    timings["gram"] = time.perf_counter() - start - kmeans_seconds
+    # Which k-means ran, in modules: the report says so.
+    out.details["kmeans"] = {f"gram (n ≤ {GRAM_UNITS} units)": len(names) - len(sorted_labels),
+                             f"sketch (n > {GRAM_UNITS} units)": len(sorted_labels)}
 
-    start = time.perf_counter()
-    sorted_labels: dict[str, torch.Tensor] = {}
+    start = time.perf_counter() - kmeans_seconds
     for (n, rank), group in groups.items():
         if rank == n:  # every unit its own cluster; exact even when units coincide
             for name in group:
