@@ -4,8 +4,8 @@
     python -m benchmarks.run --quick    # seconds, for CI; writes only where --out says
 
 Items: 1 lego vs scikit-learn, 2 factored svd vs PEFT, 3 invariance checks, 4 peak memory,
-5 app latency, 6 the merge command and start-up, 7 streamed merges of 64 bf16 adapters (see each
-``bench_*.py``; each also runs on its own).
+5 app latency, 6 the merge command and start-up, 7 streamed merges of 64 bf16 adapters, 8 an
+adapter library of 256 adapters on one module (see each ``bench_*.py``; each also runs on its own).
 """
 
 from __future__ import annotations
@@ -18,7 +18,16 @@ from pathlib import Path
 import torch
 from threadpoolctl import threadpool_limits
 
-from benchmarks import bench_app, bench_checks, bench_cli, bench_lego, bench_memory, bench_stream, bench_svd
+from benchmarks import (
+    bench_app,
+    bench_checks,
+    bench_cli,
+    bench_lego,
+    bench_library,
+    bench_memory,
+    bench_stream,
+    bench_svd,
+)
 from benchmarks.report import Row, load_average, machine, markdown
 
 ITEMS: dict[str, Callable[[bool], list[Row]]] = {
@@ -29,6 +38,7 @@ ITEMS: dict[str, Callable[[bool], list[Row]]] = {
     "app": bench_app.run,
     "cli": bench_cli.run,
     "stream": bench_stream.run,
+    "library": bench_library.run,
 }
 RESULTS = Path(__file__).parent / "results.md"
 
