@@ -185,9 +185,29 @@ def test_methods_without_clusters_have_no_heatmap(session):
     assert "0.0%" in summary  # linear is the exact sum
 
 
-def test_refresh_controls_caps_k(session):
-    selection, k = map_tab.refresh_controls(session, "gone", 40)
-    assert selection["value"] == ALL and k["maximum"] == 12 and k["value"] == 12
+def test_refresh_controls_caps_k_and_opens_on_the_most_separated_module(session, adapters):
+    selection, k = map_tab.refresh_controls(session, None, 40)
+    best = msu_map.most_separated_module(adapters, [1.0] * 3)
+    assert selection["value"] == f"module: {best}" and k["maximum"] == 12 and k["value"] == 12
+    assert map_tab.refresh_controls(session, ALL, 4)[0]["value"] == ALL  # a choice the user made is kept
+
+
+def test_separation_finds_the_module_where_adapters_stand_apart(adapters):
+    # In one module, give each adapter's units a shared direction of their own: they separate there only.
+    target = "model.layers.1.self_attn.v_proj"
+    separated = []
+    for i, adapter in enumerate(adapters):
+        lora = adapter.modules[target]
+        A, B = 0.01 * lora.A, 0.01 * lora.B
+        A[:, i] += 1.0
+        B[i, :] += 1.0
+        separated.append(dataclasses.replace(adapter, modules={**adapter.modules, target: dataclasses.replace(lora, A=A, B=B)}))
+    assert msu_map.most_separated_module(separated, [1.0] * 3) == target
+    score = msu_map.separation(msu_map.module_msus(separated, target, [1.0] * 3))
+    # Units of one adapter are near copies there (|cos| ≈ 1), of different adapters near orthogonal;
+    # elsewhere the toy adapters are random (silhouette near 0).
+    assert score > 0.9 and msu_map.separation(msu_map.module_msus(separated, "model.layers.0.self_attn.q_proj", [1.0] * 3)) < 0.3
+    assert msu_map.separation(msu_map.module_msus(separated[:1], target, [1.0])) is None  # one adapter: no question
 
 
 def test_map_figure_rejects_unknown_colouring(adapters):
@@ -445,26 +465,76 @@ def test_run_shows_base_each_adapter_and_the_merge(char_pool, task_session):
     assert session.merged is not None and all(isinstance(row[1], str) for row in rows)
 
 
-def test_accuracy_table_has_a_row_per_task_and_a_column_per_method(char_pool, task_session):
-    table = char_pool.accuracy_table(task_session, 2)
-    assert list(table["task"]) == ["reverse", "sort", "mean"]
-    assert {"base", "own adapter", "linear", "lego (k=8)", "svd (k=8)"} <= set(table.columns)
-    assert all(cell.endswith("%") for cell in table.drop(columns="task").to_numpy().ravel())
+def test_accuracy_table_has_a_row_per_method_and_rank_beside_its_control(char_pool, task_session):
+    from lego_viz.zoo import lab
+
+    table, notes = char_pool.accuracy_table(task_session, 2)
+    expected = ["base", "each adapter alone", "linear (exact)"]
+    expected += [f"{v.name} k={k}" for k in (4, 8) for v in lab.variants() if v.takes_k]  # r̄ = 4 and 2·r̄
+    expected += [v.name for v in lab.variants() if not v.takes_k]  # equal ranks: PEFT's methods run too
+    assert sorted(table["model"]) == sorted(expected)
+    assert list(table.columns) == ["model", "rank", "reverse", "sort", *lab.TABLE_HEADER_TAIL]
+    merged = table[~table["model"].isin(["base", "each adapter alone"])]
+    assert merged["control (95% CI)"].str.match(r"\d+\.\d \(\d+\.\d–\d+\.\d\)$").all()
+    assert "2** held-out prompts" in notes and "Refused" not in notes
 
 
-
-def test_accuracy_table_names_methods_skipped_for_one_reason_once(char_pool, monkeypatch):
+def test_accuracy_table_names_methods_refused_for_one_reason_once(char_pool, monkeypatch):
     warnings = []
     monkeypatch.setattr(char_pool.gr, "Warning", warnings.append)
     mixed = Session().with_adapters([make_adapter("reverse", r=4, seed=0), make_adapter("sort", r=8, seed=1)], replace=True)
-    table = char_pool.accuracy_table(mixed, 1)
-    assert len(warnings) == 1 and warnings[0].startswith("peft_linear, ties, dare_linear skipped: PEFT-style combinations need equal ranks")
-    assert "ties" not in table.columns
+    table, notes = char_pool.accuracy_table(mixed, 1)
+    assert len(warnings) == 1 and warnings[0].startswith("peft_linear, ties, dare_linear refused: PEFT-style combinations need equal ranks")
+    assert "**Refused** — peft_linear, ties, dare_linear: PEFT-style" in notes
+    assert "ties" not in set(table["model"])
 
-def test_k_sweep_covers_lego_and_svd_up_to_max_k(char_pool, task_session):
+
+def test_k_sweep_covers_every_method_that_takes_k_up_to_max_k(char_pool, task_session):
+    from lego_viz.zoo import lab
+
     figure = char_pool.k_sweep(task_session, 1)
     lines = {trace.name: list(trace.x) for trace in figure.data if trace.showlegend is not False}
-    assert lines == {"lego": [1, 2, 4, 8], "svd": [1, 2, 4, 8]}  # n = 4 + 4 MSUs per module
+    assert lines == {v.name: [1, 2, 4, 8] for v in lab.variants() if v.takes_k}  # n = 4 + 4 MSUs per module
+
+
+def test_retention_needs_two_adapters_that_solve_their_tasks(char_pool, task_session):
+    one = task_session.with_selection([True, False], [1.0, 1.0])
+    with pytest.raises(gr.Error, match="at least two zoo task adapters"):
+        char_pool.retention(one, 1)
+    # The toy model solves nothing, so retention (accuracy / own accuracy) is undefined: said, not drawn as 0.
+    with pytest.raises(gr.Error, match="solves its own task"):
+        char_pool.retention(task_session, 1)
+
+
+def test_lab_leaves_out_adapters_it_cannot_score(char_pool, monkeypatch, task_session):
+    warnings = []
+    monkeypatch.setattr(char_pool.gr, "Warning", warnings.append)
+    extra = task_session.with_adapters([make_adapter("upload", r=4, seed=5)], replace=False).with_selection([True] * 3, [1.0, 0.5, 1.0])
+    adapters, weights = char_pool._lab_selection(extra)
+    assert warnings[0].startswith("left out of the merge lab") and "upload" in warnings[0]
+    assert [a.name for a in adapters] == ["reverse", "sort"] and weights == [1.0, 0.5]
+
+
+def test_retention_figure_draws_each_method_with_error_bars():
+    curve = {"methods": {m: {"sizes": [2, 3], "mean": [0.9, 0.7], "sd": [0.05, 0.1], "runs": [[0.85, 0.95], [0.6, 0.8]]} for m in ("linear", "lego")}}
+    figure = plots.retention_figure(curve, "title")
+    assert [trace.name for trace in figure.data] == ["linear", "lego"]
+    assert list(figure.data[1].error_y.array) == [0.05, 0.1] and list(figure.data[0].x) == [2, 3]
+    assert figure.layout.xaxis.title.text and figure.layout.yaxis.title.text and figure.layout.title.text == "title"
+
+
+def test_shipped_view_matches_the_stored_measurement():
+    from lego_viz.ui import run_tab
+    from lego_viz.zoo import lab
+
+    frame, notes, curve, sweep = run_tab.shipped_view()
+    results = lab.shipped_results()
+    if results is None:
+        assert frame is None and "scripts/merge_lab_table.py" in notes
+        return
+    assert list(frame["model"]) == [row["label"] for row in results["table"]["rows"]]
+    assert {trace.name for trace in curve.data} == set(results["retention_curve"]["methods"])
+    assert {trace.name for trace in sweep.data} == set(results["k_sweep"]["methods"])
 
 
 def test_running_models_needs_a_fitting_base(char_pool):

@@ -7,12 +7,19 @@ from dataclasses import dataclass
 import gradio as gr
 
 from lego_viz.merge import MERGE_METHODS
-from lego_viz.msu import FEATURE_MODES
+from lego_viz.msu import FEATURE_MODES, module_msus
 from lego_viz.projection import PROJECTION_METHODS, ProjectionConfig
 from lego_viz.ui import learn
 from lego_viz.ui.errors import user_errors
 from lego_viz.ui.merging import max_k, merged_session
-from lego_viz.ui.msu_map import ALL, build_facets, select_modules, selector_choices
+from lego_viz.ui.msu_map import (
+    ALL,
+    build_facets,
+    most_separated_module,
+    select_modules,
+    selector_choices,
+    separation,
+)
 from lego_viz.ui.plots import COLOUR_BY, cluster_heatmap, msu_map_figure
 from lego_viz.ui.state import MergeSettings, Session
 
@@ -53,12 +60,18 @@ class MapTab:
 
 @user_errors
 def refresh_controls(session: Session, selection: str, k: float) -> tuple:
-    """Fit the selector entries and the k range to the selected adapters."""
-    adapters, _ = session.selected()
+    """Fit the selector entries and the k range to the selected adapters.
+
+    A selection the adapters lack (before the first load: none) becomes the module whose units separate
+    most by adapter — the first view shows structure, not per-module cluster colours across many modules.
+    """
+    adapters, weights = session.selected()
     choices = selector_choices(adapters)
     top = max_k(adapters)
+    if selection not in choices:
+        selection = f"module: {most_separated_module(adapters, weights)}"
     return (
-        gr.update(choices=choices, value=selection if selection in choices else ALL),
+        gr.update(choices=choices, value=selection),
         gr.update(maximum=top, value=min(int(k), top)),
     )
 
@@ -94,12 +107,15 @@ def cluster(
     session = merged_session(session, settings, lambda done, total: progress(done / total, desc=f"merged {done}/{total} modules"))
     adapters, weights = session.selected()
     merged = session.merged
-    modules = select_modules(adapters, selection)
+    # No selection (an API call that leaves it out): the first view, one module where the adapters separate.
+    modules = select_modules(adapters, selection) if selection else [most_separated_module(adapters, weights, features)]
     # The projection seed is fixed: a new merge seed must not move the points.
     facets = build_facets(adapters, weights, modules, features, ProjectionConfig(method=projection), merged.labels or None)
     subtitle = f"{sum(f.n for f in facets)} MSUs · {projection.upper()} of {features} features · coloured by {colour_by}"
     if colour_by == "cluster" and len(modules) > 1:
         subtitle += " (each module has its own clusters)"
+    if len(modules) == 1 and (score := separation(module_msus(adapters, modules[0], weights), features)) is not None:
+        subtitle += f"<br>{modules[0]} · separation by adapter (mean silhouette, cosine): {score:.2f}"
     figure = msu_map_figure(facets, colour_by, subtitle)
     heatmap = None
     if merged.labels:
@@ -114,12 +130,13 @@ def build(session: gr.State) -> MapTab:
     with gr.Row():
         with gr.Column(scale=1, min_width=300):
             selection = gr.Dropdown(
-                [ALL], value=ALL, label="Show", info="one module, one type across layers, one layer, or all", elem_id="map-selection",
+                # No value until a load: then the module whose adapters separate most is chosen (refresh_controls).
+                [ALL], value=None, label="Show", info="one module, one type across layers, one layer, or all", elem_id="map-selection",
                 # API callers never see the refreshed choices; select_modules validates the value instead.
                 allow_custom_value=True,
             )
             projection = gr.Radio(list(PROJECTION_METHODS), value="umap", label="Projection", info="UMAP keeps neighbours; PCA is linear and instant")
-            colour_by = gr.Radio(list(COLOUR_BY), value="cluster", label="Colour by", elem_id="colour-by")
+            colour_by = gr.Radio(list(COLOUR_BY), value="adapter", label="Colour by", elem_id="colour-by")
             method = gr.Dropdown(list(MERGE_METHODS), value=defaults.method, label="Merge method", elem_id="merge-method")
             # The range fits the selection after each load; API callers get this wide one and merge() checks k.
             k = gr.Slider(1, 256, value=defaults.k, step=1, label="k — rank of the merge (clusters per module)", elem_id="k-slider")

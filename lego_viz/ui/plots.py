@@ -1,4 +1,4 @@
-"""Plotly figures of the app: the MSU map, the cluster × adapter heatmap, the k-sweep."""
+"""Plotly figures of the app: the MSU map, the cluster × adapter heatmap, the k-sweep, retention vs number of adapters."""
 
 from __future__ import annotations
 
@@ -103,16 +103,29 @@ def cluster_heatmap(counts: torch.Tensor, adapter_names: Sequence[str], module: 
     return fig
 
 
-def k_sweep_figure(sweep: Mapping[str, Mapping[str, Sequence[float]]]) -> go.Figure:
-    """Mean accuracy and relative ΔW error against k, one line per method.
+def _error_band(series: Mapping[str, Sequence[float]]) -> dict | None:
+    """Plotly error bars from a series' 95% interval (`low`, `high`), if it has one."""
+    if "low" not in series or "high" not in series:
+        return None
+    up = [high - acc for acc, high in zip(series["accuracy"], series["high"])]
+    down = [acc - low for acc, low in zip(series["accuracy"], series["low"])]
+    return {"type": "data", "symmetric": False, "array": up, "arrayminus": down, "thickness": 1, "width": 3}
+
+
+def k_sweep_figure(sweep: Mapping[str, Mapping[str, Sequence[float]]], title: str = "") -> go.Figure:
+    """Mean accuracy (with its 95% interval when given) and relative ΔW error against k, one line per method.
 
     Args:
-        sweep: `{method: {"k": [...], "accuracy": [...], "error": [...]}}`.
+        sweep: `{method: {"k": [...], "accuracy": [...], "error": [...], optional "low"/"high": [...]}}`.
+        title: the figure title (what was measured, on how many prompts).
     """
     fig = make_subplots(rows=1, cols=2, subplot_titles=["mean accuracy on held-out prompts", "relative ‖ΔW − Σ w·ΔW‖ error"])
     for i, (method, series) in enumerate(sweep.items()):
         style = {"color": PALETTE[i % len(PALETTE)]}
-        fig.add_trace(go.Scatter(x=series["k"], y=series["accuracy"], name=method, legendgroup=method, line=style, mode="lines+markers"), row=1, col=1)
+        fig.add_trace(
+            go.Scatter(x=series["k"], y=series["accuracy"], error_y=_error_band(series), name=method, legendgroup=method, line=style, mode="lines+markers"),
+            row=1, col=1,
+        )
         fig.add_trace(
             go.Scatter(x=series["k"], y=series["error"], name=method, legendgroup=method, line=style, mode="lines+markers", showlegend=False),
             row=1, col=2,
@@ -121,5 +134,36 @@ def k_sweep_figure(sweep: Mapping[str, Mapping[str, Sequence[float]]]) -> go.Fig
     fig.update_yaxes(title_text="exact match, mean over tasks", range=[0, 1.02], tickformat=".0%", row=1, col=1)
     fig.update_yaxes(title_text="relative error (0 = the exact sum)", rangemode="tozero", row=1, col=2)
     # The top margin keeps the panel titles clear of the "k-sweep" label Gradio draws over the plot.
-    fig.update_layout(height=400, margin={"l": 10, "r": 10, "t": 70, "b": 10}, template="plotly_white")
+    fig.update_layout(
+        height=420, margin={"l": 10, "r": 10, "t": 90 if title else 70, "b": 10}, template="plotly_white",
+        title={"text": title, "font": {"size": 14}, "y": 0.98}, legend={"title": {"text": "method"}},
+    )
+    return fig
+
+
+def retention_figure(curve: Mapping, title: str = "") -> go.Figure:
+    """Mean retention against the number of adapters merged, one line per method, ± sd over subsets as error bars.
+
+    Args:
+        curve: `lego_viz.zoo.lab.retention_curve`'s result.
+        title: the figure title.
+    """
+    fig = go.Figure()
+    for i, (method, series) in enumerate(curve["methods"].items()):
+        fig.add_trace(
+            go.Scatter(
+                x=series["sizes"], y=series["mean"], name=method, mode="lines+markers",
+                line={"color": PALETTE[i % len(PALETTE)], "dash": "solid" if i < 10 else "dot"},
+                error_y={"type": "data", "array": series["sd"], "thickness": 1, "width": 3},
+                customdata=[[len(runs), sd] for runs, sd in zip(series["runs"], series["sd"])],
+                hovertemplate=f"{method}<br>%{{x}} adapters: %{{y:.0%}} ± %{{customdata[1]:.0%}} (%{{customdata[0]}} subsets)<extra></extra>",
+            )
+        )
+    sizes = sorted({size for series in curve["methods"].values() for size in series["sizes"]})
+    fig.update_xaxes(title_text="number of adapters merged", tickvals=sizes)
+    fig.update_yaxes(title_text="retention (share of each adapter's own accuracy)", tickformat=".0%", rangemode="tozero")
+    fig.update_layout(
+        height=420, margin={"l": 10, "r": 10, "t": 70, "b": 10}, template="plotly_white",
+        title={"text": title, "font": {"size": 14}}, legend={"title": {"text": "method"}},
+    )
     return fig

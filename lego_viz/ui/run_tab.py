@@ -1,31 +1,30 @@
-"""Tab 4: run the base, each adapter and the merge on a prompt; the zoo accuracy table and the k-sweep."""
+"""Tab 4: run the base, each adapter and the merge on a prompt; the merge lab (accuracy table with a random
+control, retention against the number of adapters merged, k-sweep), scored by `lego_viz.zoo.lab`."""
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import gradio as gr
 import pandas as pd
 
 from lego_viz.adapters import LoraAdapter, LoraModule
-from lego_viz.export import reconstruction_errors
 from lego_viz.invariance import lora_hooks
-from lego_viz.merge import MERGE_METHODS, MergeError
 from lego_viz.ui import learn
 from lego_viz.ui.errors import user_errors
-from lego_viz.ui.merging import max_k, merged_session, run_merge
+from lego_viz.ui.merging import merged_session
 from lego_viz.ui.models import fits_model, zoo_pool
-from lego_viz.ui.plots import k_sweep_figure
+from lego_viz.ui.plots import k_sweep_figure, retention_figure
 from lego_viz.ui.runtime import on_gpu
 from lego_viz.ui.state import Session
-from lego_viz.zoo.evaluate import evaluate, generate
+from lego_viz.zoo import lab
+from lego_viz.zoo.evaluate import generate
+from lego_viz.zoo.harness import Scorer
 from lego_viz.zoo.tasks import TASKS
 
 Modules = Mapping[str, LoraModule]
-SWEEP_METHODS = ("lego", "svd")
-_K_GRID = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 
 
 @dataclass
@@ -38,6 +37,9 @@ class RunTab:
     n_eval: gr.Slider
     accuracy_button: gr.Button
     accuracy_table: gr.Dataframe
+    lab_notes: gr.Markdown
+    retention_button: gr.Button
+    retention_plot: gr.Plot
     sweep_button: gr.Button
     sweep_plot: gr.Plot
 
@@ -64,22 +66,6 @@ def complete(prompt: str, variants: Sequence[tuple[str, Modules | None]], adapte
     return rows
 
 
-@on_gpu
-def accuracy(modules: Modules | None, tasks: Sequence[str], n: int, adapters: Sequence[LoraAdapter]) -> dict[str, float]:
-    """Exact-match accuracy of the base plus `modules` on the held-out prompts of `tasks`."""
-    with zoo_pool().borrow() as (model, tokenizer):
-        _require_fit(model, adapters)
-        with lora_hooks(model, *([modules] if modules else [])):
-            return evaluate(model, tokenizer, tasks, n=n)
-
-
-def _zoo_tasks(adapters: Sequence[LoraAdapter]) -> list[str]:
-    tasks = [a.name for a in adapters if a.name in TASKS]
-    if not tasks:
-        raise ValueError(f"accuracy needs zoo task adapters ({', '.join(TASKS)}); load the demo zoo first")
-    return tasks
-
-
 @user_errors
 def run(session: Session, prompt: str) -> tuple[Session, list[list[str]]]:
     """Outputs of the base, each selected adapter (alone, weight 1) and the current merge on `prompt`."""
@@ -92,60 +78,123 @@ def run(session: Session, prompt: str) -> tuple[Session, list[list[str]]]:
     return session, complete(prompt.strip(), variants, adapters)
 
 
-@user_errors
-def accuracy_table(session: Session, n: float, progress=gr.Progress()) -> pd.DataFrame:  # noqa: B008 (Gradio's progress idiom)
-    """Tasks × methods exact-match accuracy: base, each task's own adapter, and every merge method."""
+# ----------------------------------------------------------------------------- the merge lab
+
+
+def _scorer(adapters: Sequence[LoraAdapter], n: float) -> Scorer:
+    """A scorer that borrows a zoo base from the pool for each merge it decodes (other users' runs interleave)."""
+
+    @contextlib.contextmanager
+    def borrow() -> Iterator[tuple]:
+        with zoo_pool().borrow() as (model, tokenizer):
+            _require_fit(model, adapters)
+            yield model, tokenizer
+
+    return Scorer(borrow, int(n))
+
+
+def _lab_selection(session: Session) -> tuple[list[LoraAdapter], list[float]]:
+    """The selected zoo task adapters and their weights; other adapters are named in a warning."""
     adapters, weights = session.selected()
-    tasks, n = _zoo_tasks(adapters), int(n)
-    own = {a.name: a for a in adapters}
-    columns: dict[str, dict[str, float]] = {}
-    skipped: dict[str, list[str]] = {}  # reason → methods, so one reason is shown once
-    steps = ["base", "own adapter", *MERGE_METHODS]
-    for i, step in enumerate(steps):
-        progress((i, len(steps)), desc=f"evaluating {step}")
-        if step == "base":
-            columns[step] = accuracy(None, tasks, n, adapters)
-        elif step == "own adapter":
-            columns[step] = {t: accuracy(own[t].modules, [t], n, adapters)[t] for t in tasks}
-        else:
-            settings = dataclasses.replace(session.settings, method=step)
-            try:
-                merged = run_merge(adapters, weights, settings)
-            except MergeError as exc:
-                skipped.setdefault(str(exc), []).append(step)
-                continue
-            columns[f"{step} (k={settings.k})" if MERGE_METHODS[step].takes_k else step] = accuracy(merged.modules, tasks, n, adapters)
-    for reason, methods in skipped.items():
-        gr.Warning(f"{', '.join(methods)} skipped: {reason}")
-    rows = [[task, *(f"{col[task]:.0%}" for col in columns.values())] for task in tasks]
-    rows.append(["mean", *(f"{sum(col.values()) / len(col):.0%}" for col in columns.values())])
-    return pd.DataFrame(rows, columns=["task", *columns])
+    kept, left_out = lab.lab_adapters(adapters)
+    if left_out:
+        gr.Warning(f"left out of the merge lab (not a zoo task adapter, or a second one of a task): {', '.join(left_out)}")
+    by_name = dict(zip((a.name for a in adapters), weights))
+    return kept, [by_name[a.name] for a in kept]
+
+
+def _reporter(progress) -> Callable[[int, int, str], None]:
+    return lambda done, total, what: progress((done, total), desc=what)
+
+
+@on_gpu
+def _measure(experiment: Callable, *args, **kwargs):
+    """Run a lab experiment (a wrapper so ZeroGPU lends a GPU for its duration)."""
+    return experiment(*args, **kwargs)
+
+
+def table_view(table: Mapping) -> tuple[pd.DataFrame, str]:
+    """The accuracy table (`LabTable.to_dict()`) as a data frame, and notes: what was measured, who refused and why."""
+    header, rows = lab.table_cells(table)
+    ks = " and ".join(map(str, table["k"]))
+    notes = [
+        f"Exact match (%) on **{table['n_per_task']}** held-out prompts per task; methods at equal rank k = {ks} "
+        "(mean source rank r̄ and 2·r̄; methods whose rank is fixed by the inputs once). "
+        f"*mean* has its 95% Wilson interval; *retention* = accuracy / each adapter's own; *control* = the same merge "
+        f"of random adapters with the same shapes and unit norms (seed {table['control_seed']}); *margin* = mean − control, in points."
+    ]
+    notes += [f"**Refused** — {', '.join(labels)}: {reason}" for reason, labels in _group(table["refused"]).items()]
+    return pd.DataFrame(rows, columns=header), "\n\n".join(notes)
+
+
+@user_errors
+def accuracy_table(session: Session, n: float, progress=gr.Progress()) -> tuple[pd.DataFrame, str]:  # noqa: B008 (Gradio's progress idiom)
+    """Every merge method at equal rank beside its random control, the exact sum, the base and each adapter alone."""
+    adapters, weights = _lab_selection(session)
+    table = _measure(lab.accuracy_table, adapters, _scorer(adapters, n), weights, on_step=_reporter(progress))
+    frame, notes = table_view(table.to_dict())
+    for reason, labels in _group(table.refused).items():
+        gr.Warning(f"{', '.join(labels)} refused: {reason}")
+    return frame, notes
+
+
+def _group(refused: Mapping[str, str]) -> dict[str, list[str]]:
+    by_reason: dict[str, list[str]] = {}
+    for label, reason in refused.items():
+        by_reason.setdefault(reason, []).append(label)
+    return by_reason
+
+
+def _retention_title(curve: Mapping, what: str) -> str:
+    return f"Retention vs number of adapters merged ({what}; n = {curve['n_per_task']} per task; mean ± sd over subsets; k = r̄)"
+
+
+@user_errors
+def retention(session: Session, n: float, progress=gr.Progress()):  # noqa: B008 (Gradio's progress idiom)
+    """Mean retention against the number of adapters merged (2 … all selected), per method, a few seeded subsets each."""
+    adapters, _ = _lab_selection(session)
+    if len(adapters) < 2:
+        raise ValueError("retention against the number of adapters needs at least two zoo task adapters selected")
+    curve = _measure(lab.retention_curve, adapters, _scorer(adapters, n), on_step=_reporter(progress))
+    if not curve["methods"]:
+        raise ValueError(
+            "none of the selected adapters solves its own task on these prompts, so retention (accuracy / own accuracy) "
+            "is undefined; select trained zoo task adapters"
+        )
+    return retention_figure(curve, _retention_title(curve, "your selection"))
+
+
+def _sweep_title(sweep: Mapping, what: str) -> str:
+    return f"k-sweep ({what}; n = {sweep['n_per_task']} per task; bars: 95% intervals)"
 
 
 @user_errors
 def k_sweep(session: Session, n: float, progress=gr.Progress()):  # noqa: B008 (Gradio's progress idiom)
-    """Mean accuracy and relative ΔW error against k for lego (current settings) and svd."""
-    adapters, weights = session.selected()
-    tasks, n = _zoo_tasks(adapters), int(n)
-    ks = sorted({k for k in (*_K_GRID, session.settings.k) if k <= max_k(adapters)})
-    sweep = {m: {"k": [], "accuracy": [], "error": []} for m in SWEEP_METHODS}
-    total, done = len(ks) * len(SWEEP_METHODS), 0
-    for method in SWEEP_METHODS:
-        for k in ks:
-            progress((done, total), desc=f"{method}, k={k}")
-            merged = run_merge(adapters, weights, dataclasses.replace(session.settings, method=method, k=k))
-            errors = reconstruction_errors(merged, adapters)
-            scores = accuracy(merged.modules, tasks, n, adapters)
-            sweep[method]["k"].append(k)
-            sweep[method]["accuracy"].append(sum(scores.values()) / len(scores))
-            sweep[method]["error"].append(sum(errors.values()) / len(errors))
-            done += 1
-    return k_sweep_figure(sweep)
+    """Mean accuracy and relative ΔW error against k for every method that takes k."""
+    adapters, weights = _lab_selection(session)
+    sweep = _measure(lab.k_sweep, adapters, _scorer(adapters, n), weights, on_step=_reporter(progress))
+    return k_sweep_figure(sweep["methods"], _sweep_title(sweep, "your selection"))
+
+
+def shipped_view() -> tuple[pd.DataFrame | None, str, object, object]:
+    """The stored measurement on the whole zoo (table, notes, retention figure, k-sweep figure), or empty views."""
+    results = lab.shipped_results()
+    if results is None:
+        return None, "No stored measurement for these zoo adapters (run `python scripts/merge_lab_table.py`); use the buttons.", None, None
+    frame, notes = table_view(results["table"])
+    curve, sweep = results["retention_curve"], results["k_sweep"]
+    shown = "Shown: the stored measurement on all zoo task adapters (`assets/zoo/merge_lab.json`); the buttons recompute it on your selection.\n\n"
+    return (
+        frame, shown + notes,
+        retention_figure(curve, _retention_title(curve, "all zoo adapters, stored")),
+        k_sweep_figure(sweep["methods"], _sweep_title(sweep, "all zoo adapters, stored")),
+    )
 
 
 def build(session: gr.State) -> RunTab:
     """Lay out the run tab and wire its buttons."""
     examples = [[p] for task in TASKS.values() for p in task.example_prompts[:1]]
+    frame, notes, curve_figure, sweep_figure = shipped_view()
     with gr.Row():
         with gr.Column(scale=3):
             with gr.Row():
@@ -153,17 +202,21 @@ def build(session: gr.State) -> RunTab:
                 run_button = gr.Button("Run", variant="primary", scale=1, elem_id="run")
             gr.Examples(examples, inputs=prompt, label="One example per zoo task")
             outputs_table = gr.Dataframe(headers=["model", "output"], value=[], interactive=False, label="Outputs", elem_id="run-outputs")
-            gr.Markdown("### Zoo accuracy")
+            gr.Markdown("### Merge lab: does the merge keep the tasks?")
             n_eval = gr.Slider(10, 200, value=50, step=10, label="held-out prompts per task (more = slower, steadier)")
             with gr.Row():
-                accuracy_button = gr.Button("Accuracy table (tasks × methods)", elem_id="accuracy")
-                sweep_button = gr.Button("k-sweep: lego vs svd", elem_id="k-sweep")
-            scores = gr.Dataframe(value=[], interactive=False, label="Exact-match accuracy", elem_id="accuracy-table")
-            sweep_plot = gr.Plot(label="k-sweep", elem_id="k-sweep-plot")
+                accuracy_button = gr.Button("Accuracy table (methods × tasks, with control)", elem_id="accuracy")
+                retention_button = gr.Button("Retention vs number of adapters", elem_id="retention")
+                sweep_button = gr.Button("k-sweep (every method that takes k)", elem_id="k-sweep")
+            scores = gr.Dataframe(value=frame, interactive=False, label="Exact-match accuracy (%)", elem_id="accuracy-table", wrap=True)
+            lab_notes = gr.Markdown(notes, elem_id="lab-notes")
+            retention_plot = gr.Plot(value=curve_figure, label="Retention vs number of adapters", elem_id="retention-plot")
+            sweep_plot = gr.Plot(value=sweep_figure, label="k-sweep", elem_id="k-sweep-plot")
         with gr.Column(scale=2):
             gr.Markdown(learn.RUN)
     run_button.click(run, [session, prompt], [session, outputs_table], api_name="run")
     prompt.submit(run, [session, prompt], [session, outputs_table], api_visibility="private")
-    accuracy_button.click(accuracy_table, [session, n_eval], scores, api_name="accuracy")
+    accuracy_button.click(accuracy_table, [session, n_eval], [scores, lab_notes], api_name="accuracy")
+    retention_button.click(retention, [session, n_eval], retention_plot, api_name="retention")
     sweep_button.click(k_sweep, [session, n_eval], sweep_plot, api_name="k_sweep")
-    return RunTab(prompt, run_button, outputs_table, n_eval, accuracy_button, scores, sweep_button, sweep_plot)
+    return RunTab(prompt, run_button, outputs_table, n_eval, accuracy_button, scores, lab_notes, retention_button, retention_plot, sweep_button, sweep_plot)

@@ -91,12 +91,28 @@ def evaluate(
     was_training = model.training
     model.eval()
     for name in names:
-        pairs = held_out(get_task(name).name, n)
-        longest = max(len(answer) for _, answer in pairs)
-        predictions = generate(model, tokenizer, [prompt for prompt, _ in pairs], max_new_tokens=longest + 1)
-        scores[name] = sum(p == answer for p, (_, answer) in zip(predictions, pairs)) / len(pairs)
+        hits = task_hits(model, tokenizer, name, n)
+        scores[name] = sum(hits) / len(hits)
     model.train(was_training)
     return scores
+
+
+def task_hits(model, tokenizer, task: str, n: int = DEFAULT_EVAL_N) -> list[bool]:
+    """Whether the greedy completion of each of the first `n` held-out prompts of `task` is exactly right.
+
+    Args:
+        model: A causal LM for the zoo tokenizer, in eval mode.
+        tokenizer: The zoo tokenizer.
+        task: A task name.
+        n: Held-out prompts (the same prompts for every model).
+
+    Returns:
+        One bool per prompt, in held-out order.
+    """
+    pairs = held_out(get_task(task).name, n)
+    longest = max(len(answer) for _, answer in pairs)
+    predictions = generate(model, tokenizer, [prompt for prompt, _ in pairs], max_new_tokens=longest + 1)
+    return [p == answer for p, (_, answer) in zip(predictions, pairs)]
 
 
 def with_mean(scores: dict[str, float]) -> dict[str, float]:
