@@ -216,10 +216,10 @@ def test_retention_curve_shapes():
 
 def test_k_sweep_covers_every_method_that_takes_k():
     sweep = lab.k_sweep(_zoo_like(), RuleScorer())
-    assert sweep["ks"] == [1, 2, 4, 8, 12, 16]  # 4 adapters × r = 4: 16 units per module
+    assert sweep["ks"] == [1, 2, 4, 8, 16]  # 4 adapters × r = 4: 16 units per module
     assert set(sweep["methods"]) == {v.name for v in lab.variants() if v.takes_k}
     for series in sweep["methods"].values():
-        assert len(series["k"]) == len(series["accuracy"]) == len(series["error"]) == 6
+        assert len(series["k"]) == len(series["accuracy"]) == len(series["error"]) == 5
         assert all(low <= acc <= high for low, acc, high in zip(series["low"], series["accuracy"], series["high"]))
     assert sweep["methods"]["svd"]["error"][-1] < 1e-4  # svd at k = all units is the exact sum
 
@@ -245,4 +245,5 @@ def test_shipped_measurement_is_of_the_shipped_adapters():
     if not (ZOO_DIR / lab.SHIPPED_JSON).is_file():
         pytest.skip("no merge_lab.json yet (python scripts/merge_lab_table.py)")
     assert results is not None, "assets/zoo/merge_lab.json was measured on other adapters: rerun scripts/merge_lab_table.py"
-    assert results["table"]["n_per_task"] == 200 and not math.isnan(results["seconds"]["total"])
+    assert results["table"]["n_per_task"] == 200  # the README's table: n = 200 prompts per task
+    assert {"table", "retention_curve", "k_sweep"} <= set(results) and all(math.isfinite(s) for s in results["seconds"].values())

@@ -43,6 +43,9 @@ shorter, so *parameter reweighting* rescales each cluster centre to the mean len
 members. *Output reweighting* multiplies the merged update by `sqrt(r̄ / k)` to keep the size of
 the layer's output close to that of one source adapter.
 
+The map opens on the one module whose units separate most by adapter, coloured by adapter: units
+of one LoRA tend to share directions, so its dots gather. Pick "all" or a type to compare modules.
+
 The heatmap shows, for one module, how many MSUs of each adapter landed in each cluster: a
 column with one bright cell is a skill kept intact; mixed columns are shared units.
 """
@@ -67,9 +70,17 @@ RUN = """
 Each zoo adapter was trained on one toy task (the task name opens the prompt, e.g. `reverse: lego=`).
 Type a prompt and compare the base model, each selected adapter and the current merge.
 
-The **accuracy table** scores every method on held-out prompts of each task; the **k-sweep** shows
-how accuracy and the error of the merged `ΔW` (against the exact weighted sum) change with `k`.
-LEGO keeps units whole; `svd` keeps the best rank-`k` approximation of the sum.
+The **merge lab** scores merges on held-out prompts (exact match), through the path a user takes:
+export the merge as a PEFT folder, load it with `PeftModel.from_pretrained`, decode greedily.
+
+* **Accuracy table** — every merge method at the same rank (the mean source rank r̄ and 2·r̄), the
+  exact sum (`linear`), the base and each adapter alone. *mean* has its 95% interval; *retention* is
+  the accuracy as a share of each adapter's own; *control* is the same merge of **random adapters**
+  with the same shapes and unit sizes — a method earns credit only for its *margin* over that.
+* **Retention vs number of adapters** — the more adapters share one merge, the less each keeps;
+  a few seeded subsets per size, mean ± sd.
+* **k-sweep** — accuracy and the distance of the merged `ΔW` to the exact weighted sum against `k`.
+  LEGO keeps units whole; `svd` keeps the best rank-`k` approximation of the sum.
 """
 
 EXPORT = """

@@ -182,12 +182,12 @@ def shipped_view() -> tuple[pd.DataFrame | None, str, object, object]:
     if results is None:
         return None, "No stored measurement for these zoo adapters (run `python scripts/merge_lab_table.py`); use the buttons.", None, None
     frame, notes = table_view(results["table"])
-    curve, sweep = results["retention_curve"], results["k_sweep"]
+    curve, sweep = results.get("retention_curve"), results.get("k_sweep")
     shown = "Shown: the stored measurement on all zoo task adapters (`assets/zoo/merge_lab.json`); the buttons recompute it on your selection.\n\n"
     return (
         frame, shown + notes,
-        retention_figure(curve, _retention_title(curve, "all zoo adapters, stored")),
-        k_sweep_figure(sweep["methods"], _sweep_title(sweep, "all zoo adapters, stored")),
+        retention_figure(curve, _retention_title(curve, "all zoo adapters, stored")) if curve else None,
+        k_sweep_figure(sweep["methods"], _sweep_title(sweep, "all zoo adapters, stored")) if sweep else None,
     )
 
 
