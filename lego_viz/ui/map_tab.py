@@ -115,7 +115,7 @@ def cluster(
     if colour_by == "cluster" and len(modules) > 1:
         subtitle += " (each module has its own clusters)"
     if len(modules) == 1 and (score := separation(module_msus(adapters, modules[0], weights), features)) is not None:
-        subtitle += f"<br>{modules[0]} · separation by adapter (mean silhouette, cosine): {score:.2f}"
+        subtitle += f"<br>{modules[0]} · separation by adapter (mean silhouette, 1 − |cos|): {score:.2f}"
     figure = msu_map_figure(facets, colour_by, subtitle)
     heatmap = None
     if merged.labels:
