@@ -473,7 +473,7 @@ def test_accuracy_table_has_a_row_per_method_and_rank_beside_its_control(char_po
     expected += [f"{v.name} k={k}" for k in (4, 8) for v in lab.variants() if v.takes_k]  # r̄ = 4 and 2·r̄
     expected += [v.name for v in lab.variants() if not v.takes_k]  # equal ranks: PEFT's methods run too
     assert sorted(table["model"]) == sorted(expected)
-    assert list(table.columns) == ["model", "rank", "reverse", "sort", *lab.TABLE_HEADER_TAIL]
+    assert list(table.columns) == ["model", "rank", *lab.TABLE_HEADER_TAIL, "reverse", "sort"]
     merged = table[~table["model"].isin(["base", "each adapter alone"])]
     assert merged["control (95% CI)"].str.match(r"\d+\.\d \(\d+\.\d–\d+\.\d\)$").all()
     assert "2** held-out prompts" in notes and "Refused" not in notes

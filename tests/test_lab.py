@@ -180,7 +180,7 @@ def test_table_has_every_method_at_both_ranks_beside_its_control():
     assert as_dict["rows"][2]["retention"] == pytest.approx(0.5) and as_dict["rows"][2]["control"]["mean"]["correct"] == 0
     header, rows = lab.table_cells(as_dict)
     # 12 of 24 prompts: half-width z·sqrt(1/96 + z²/2304) / (1 + z²/24) = 0.1857.
-    assert header[-4:] == list(lab.TABLE_HEADER_TAIL) and rows[2][-1] == "+50.0" and rows[2][-4] == "50.0 (31.4–68.6)"
+    assert header[2:6] == list(lab.TABLE_HEADER_TAIL) and rows[2][5] == "+50.0" and rows[2][2] == "50.0 (31.4–68.6)"
 
 
 def test_table_lists_a_refusing_method_once_with_its_reason():

@@ -135,8 +135,9 @@ def k_sweep_figure(sweep: Mapping[str, Mapping[str, Sequence[float]]], title: st
     fig.update_yaxes(title_text="relative error (0 = the exact sum)", rangemode="tozero", row=1, col=2)
     # The top margin keeps the panel titles clear of the "k-sweep" label Gradio draws over the plot.
     fig.update_layout(
-        height=420, margin={"l": 10, "r": 10, "t": 90 if title else 70, "b": 10}, template="plotly_white",
-        title={"text": title, "font": {"size": 14}, "y": 0.98}, legend={"title": {"text": "method"}},
+        height=460, margin={"l": 10, "r": 10, "t": 110 if title else 70, "b": 10}, template="plotly_white",
+        # Centred: Gradio draws the plot's label over the top-left corner.
+        title={"text": title, "font": {"size": 14}, "x": 0.5, "xanchor": "center", "y": 0.97}, legend={"title": {"text": "method"}},
     )
     return fig
 
@@ -163,7 +164,7 @@ def retention_figure(curve: Mapping, title: str = "") -> go.Figure:
     fig.update_xaxes(title_text="number of adapters merged", tickvals=sizes)
     fig.update_yaxes(title_text="retention (share of each adapter's own accuracy)", tickformat=".0%", rangemode="tozero")
     fig.update_layout(
-        height=420, margin={"l": 10, "r": 10, "t": 70, "b": 10}, template="plotly_white",
-        title={"text": title, "font": {"size": 14}}, legend={"title": {"text": "method"}},
+        height=440, margin={"l": 10, "r": 10, "t": 80, "b": 10}, template="plotly_white",
+        title={"text": title, "font": {"size": 14}, "x": 0.5, "xanchor": "center"}, legend={"title": {"text": "method"}},
     )
     return fig

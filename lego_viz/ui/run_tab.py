@@ -146,7 +146,7 @@ def _group(refused: Mapping[str, str]) -> dict[str, list[str]]:
 
 
 def _retention_title(curve: Mapping, what: str) -> str:
-    return f"Retention vs number of adapters merged ({what}; n = {curve['n_per_task']} per task; mean ± sd over subsets; k = r̄)"
+    return f"Retention vs number of adapters merged<br><sup>{what}; n = {curve['n_per_task']} per task; mean ± sd over subsets; k = r̄ of each subset</sup>"
 
 
 @user_errors
@@ -165,7 +165,7 @@ def retention(session: Session, n: float, progress=gr.Progress()):  # noqa: B008
 
 
 def _sweep_title(sweep: Mapping, what: str) -> str:
-    return f"k-sweep ({what}; n = {sweep['n_per_task']} per task; bars: 95% intervals)"
+    return f"Accuracy and distance to the exact sum against k<br><sup>{what}; n = {sweep['n_per_task']} per task; bars: 95% intervals</sup>"
 
 
 @user_errors
@@ -202,18 +202,19 @@ def build(session: gr.State) -> RunTab:
                 run_button = gr.Button("Run", variant="primary", scale=1, elem_id="run")
             gr.Examples(examples, inputs=prompt, label="One example per zoo task")
             outputs_table = gr.Dataframe(headers=["model", "output"], value=[], interactive=False, label="Outputs", elem_id="run-outputs")
-            gr.Markdown("### Merge lab: does the merge keep the tasks?")
-            n_eval = gr.Slider(10, 200, value=50, step=10, label="held-out prompts per task (more = slower, steadier)")
-            with gr.Row():
-                accuracy_button = gr.Button("Accuracy table (methods × tasks, with control)", elem_id="accuracy")
-                retention_button = gr.Button("Retention vs number of adapters", elem_id="retention")
-                sweep_button = gr.Button("k-sweep (every method that takes k)", elem_id="k-sweep")
-            scores = gr.Dataframe(value=frame, interactive=False, label="Exact-match accuracy (%)", elem_id="accuracy-table", wrap=True)
-            lab_notes = gr.Markdown(notes, elem_id="lab-notes")
-            retention_plot = gr.Plot(value=curve_figure, label="Retention vs number of adapters", elem_id="retention-plot")
-            sweep_plot = gr.Plot(value=sweep_figure, label="k-sweep", elem_id="k-sweep-plot")
         with gr.Column(scale=2):
             gr.Markdown(learn.RUN)
+    # The lab spans the page: its table is wide and its figures need the room.
+    gr.Markdown("### Merge lab: does the merge keep the tasks?")
+    with gr.Row(equal_height=True):
+        n_eval = gr.Slider(10, 200, value=50, step=10, label="held-out prompts per task (more = slower, steadier)", scale=2)
+        accuracy_button = gr.Button("Accuracy table (every method, with control)", elem_id="accuracy", scale=1)
+        retention_button = gr.Button("Retention vs number of adapters", elem_id="retention", scale=1)
+        sweep_button = gr.Button("k-sweep (every method that takes k)", elem_id="k-sweep", scale=1)
+    scores = gr.Dataframe(value=frame, interactive=False, label="Exact-match accuracy (%)", elem_id="accuracy-table", max_height=900)
+    lab_notes = gr.Markdown(notes, elem_id="lab-notes")
+    retention_plot = gr.Plot(value=curve_figure, label="Retention vs number of adapters", elem_id="retention-plot")
+    sweep_plot = gr.Plot(value=sweep_figure, label="k-sweep", elem_id="k-sweep-plot")
     run_button.click(run, [session, prompt], [session, outputs_table], api_name="run")
     prompt.submit(run, [session, prompt], [session, outputs_table], api_visibility="private")
     accuracy_button.click(accuracy_table, [session, n_eval], [scores, lab_notes], api_name="accuracy")

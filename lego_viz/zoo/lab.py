@@ -290,15 +290,16 @@ TABLE_HEADER_TAIL = ("mean (95% CI)", "retention", "control (95% CI)", "margin")
 
 def table_cells(table: Mapping) -> tuple[list[str], list[list[str]]]:
     """Header and rows of a table (`LabTable.to_dict()`) as text: accuracies in %, intervals in brackets, margin in points."""
-    header = ["model", "rank", *table["tasks"], *TABLE_HEADER_TAIL]
+    # The summary columns first: in the app the per-task columns may need a scroll.
+    header = ["model", "rank", *TABLE_HEADER_TAIL, *table["tasks"]]
     rows = []
     for row in table["rows"]:
         control = row.get("control")
         margin = row.get("margin")
         rows.append([
-            row["label"], row["rank"], *(_percent(row["tasks"][t]["accuracy"]) for t in table["tasks"]),
-            _with_interval(row["mean"]), _percent(row["retention"]),
+            row["label"], row["rank"], _with_interval(row["mean"]), _percent(row["retention"]),
             "–" if control is None else _with_interval(control["mean"]), "–" if margin is None else f"{100 * margin:+.1f}",
+            *(_percent(row["tasks"][t]["accuracy"]) for t in table["tasks"]),
         ])
     return header, rows
 
