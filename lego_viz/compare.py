@@ -292,6 +292,21 @@ def output_retention(
     return report
 
 
+def retention_sweep(
+    model: torch.nn.Module, tokenizer, texts: Sequence[str], adapters: Sequence[LoraAdapter], merges_by_k: Mapping[int, Modules]
+) -> dict[int, float]:
+    """Mean ``kept`` over the source adapters for each k: a k-sweep's y-axis for real adapters.
+
+    Args:
+        merges_by_k: k → the merged modules at that k (e.g. ``merge(adapters, "lego", k=k).modules``).
+
+    Returns:
+        k → :meth:`RetentionReport.mean_kept`; the base and adapter passes are shared by every k.
+    """
+    report = output_retention(model, tokenizer, texts, adapters, {f"k={k}": m for k, m in merges_by_k.items()})
+    return {k: report.mean_kept(f"k={k}") for k in merges_by_k}
+
+
 # --------------------------------------------------------------------------- output-space checks
 
 

@@ -196,6 +196,19 @@ def test_retention_is_one_for_the_adapter_itself_and_zero_for_the_base(gpt2_mode
     json.dumps(report.to_dict())  # NaN kept is None: valid JSON
 
 
+def test_retention_sweep_over_k_reaches_the_exact_sum_at_k_equals_n(gpt2_model, gpt2_adapters):
+    from lego_viz.compare import retention_sweep
+
+    model, tokenizer = gpt2_model
+    # DESIGN §4: k = n (here 3 × 8 units) without reweighting is exactly the weighted sum
+    merges = {k: merge(gpt2_adapters, "lego", k=k, param_reweight="none", output_reweight=False).modules for k in (4, 24)}
+    sweep = retention_sweep(model, tokenizer, TEXTS[:1], gpt2_adapters, merges)
+    linear = output_retention(model, tokenizer, TEXTS[:1], gpt2_adapters, {"linear": merge(gpt2_adapters, "linear").modules})
+    assert list(sweep) == [4, 24]
+    assert sweep[24] == pytest.approx(linear.mean_kept("linear"), abs=1e-4)  # float32 sums in another order
+    assert sweep[4] != pytest.approx(sweep[24], abs=1e-4)  # 4 clusters of 24 units lose something
+
+
 def _scaled(module, factor):
     from lego_viz.adapters import LoraModule
 
