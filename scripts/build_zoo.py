@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.out or (Path(tempfile.mkdtemp(prefix="zoo_smoke_")) if args.smoke else ZOO_DIR)
 
     # One tick per optimiser step, plus one per evaluation (the base and each adapter).
-    with tqdm(total=config.total_steps + 1 + len(TASKS), desc="zoo", unit="step") as bar:
+    with tqdm(total=config.total_steps + 1 + len(config.adapter_names), desc="zoo", unit="step") as bar:
 
         def tick(label: str) -> None:
             bar.set_description(label, refresh=False)

@@ -2,7 +2,8 @@
 
     python scripts/zoo_table.py            # base, each adapter, linear, svd k=8, lego k=8 on every task
 
-Prints the table as markdown (for the README) and writes it under "merge_table" in the card.
+Prints the table as markdown (for the README) and writes it under "merge_table" in the card; then
+prints the card's targets, retention by number of adapters and family merges (measured by the build).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from lego_viz.zoo.build import read_card, write_card
 from lego_viz.zoo.model import ZOO_DIR
-from lego_viz.zoo.table import merge_table, table_markdown
+from lego_viz.zoo.table import merge_table, table_markdown, targets_markdown
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         card["merge_table"] = table
         write_card(args.zoo, card)
     print(markdown)
+    if "targets" in card:
+        print(targets_markdown(card))
     return 0
 
 

@@ -192,10 +192,16 @@ def test_a_dropdown_pick_merges_once(page):
     page.wait_for_function("document.querySelector('#merge-summary').innerText.startsWith('lego')")
 
 
-def test_a_refused_method_goes_back_in_the_dropdown(page):
-    """ties needs equal ranks; the zoo mixes r = 4, 8, 16: the error says why and the dropdown shows the map's method."""
-    if not zoo_available():
-        pytest.skip("needs the demo zoo's mixed ranks (python scripts/build_zoo.py)")
+def test_a_refused_method_goes_back_in_the_dropdown(page, tmp_path_factory):
+    """ties needs equal ranks; adapters of r = 2, 4, 8: the error says why and the dropdown shows the map's method."""
+    # The demo zoo's adapters share one rank (ties takes them), so three toy adapters of mixed ranks are loaded.
+    root = tmp_path_factory.mktemp("mixed_ranks")
+    folders = [save_peft_folder(make_adapter(n, r=r, seed=i), root / n) for i, (n, r) in enumerate(zip("abc", (2, 4, 8)))]
+    page.get_by_role("tab", name="1 · Load adapters").click()
+    page.get_by_label("replace the current adapters").check()
+    page.get_by_label("…or local folders / hub ids, one per line").fill("\n".join(map(str, folders)))
+    page.locator("#load").click()
+    page.locator("#load-status").get_by_text("The session holds 3 adapters").wait_for()
     page.get_by_role("tab", name="2 · MSU map & merge").click()
     page.locator("#msu-map .js-plotly-plot").wait_for()
     shown = page.locator("#merge-method input").input_value()

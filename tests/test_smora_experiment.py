@@ -77,3 +77,24 @@ def test_cli_quick_run_writes_results(tiny_zoo, tmp_path, capsys) -> None:
             "--zoo", str(tiny_zoo), "--out", str(tmp_path), "--device", "cpu"]
     assert main(argv) == 0
     assert (tmp_path / "results.json").is_file() and (tmp_path / "RESULTS.md").read_text() in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_composition_only_keeps_the_base_only_runs(tiny_zoo, tmp_path, capsys) -> None:
+    argv = ["smora-train", "--quick", "--r", "4", "--k", "2", "--router-k", "4", "--batch-size", "4",
+            "--zoo", str(tiny_zoo), "--out", str(tmp_path), "--device", "cpu"]
+    assert main(argv) == 0
+    first = json.loads((tmp_path / "results.json").read_text())
+    (tmp_path / "multitask" / "marker").write_text("kept")
+    assert main([*argv, "--composition-only"]) == 0
+    again = json.loads((tmp_path / "results.json").read_text())
+    assert again["settings"] == first["settings"]
+
+    def untimed(runs):
+        return {name: {k: v for k, v in run.items() if k != "train_seconds"} for name, run in runs.items()}
+
+    # same seeds and settings: every run comes out as before, and multitask/ is not rewritten
+    assert untimed(again["runs"]) == untimed(first["runs"]) and (tmp_path / "multitask" / "marker").is_file()
+    # other settings than the earlier results: refused with the reason
+    assert main([*argv, "--gamma", "0.01", "--composition-only"]) == 2
+    assert "differ in gamma" in capsys.readouterr().err

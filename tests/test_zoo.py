@@ -14,15 +14,25 @@ import torch
 from lego_viz.zoo.build import BuildConfig
 from lego_viz.zoo.data import IGNORE_INDEX, encode_pairs, mixture_batch, task_batch
 from lego_viz.zoo.evaluate import evaluate, generate, with_mean
-from lego_viz.zoo.model import ZOO_DIR, ZooModelConfig, adapter_dirs, build_model, load_adapted, load_base
+from lego_viz.zoo.model import (
+    ZOO_DIR,
+    ZooModelConfig,
+    adapter_dirs,
+    build_model,
+    family_dirs,
+    load_adapted,
+    load_base,
+)
 from lego_viz.zoo.tasks import N_HELD_OUT, PRETRAIN_TASKS, TASKS, Task, get_task, held_out, training_example
 from lego_viz.zoo.tokenizer import CHARS, build_tokenizer
 from lego_viz.zoo.train import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
-TASKS_RANKS = {name: BuildConfig().rank(name) for name in TASKS}
+RANK = BuildConfig().rank
 SHIPPED = (ZOO_DIR / "zoo_card.json").is_file()
 needs_assets = pytest.mark.skipif(not SHIPPED, reason="assets/zoo not built (run scripts/build_zoo.py)")
+# The zoo targets the shipped build meets (recorded as met in its card); see README "Demo zoo".
+REQUIRED_TARGETS = ("own_task_min", "base_skills_kept_min", "half_weight_retention_min", "pairwise_linear_retention_mean_min")
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +130,9 @@ def test_task_validation():
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda: BuildConfig(ranks={"add": 8}), "unknown task"),
-        (lambda: BuildConfig(ranks={"sort": 0}), "ranks must be"),
+        (lambda: BuildConfig(families=("add",)), "unknown task"),
+        (lambda: BuildConfig(rank=0), "rank must be"),
+        (lambda: BuildConfig(subsets_per_count=0), "subsets_per_count"),
         (lambda: BuildConfig(eval_n=0), "eval_n"),
         (lambda: TrainConfig(steps=0), "steps"),
         (lambda: TrainConfig(steps=5, warmup_steps=6), "warmup_steps"),
@@ -133,9 +144,11 @@ def test_configs_reject_bad_values(make, message):
         make()
 
 
-def test_recipe_has_different_ranks():
-    # Different-rank merging must be exercised by the shipped adapters.
-    assert {4, 8, 16} <= set(TASKS_RANKS.values())
+def test_recipe_trains_every_task_and_two_families_at_one_rank():
+    # One rank: the equal-rank methods (peft_linear, ties, dare_linear) can merge the whole zoo.
+    config = BuildConfig()
+    assert config.adapter_names[: len(TASKS)] == list(TASKS)
+    assert len(config.families) >= 2 and config.adapter_names[len(TASKS) :] == [f"{t}_b" for t in config.families]
 
 
 # --------------------------------------------------------------------------- batches
@@ -211,13 +224,16 @@ def test_shipped_assets_load_and_match_the_card():
     model, tokenizer = load_base(device="cpu")
     assert sum(p.numel() for p in model.parameters()) == card["model"]["parameters"]
     assert tokenizer.decode(tokenizer("reverse: abc=")["input_ids"], skip_special_tokens=True) == "reverse: abc="
-    dirs = adapter_dirs()
-    assert list(dirs) == list(TASKS)
-    for name, path in dirs.items():
+    dirs = {**adapter_dirs(), **family_dirs()}
+    assert list(adapter_dirs()) == list(TASKS) and len(family_dirs()) >= 2
+    assert [entry["name"] for entry in card["adapter_list"]] == list(dirs)
+    for entry in card["adapter_list"]:
+        path = dirs[entry["name"]]
+        assert path == ZOO_DIR / entry["path"]
         config = json.loads((path / "adapter_config.json").read_text())
-        assert config["r"] == card["adapters"][name]["rank"]
+        assert config["r"] == card["adapters"][entry["name"]]["rank"] == entry["rank"]
         assert (path / "adapter_model.safetensors").is_file()
-    assert len({card["adapters"][name]["rank"] for name in TASKS}) >= 3  # different-rank merging is exercised
+    assert len({entry["rank"] for entry in card["adapter_list"]}) == 1  # equal-rank methods take them all
     size = sum(f.stat().st_size for f in (REPO / "assets").rglob("*") if f.is_file())
     assert size < 30 * 2**20
 
@@ -248,6 +264,73 @@ def test_evaluate_takes_a_folder_and_a_merge():
     assert evaluate(merged, tasks=["caesar"], n=10) == by_folder
 
 
+@needs_assets
+def test_shipped_card_targets_follow_from_its_measurements():
+    import statistics
+
+    from lego_viz.zoo.targets import TARGETS
+
+    card = json.loads((ZOO_DIR / "zoo_card.json").read_text())
+    targets = card["targets"]
+    measured, own = targets["measured"], targets["own_task"]
+    assert targets["targets"] == TARGETS and targets["n_per_task"] == card["evaluation"]["n_per_task"] == 200
+    by_count = targets["linear_retention_by_count"]
+    assert list(by_count) == [str(k) for k in range(2, len(TASKS) + 1)] and len(by_count["2"]["subsets"]) == 15
+    for entry in by_count.values():
+        for row in entry["subsets"]:
+            assert row["retention"] == pytest.approx(statistics.mean(row["accuracy"][t] / own[t] for t in row["adapters"]))
+        assert entry["mean"] == pytest.approx(statistics.mean(row["retention"] for row in entry["subsets"]))
+    assert measured["own_task_min"] == min(own.values())
+    assert measured["pairwise_linear_retention_mean_min"] == by_count["2"]["mean"]
+    assert measured["all_linear_retention_min"] == by_count[str(len(TASKS))]["mean"]
+    assert measured["half_weight_retention_min"] == min(targets["half_weight_retention"].values())
+    assert measured["base_skills_kept_min"] == min(targets["base_skills_kept"].values())
+    for key, value in measured.items():
+        assert targets["met"][key] == (value <= TARGETS[key] if key.endswith("_max") else value >= TARGETS[key])
+    for key in REQUIRED_TARGETS:
+        assert targets["met"][key], key
+    assert card["accuracy"]["adapters_own_task"] == {**own, **{n: card["adapters"][n]["accuracy_own_task"] for n in family_dirs()}}
+
+
+@needs_assets
+def test_shipped_adapter_and_its_half_weight_reproduce_the_card():
+    from lego_viz.adapters import load_adapter
+    from lego_viz.invariance import lora_hooks
+    from lego_viz.zoo.targets import scaled
+
+    card = json.loads((ZOO_DIR / "zoo_card.json").read_text())["targets"]
+    base, tokenizer = load_base(device="cpu")
+    adapter = load_adapter(adapter_dirs()["sort"], name="sort")  # the hardest task: most sensitive to the weight
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the build's thread count: the same sums, so the same greedy tokens
+    try:
+        with lora_hooks(base, adapter.modules):
+            full = evaluate(base, tokenizer, ["sort"], n=card["n_per_task"])["sort"]
+        with lora_hooks(base, scaled(adapter.modules, 0.5)):
+            half = evaluate(base, tokenizer, ["sort"], n=card["n_per_task"])["sort"]
+    finally:
+        torch.set_num_threads(threads)
+    assert full == card["own_task"]["sort"]
+    assert half / full == card["half_weight_retention"]["sort"]
+
+
+@needs_assets
+def test_a_pairwise_linear_merge_through_export_keeps_both_tasks():
+    from lego_viz.adapters import load_adapter
+    from lego_viz.merge import merge
+
+    card = json.loads((ZOO_DIR / "zoo_card.json").read_text())["targets"]
+    pair = card["linear_retention_by_count"]["2"]["subsets"][0]
+    dirs = adapter_dirs()
+    merged = merge([load_adapter(dirs[name], name=name) for name in pair["adapters"]], method="linear")
+    scores = evaluate(merged, tasks=pair["adapters"], n=50)  # export → PeftModel.from_pretrained, as a user
+    for name in pair["adapters"]:
+        # The card's accuracy is on 200 prompts, these 50 are its first quarter: even if every miss fell
+        # among them, at most 4x the missed fraction is lost here; 2 more prompts allow for greedy
+        # ties decided differently by PEFT's layers than by the build's hooks (same sum, other order).
+        assert scores[name] >= 1 - 4 * (1 - pair["accuracy"][name]) - 2 / 50, (name, scores, pair)
+
+
 # --------------------------------------------------------------------------- build script and CLI
 
 
@@ -266,6 +349,10 @@ def test_build_smoke_writes_a_loadable_zoo(smoke_zoo):
     card = json.loads((smoke_zoo / "zoo_card.json").read_text())
     assert set(card["accuracy"]["base"]) == {*TASKS, "mean"}
     assert list(adapter_dirs(smoke_zoo)) == list(TASKS)
+    assert list(family_dirs(smoke_zoo)) == [f"{task}_b" for task in BuildConfig().families]
+    assert set(card["targets"]["met"]) == set(card["targets"]["targets"])
+    assert list(card["targets"]["linear_retention_by_count"]) == [str(k) for k in range(2, len(TASKS) + 1)]
+    assert set(card["families"]) == set(BuildConfig().families)
     model, tokenizer = load_adapted(adapter_dirs(smoke_zoo)["double"], device="cpu", zoo_dir=smoke_zoo)
     assert len(generate(model, tokenizer, ["double: ab="], max_new_tokens=3)) == 1
     assert card["adapters"]["double"]["rank"] == json.loads((smoke_zoo / "adapters/double/adapter_config.json").read_text())["r"]
@@ -282,12 +369,17 @@ def test_build_is_deterministic(smoke_zoo, tmp_path):
         timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    files = ["base/model.safetensors", *(f"adapters/{name}/adapter_model.safetensors" for name in TASKS)]
+    files = [
+        "base/model.safetensors",
+        *(f"{entry['path']}/adapter_model.safetensors" for entry in json.loads((smoke_zoo / "zoo_card.json").read_text())["adapter_list"]),
+    ]
     for file in files:
         first, second = load_file(smoke_zoo / file), load_file(tmp_path / "again" / file)
         assert first.keys() == second.keys()
         # Same seeds, same ops, one thread: bit-identical weights.
         assert all(torch.equal(first[key], second[key]) for key in first), file
+    cards = [json.loads((folder / "zoo_card.json").read_text()) for folder in (smoke_zoo, tmp_path / "again")]
+    assert cards[0]["targets"] == cards[1]["targets"] and cards[0]["families"] == cards[1]["families"]
 
 
 def test_merge_table_runs_every_row_through_export(smoke_zoo):
@@ -295,7 +387,7 @@ def test_merge_table_runs_every_row_through_export(smoke_zoo):
 
     table = merge_table(smoke_zoo, n=2, device="cpu")
     assert list(table["rows"]) == ["base", *TASKS, *(label for label, _, _ in MERGE_ROWS)]
-    assert table["merges"]["linear"]["rank_per_module"] == [sum(TASKS_RANKS.values())]
+    assert table["merges"]["linear"]["rank_per_module"] == [len(TASKS) * RANK]
     assert table["merges"]["lego k=8"]["rank_per_module"] == [8]
     lines = table_markdown(table).splitlines()
     assert lines[0] == "| model | " + " | ".join([*TASKS, "mean"]) + " |"

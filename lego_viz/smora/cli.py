@@ -26,6 +26,12 @@ def add_experiment_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=SMORA_DIR, help="output folder for the adapters and results")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy 2-core machine)")
+    parser.add_argument(
+        "--composition-only",
+        action="store_true",
+        help="after a rebuild of the zoo adapters on the same base: rerun only the runs that use them, "
+        "keeping the others from --out/results.json",
+    )
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -33,13 +39,19 @@ def run_train(args: argparse.Namespace) -> int:
     import torch
 
     from lego_viz.smora.assets import RESULTS_NAME
-    from lego_viz.smora.experiment import ExperimentConfig, run_experiment
+    from lego_viz.smora.experiment import ExperimentConfig, rerun_composition, run_experiment
     from lego_viz.smora.report import results_markdown
 
     torch.set_num_threads(args.threads)
     values = {field.name: getattr(args, field.name) for field in fields(ExperimentConfig)}
     config = ExperimentConfig(**{**values, **(QUICK if args.quick else {})})
-    results = run_experiment(config, zoo_dir=args.zoo, out_dir=args.out, device=args.device)
+    if args.composition_only:
+        previous = args.out / RESULTS_NAME
+        if not previous.is_file():
+            raise FileNotFoundError(f"--composition-only needs earlier results at {previous}; run without it first")
+        results = rerun_composition(json.loads(previous.read_text()), config, args.zoo, args.out, args.device)
+    else:
+        results = run_experiment(config, zoo_dir=args.zoo, out_dir=args.out, device=args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / RESULTS_NAME).write_text(json.dumps(results, indent=1) + "\n")
     markdown = results_markdown(results)

@@ -209,20 +209,66 @@ def run_experiment(
         log(f"{label} (r={rank}): mean accuracy {runs[label]['accuracy']['mean']:.3f}")
 
     runs.update(_composition_runs(runner, out_dir, log))
+    return {"settings": _settings(runner), "tasks": runner.tasks, "runs": runs}
+
+
+def _settings(runner: _Runner) -> dict:
+    config = runner.config
     return {
-        "settings": {
-            **asdict(config),
-            "smora": config.smora().to_dict(),
-            "train": asdict(config.train()),
-            "router_train": asdict(config.train(router=True)),
-            "device": device,
-            "base_sha256": base_fingerprint(runner.zoo_dir),
-            "torch_threads": torch.get_num_threads(),
-            "versions": {"torch": torch.__version__, "python": platform.python_version()},
-        },
-        "tasks": runner.tasks,
-        "runs": runs,
+        **asdict(config),
+        "smora": config.smora().to_dict(),
+        "train": asdict(config.train()),
+        "router_train": asdict(config.train(router=True)),
+        "device": runner.device,
+        "base_sha256": base_fingerprint(runner.zoo_dir),
+        "torch_threads": torch.get_num_threads(),
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
     }
+
+
+def rerun_composition(
+    previous: dict,
+    config: ExperimentConfig,
+    zoo_dir: Path = ZOO_DIR,
+    out_dir: Path | None = None,
+    device: str | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Redo only the runs that use the zoo task adapters, keeping the others of `previous`.
+
+    The multi-task and dense runs depend on the base model alone: after a rebuild of the task
+    adapters on the same base (same fingerprint) and with the same settings they would come out
+    identical, so only the router over merged MSUs, the static merges and the own-adapter ceiling
+    are run again (and only `merged_router/` is rewritten).
+
+    Args:
+        previous: The results of an earlier `run_experiment` (its `results.json`).
+        config: Experiment settings; must equal those of `previous`.
+        zoo_dir: The zoo (base model and task adapters).
+        out_dir: Where to save `merged_router/` (None: save nothing).
+        device: Torch device; default CUDA when available.
+        progress: Show progress bars.
+        log: Receives one line per finished run.
+
+    Returns:
+        `previous` with the composition runs replaced.
+
+    Raises:
+        ValueError: The settings, device or base model differ from those of `previous`.
+    """
+    runner = _Runner(config, Path(zoo_dir), device or default_device(), progress)
+    settings = _settings(runner)
+    changed = sorted(
+        key for key in ("base_sha256", "device", "torch_threads", *asdict(config))
+        if previous.get("settings", {}).get(key) != settings[key]
+    )
+    if changed:
+        raise ValueError(
+            f"the earlier results differ in {', '.join(changed)}; run the whole experiment instead of --composition-only"
+        )
+    runs = {**previous["runs"], **_composition_runs(runner, out_dir, log)}
+    return {**previous, "settings": settings, "runs": runs}
 
 
 def _composition_runs(runner: _Runner, out_dir: Path | None, log: Callable[[str], None]) -> dict[str, dict]:

@@ -12,6 +12,7 @@ from lego_viz.zoo.model import (
     ZooModelConfig,
     adapter_dirs,
     default_device,
+    family_dirs,
     load_adapted,
     load_base,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "default_device",
     "encode_pairs",
     "evaluate",
+    "family_dirs",
     "generate",
     "get_task",
     "held_out",

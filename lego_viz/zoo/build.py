@@ -1,4 +1,5 @@
-"""Building the zoo: pre-train the base, train one LoRA per task, measure, write the assets.
+"""Building the zoo: pre-train the base, train one LoRA per task (and a second one for a few tasks),
+measure how they merge, write the assets.
 
 `scripts/build_zoo.py` is the command-line front; this module holds the recipe so that it is
 recorded in `zoo_card.json` and reusable from tests.
@@ -18,9 +19,11 @@ from pathlib import Path
 
 import torch
 
-from lego_viz.zoo.data import task_batch
+from lego_viz.adapters import load_adapter
 from lego_viz.zoo.evaluate import evaluate, with_mean
-from lego_viz.zoo.model import TARGET_MODULES, ZooModelConfig, build_model
+from lego_viz.zoo.model import FAMILY_SUFFIX, TARGET_MODULES, ZooModelConfig, build_model
+from lego_viz.zoo.replay import ReplayConfig, ReplayLoss, replay_batch, replay_pool
+from lego_viz.zoo.targets import measure_family, measure_targets
 from lego_viz.zoo.tasks import N_HELD_OUT, PRETRAIN_TASKS, TASKS
 from lego_viz.zoo.tokenizer import CHARS, SPECIAL_TOKENS, build_tokenizer
 from lego_viz.zoo.train import TrainConfig, lora_config, pretrain, train_adapter
@@ -28,7 +31,11 @@ from lego_viz.zoo.train import TrainConfig, lora_config, pretrain, train_adapter
 CARD_NAME = "zoo_card.json"
 # Recorded in each adapter_config.json: where the base lives, relative to the repository root.
 BASE_MODEL_NAME = "assets/zoo/base"
-DEFAULT_RANK = 8
+# Training prompts of every task are split in two by a hash: the task adapters learn from shard 0,
+# the second member of a family from shard 1, so the two never share a training prompt.
+N_SHARDS = 2
+# Added to the adapter seed for the second member of a family.
+FAMILY_SEED_OFFSET = 100
 
 
 @dataclass(frozen=True)
@@ -38,9 +45,14 @@ class BuildConfig:
     Attributes:
         model: Shape of the base model.
         pretrain: Optimiser settings of base pre-training on `PRETRAIN_TASKS`.
-        adapter: Optimiser settings of each task LoRA (its seed is offset per task).
-        ranks: LoRA rank per task; tasks not listed use `DEFAULT_RANK`.
+        adapter: Optimiser settings of each task LoRA (its seed is offset per task); `batch_size`
+            counts the task rows, the replay rows come on top.
+        rank: LoRA rank of every adapter (one rank, so that equal-rank merge methods take them all).
+        lora_alpha: `lora_alpha` of every adapter.
+        replay: How adapters are kept from overwriting the base (`replay.ReplayConfig`).
+        families: Tasks that get a second adapter (`<task>_b`: another seed and data shard).
         eval_n: Held-out prompts per task for the accuracies in the card.
+        subsets_per_count: Seeded subsets of 3 … 5 adapters whose exact sum is measured.
     """
 
     model: ZooModelConfig = field(default_factory=ZooModelConfig)
@@ -51,21 +63,23 @@ class BuildConfig:
     adapter: TrainConfig = field(
         default_factory=lambda: TrainConfig(steps=400, batch_size=32, lr=3e-3, warmup_steps=30, seed=1)
     )
-    ranks: dict[str, int] = field(default_factory=lambda: {"swapcase": 16, "count": 4})
+    rank: int = 4
+    lora_alpha: float = 8.0
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    families: tuple[str, ...] = ("reverse", "sort")
     eval_n: int = 200
+    subsets_per_count: int = 4
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.ranks) - set(TASKS))
+        unknown = sorted(set(self.families) - set(TASKS))
         if unknown:
-            raise ValueError(f"ranks given for unknown task(s) {unknown}; known: {', '.join(TASKS)}")
-        if any(rank < 1 for rank in self.ranks.values()):
-            raise ValueError(f"LoRA ranks must be >= 1, got {self.ranks}")
+            raise ValueError(f"families given for unknown task(s) {unknown}; known: {', '.join(TASKS)}")
+        if self.rank < 1 or self.lora_alpha <= 0:
+            raise ValueError(f"the LoRA rank must be >= 1 and lora_alpha > 0, got {self.rank} and {self.lora_alpha}")
         if not 1 <= self.eval_n <= N_HELD_OUT:
             raise ValueError(f"eval_n must be in [1, {N_HELD_OUT}], got {self.eval_n}")
-
-    def rank(self, task: str) -> int:
-        """The LoRA rank of `task`."""
-        return self.ranks.get(task, DEFAULT_RANK)
+        if self.subsets_per_count < 1:
+            raise ValueError(f"subsets_per_count must be >= 1, got {self.subsets_per_count}")
 
     @classmethod
     def smoke(cls) -> BuildConfig:
@@ -75,13 +89,20 @@ class BuildConfig:
             default,
             pretrain=replace(default.pretrain, steps=4, batch_size=8, warmup_steps=1),
             adapter=replace(default.adapter, steps=2, batch_size=8, warmup_steps=1),
+            replay=replace(default.replay, rows=8, pool_size=4),
             eval_n=4,
+            subsets_per_count=1,
         )
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """Every adapter the build trains: one per task, then the second member of each family."""
+        return [*TASKS, *(f"{task}{FAMILY_SUFFIX}" for task in self.families)]
 
     @property
     def total_steps(self) -> int:
         """Optimiser steps of the whole build (for a progress bar)."""
-        return self.pretrain.steps + len(TASKS) * self.adapter.steps
+        return self.pretrain.steps + len(self.adapter_names) * self.adapter.steps
 
 
 def _folder_bytes(path: Path) -> int:
@@ -109,20 +130,20 @@ def _machine(threads: int) -> dict:
     }
 
 
-def _finish_adapter_folder(folder: Path, name: str, peft_config, accuracy: float) -> None:
+def _finish_adapter_folder(folder: Path, name: str, task: str, peft_config, accuracy: float) -> None:
     # PEFT stores target_modules from a set (order varies per process) and writes a blank model
     # card; a sorted list and a short real card keep rebuilds byte-stable and the folder readable.
     config_path = folder / "adapter_config.json"
     config = json.loads(config_path.read_text())
     config["target_modules"] = sorted(config["target_modules"])
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    task = TASKS[name]
+    spec = TASKS[task]
     (folder / "README.md").write_text(
         f"# lego-viz zoo adapter: {name}\n\n"
-        f"PEFT LoRA (r = {peft_config.r}, lora_alpha = {peft_config.lora_alpha}, all attention and MLP "
-        f"projections) for the zoo base "
-        f"`{BASE_MODEL_NAME}`. Task: {task.description}, prompted as `{task.example_prompts[0]}` "
-        f"→ `{task.solve(task.examples[0])}`.\n\n"
+        f"PEFT LoRA (r = {peft_config.r}, lora_alpha = {peft_config.lora_alpha:g}, all attention and MLP "
+        f"projections) for the zoo base `{BASE_MODEL_NAME}`. Task: {spec.description}, prompted as "
+        f"`{spec.example_prompts[0]}` → `{spec.solve(spec.examples[0])}`. Trained with replay of the base's "
+        "own behaviour so that it adds the skill without overwriting the base.\n\n"
         f"Held-out exact match on its task: {accuracy:.1%}. Built by `python scripts/build_zoo.py`; "
         "see `assets/zoo/zoo_card.json`.\n"
     )
@@ -135,15 +156,55 @@ def _replace_dir(path: Path) -> Path:
     return path
 
 
+def _adapter_plan(config: BuildConfig) -> list[dict]:
+    """Name, task, seed and data shard of every adapter the build trains."""
+    plan = [
+        {"name": name, "task": name, "seed": config.adapter.seed + index, "data_shard": [0, N_SHARDS], "kind": "task"}
+        for index, name in enumerate(TASKS)
+    ]
+    for task in config.families:
+        plan.append({
+            "name": f"{task}{FAMILY_SUFFIX}",
+            "task": task,
+            "seed": config.adapter.seed + FAMILY_SEED_OFFSET + list(TASKS).index(task),
+            "data_shard": [1, N_SHARDS],
+            "kind": "family",
+        })
+    return plan
+
+
+def _train_one(base, tokenizer, pool, entry: dict, config: BuildConfig, tick: Callable[[str], None]):
+    """Train one adapter of the plan on a copy of `base`; returns `(peft_model, losses)`."""
+    task = TASKS[entry["task"]]
+    train_config = replace(config.adapter, seed=entry["seed"])
+    sources = config.replay.sources(entry["task"], list(PRETRAIN_TASKS), list(TASKS))
+    shard = tuple(entry["data_shard"])
+
+    def make_batch(rng):
+        return replay_batch(task, train_config.batch_size, rng, tokenizer, pool, sources, config.replay.rows, shard)
+
+    loss = ReplayLoss(config.replay)
+    model, losses = train_adapter(
+        copy.deepcopy(base),
+        make_batch,
+        lora_config(config.rank, config.lora_alpha),
+        train_config,
+        lambda step, value: tick(f"adapter {entry['name']}"),
+        loss_fn=loss,
+    )
+    loss.restore(model)
+    return model, losses
+
+
 def build_zoo(
     out_dir: Path,
     config: BuildConfig | None = None,
     on_step: Callable[[str], None] | None = None,
 ) -> dict:
-    """Train the zoo on the CPU and write `base/`, `adapters/<task>/` and `zoo_card.json`.
+    """Train the zoo on the CPU and write `base/`, `adapters/<task>/`, `families/` and `zoo_card.json`.
 
-    Only those three entries of `out_dir` are replaced; anything else there (e.g. `smora/`)
-    is left alone. Runs on the CPU so that the result is the same on every machine.
+    Only those entries of `out_dir` are replaced; anything else there (e.g. `smora/`) is left
+    alone. Runs on the CPU so that the result is the same on every machine.
 
     Args:
         out_dir: Target folder (`assets/zoo` for the shipped zoo).
@@ -177,42 +238,51 @@ def build_zoo(
         "zoo tasks. Load with `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained`. "
         "Built by `python scripts/build_zoo.py`; see `assets/zoo/zoo_card.json`.\n"
     )
-
+    base.eval()
     base_scores = with_mean(evaluate(base, tokenizer, n=config.eval_n))
-    base_pretrain_scores = evaluate(base, tokenizer, list(PRETRAIN_TASKS), n=config.eval_n)
     tick("evaluate base")
 
+    pool = replay_pool(base, tokenizer, [*PRETRAIN_TASKS, *TASKS], config.replay.pool_size, config.replay.pool_seed)
     # PEFT records the base's name_or_path in adapter_config.json; a from-config model has none.
     base.name_or_path = BASE_MODEL_NAME
-    adapters_dir = _replace_dir(out_dir / "adapters")
-    adapter_cards = {}
-    for index, (name, task) in enumerate(TASKS.items()):
-        train_config = replace(config.adapter, seed=config.adapter.seed + index)
-        peft_config = lora_config(config.rank(name))
-        model, losses = train_adapter(
-            copy.deepcopy(base),
-            lambda rng, task=task, size=train_config.batch_size: task_batch(task, size, rng, tokenizer),
-            peft_config,
-            train_config,
-            lambda step, loss, name=name: tick(f"adapter {name}"),
-        )
-        model.save_pretrained(adapters_dir / name)
-        own = evaluate(model, tokenizer, [name], n=config.eval_n)[name]
-        _finish_adapter_folder(adapters_dir / name, name, peft_config, own)
+    adapters_dir, families_dir = _replace_dir(out_dir / "adapters"), _replace_dir(out_dir / "families")
+    adapter_cards, loaded = {}, {}
+    for entry in _adapter_plan(config):
+        name = entry["name"]
+        model, losses = _train_one(base, tokenizer, pool, entry, config, tick)
+        folder = (adapters_dir if entry["kind"] == "task" else families_dir) / name
+        model.save_pretrained(folder)
+        own = evaluate(model, tokenizer, [entry["task"]], n=config.eval_n)[entry["task"]]
+        _finish_adapter_folder(folder, name, entry["task"], model.peft_config["default"], own)
         tick(f"evaluate {name}")
+        loaded[name] = load_adapter(folder, name=name)
         adapter_cards[name] = {
-            "rank": peft_config.r,
-            "lora_alpha": peft_config.lora_alpha,
-            "seed": train_config.seed,
+            **entry,
+            "path": folder.relative_to(out_dir).as_posix(),
+            "rank": config.rank,
+            "lora_alpha": config.lora_alpha,
             "final_loss": round(losses[-1], 5),
             "accuracy_own_task": own,
-            "bytes": _folder_bytes(adapters_dir / name),
+            "bytes": _folder_bytes(folder),
         }
 
+    targets = measure_targets(
+        base, tokenizer, {task: loaded[task] for task in TASKS}, config.eval_n, config.subsets_per_count,
+        on_step=tick,
+    )
+    families = {
+        task: measure_family(base, tokenizer, task, [loaded[task], loaded[f"{task}{FAMILY_SUFFIX}"]], config.eval_n, tick)
+        for task in config.families
+    }
+
     card = {
-        "description": "Demo zoo of lego-viz: a tiny character-level Llama and one PEFT LoRA per synthetic task, "
-        "trained on the CPU by scripts/build_zoo.py.",
+        "description": "Demo zoo of lego-viz: a tiny character-level Llama, one PEFT LoRA per synthetic task and a "
+        "second LoRA (another seed and data shard) for a few tasks, trained on the CPU by scripts/build_zoo.py "
+        "so that they add a skill to the base instead of overwriting it, as real LoRAs on a large model do.",
         "prompt_format": "<s><task>: <input>=<answer></s>",
+        "adapter_list": [
+            {key: card[key] for key in ("name", "task", "kind", "path", "rank", "lora_alpha")} for card in adapter_cards.values()
+        ],
         "model": {
             "architecture": "LlamaForCausalLM",
             **asdict(config.model),
@@ -230,26 +300,51 @@ def build_zoo(
         "pretrain_tasks": {name: task.description for name, task in PRETRAIN_TASKS.items()},
         "training": {
             "pretrain": {**asdict(config.pretrain), "final_loss": round(pretrain_losses[-1], 5)},
-            "adapter": {**asdict(config.adapter), "seed": "adapter seed + task index"},
-            "target_modules": list(TARGET_MODULES),
-            "lora_alpha": "2 * rank (scale 2)",
-            "loss": "cross-entropy on the answer and </s> only",
+            "adapter": {
+                **asdict(config.adapter),
+                "seed": f"adapter seed + task index; second family member: + {FAMILY_SEED_OFFSET}",
+                "rank": config.rank,
+                "lora_alpha": config.lora_alpha,
+                "target_modules": list(TARGET_MODULES),
+                "data_shards": f"training prompts split in {N_SHARDS} by crc32(prompt) % {N_SHARDS}: task adapters "
+                "shard 0, second family members shard 1",
+                "replay": {
+                    **asdict(config.replay),
+                    "what": "each batch: batch_size rows of the task + `rows` replay rows, a task drawn uniformly from "
+                    "the sources, then a prompt from its pool; the targets are the base model's own greedy answers "
+                    "(for the other zoo tasks' prompts: the base's answer, never that task's solution)",
+                },
+                "loss": "cross-entropy on the answer and </s> of every row + consistency × mean over layers of "
+                "‖h − h_base‖² / ‖h_base‖² on the replay rows (h: hidden states after each decoder layer, real "
+                "tokens only; h_base: the same rows with the adapter disabled)"
+                + (
+                    f"; the LoRA scale is multiplied by a factor drawn uniformly from {list(config.replay.scale_jitter)} "
+                    "at every step"
+                    if config.replay.scale_jitter
+                    else ""
+                ),
+            },
         },
         "evaluation": {
             "metric": "exact match of the greedy completion",
             "n_per_task": config.eval_n,
             "held_out": f"the first n of {N_HELD_OUT} fixed prompts per task (seeded by the task name); "
             "training never samples them",
+            "merges": "exact sums Σ w_t ΔW_t (the `linear` merge) applied with forward hooks on the factors; "
+            "retention = accuracy on a task in the merge / accuracy of its adapter alone",
         },
         "accuracy": {
             "base": base_scores,
-            "base_on_pretrain_tasks": base_pretrain_scores,
+            "base_on_pretrain_tasks": targets["base_on_pretrain_tasks"],
             "adapters_own_task": {name: card["accuracy_own_task"] for name, card in adapter_cards.items()},
         },
+        "targets": targets,
+        "families": families,
         "adapters": adapter_cards,
         "sizes_bytes": {
             "base": _folder_bytes(base_dir),
             "adapters": _folder_bytes(adapters_dir),
+            "families": _folder_bytes(families_dir),
         },
         "build": {
             "command": "python scripts/build_zoo.py",

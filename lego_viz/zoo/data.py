@@ -45,7 +45,11 @@ def encode_pairs(pairs: Sequence[tuple[str, str]], tokenizer: PreTrainedTokenize
 
 
 def task_batch(
-    task: Task, n: int, rng: random.Random, tokenizer: PreTrainedTokenizerBase
+    task: Task,
+    n: int,
+    rng: random.Random,
+    tokenizer: PreTrainedTokenizerBase,
+    shard: tuple[int, int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """A training batch of `n` examples of one task (never from its held-out set).
 
@@ -54,11 +58,12 @@ def task_batch(
         n: Batch size.
         rng: Source of randomness (seed it for reproducible training).
         tokenizer: The zoo tokenizer.
+        shard: `(index, count)`: only prompts of that data shard (see `tasks.in_shard`).
 
     Returns:
         The tensors of `encode_pairs`.
     """
-    return encode_pairs([training_example(task, rng) for _ in range(n)], tokenizer)
+    return encode_pairs([training_example(task, rng, shard) for _ in range(n)], tokenizer)
 
 
 def mixture_batch(

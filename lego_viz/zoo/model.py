@@ -18,6 +18,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 ZOO_DIR = Path(__file__).resolve().parents[2] / "assets" / "zoo"
 # The PEFT target modules of every zoo adapter: all attention and MLP projections.
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# A family is a second adapter of one task (another seed and data shard), `<task>_b` in `families/`.
+FAMILY_SUFFIX = "_b"
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,25 @@ def adapter_dirs(zoo_dir: Path = ZOO_DIR) -> dict[str, Path]:
 
     root = Path(zoo_dir) / "adapters"
     return {name: root / name for name in TASKS if (root / name / "adapter_config.json").is_file()}
+
+
+def family_dirs(zoo_dir: Path = ZOO_DIR) -> dict[str, Path]:
+    """The shipped second adapters of some tasks, `{"<task>_b": folder}`, in the order of `TASKS`.
+
+    Each has the rank of the task adapters and was trained like them on another seed and data
+    shard: merging `reverse` with `reverse_b` is a "same-skill" merge.
+
+    Args:
+        zoo_dir: The zoo folder.
+
+    Returns:
+        One PEFT folder per family member that has been built.
+    """
+    from lego_viz.zoo.tasks import TASKS
+
+    root = Path(zoo_dir) / "families"
+    names = [f"{task}{FAMILY_SUFFIX}" for task in TASKS]
+    return {name: root / name for name in names if (root / name / "adapter_config.json").is_file()}
 
 
 def load_adapted(adapter_dir: Path | str, device: str | None = None, zoo_dir: Path = ZOO_DIR):

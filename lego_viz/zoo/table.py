@@ -83,3 +83,46 @@ def table_markdown(table: dict) -> str:
         cells = [f"{100 * scores[column]:.1f}" for column in columns]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+# Targets of the card in the README's words: (key, label, what the number is).
+_TARGET_ROWS = (
+    ("own_task_min", "each adapter on its own task", "lowest accuracy", "≥"),
+    ("base_skills_kept_min", "base skills kept with one adapter", "lowest mean of accuracy / base accuracy", "≥"),
+    ("relative_update_norm_median_max", "‖ΔW‖ / ‖W0‖ per module", "median over all modules", "≤"),
+    ("half_weight_retention_min", "one adapter at weight 0.5", "lowest retention", "≥"),
+    ("pairwise_linear_retention_mean_min", "exact sum of two adapters", "mean retention over all pairs", "≥"),
+    ("all_linear_retention_min", "exact sum of all six (stretch goal)", "mean retention", "≥"),
+)
+
+
+def targets_markdown(card: dict) -> str:
+    """The zoo card's targets, retention by number of adapters and family merges as GitHub markdown.
+
+    Args:
+        card: A `zoo_card.json` written by `build_zoo`.
+
+    Returns:
+        Three tables: the targets (measured vs required), exact-sum retention by number of adapters
+        merged, and the same-skill merges of each family.
+    """
+    targets = card["targets"]
+    lines = ["| target | measured as | required | measured | met |", "|---|---|---:|---:|:---:|"]
+    for key, label, how, sign in _TARGET_ROWS:
+        measured = targets["measured"][key]
+        text = f"{measured:.3f}" if key.startswith("relative") else f"{100 * measured:.1f}%"
+        required = f"{sign} {targets['targets'][key]:g}" if key.startswith("relative") else f"{sign} {100 * targets['targets'][key]:g}%"
+        lines.append(f"| {label} | {how} | {required} | {text} | {'yes' if targets['met'][key] else 'no'} |")
+    by_count = targets["linear_retention_by_count"]
+    lines += ["", "| adapters summed | subsets | mean retention | lowest |", "|---:|---:|---:|---:|"]
+    for count, entry in by_count.items():
+        lines.append(f"| {count} | {len(entry['subsets'])} | {100 * entry['mean']:.1f}% | {100 * entry['min']:.1f}% |")
+    families = card.get("families", {})
+    if families:
+        labels = list(next(iter(families.values()))["merges"])
+        lines += ["", "| family | " + " | ".join(["each alone", *labels]) + " |", "|---|" + "---:|" * (len(labels) + 1)]
+        for family in families.values():
+            alone = " / ".join(f"{100 * value:.1f}" for value in family["own"].values())
+            cells = [f"{100 * family['merges'][label]['accuracy']:.1f}" for label in labels]
+            lines.append(f"| {' + '.join(family['adapters'])} | " + " | ".join([alone, *cells]) + " |")
+    return "\n".join(lines) + "\n"

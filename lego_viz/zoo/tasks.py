@@ -175,10 +175,33 @@ def _held_out_prompts(name: str) -> frozenset[str]:
     return frozenset(prompt for prompt, _ in held_out(name)) if name in TASKS else frozenset()
 
 
-def training_example(task: Task, rng: random.Random) -> tuple[str, str]:
-    """Draw a `(prompt, answer)` pair; for a zoo task never one of its held-out prompts."""
+def in_shard(prompt: str, shard: tuple[int, int] | None) -> bool:
+    """Whether `prompt` belongs to data shard `(index, count)` (every prompt when `shard` is None).
+
+    Shards split the prompts of a task into `count` disjoint parts by a hash of the prompt, so two
+    adapters of one task trained on different shards never see the same training prompt.
+    """
+    if shard is None:
+        return True
+    index, count = shard
+    return zlib.crc32(prompt.encode()) % count == index
+
+
+def training_example(task: Task, rng: random.Random, shard: tuple[int, int] | None = None) -> tuple[str, str]:
+    """Draw a `(prompt, answer)` pair; for a zoo task never one of its held-out prompts.
+
+    Args:
+        task: The task to draw from.
+        rng: Source of randomness.
+        shard: `(index, count)`: draw only prompts of that data shard (see `in_shard`); None for all.
+
+    Returns:
+        One `(prompt, answer)` pair.
+    """
+    if shard is not None and not 0 <= shard[0] < shard[1]:
+        raise ValueError(f"shard must be (index, count) with 0 <= index < count, got {shard}")
     excluded = _held_out_prompts(task.name)
     while True:
         prompt, answer = task.make_example(rng)
-        if prompt not in excluded:
+        if prompt not in excluded and in_shard(prompt, shard):
             return prompt, answer

@@ -15,6 +15,16 @@ from lego_viz.zoo.model import TARGET_MODULES, quiet_peft
 from lego_viz.zoo.tasks import Task
 
 Batch = dict[str, torch.Tensor]
+# loss_fn(model, batch, rng) -> scalar loss; the default is the model's own causal-LM loss.
+LossFn = Callable[[torch.nn.Module, Batch, random.Random], torch.Tensor]
+
+
+def lm_loss(model: torch.nn.Module, batch: Batch, rng: random.Random) -> torch.Tensor:
+    """Cross-entropy on the labelled tokens (the answer and `</s>`)."""
+    device = next(model.parameters()).device
+    # Batches are right-padded and attention is causal, so no real token ever sees a pad:
+    # the attention mask can be left out, which keeps SDPA on its fast unmasked kernel.
+    return model(input_ids=batch["input_ids"].to(device), labels=batch["labels"].to(device)).loss
 
 
 @dataclass(frozen=True)
@@ -50,6 +60,7 @@ def train_loop(
     make_batch: Callable[[random.Random], Batch],
     config: TrainConfig,
     on_step: Callable[[int, float], None] | None = None,
+    loss_fn: LossFn = lm_loss,
 ) -> list[float]:
     """Train the parameters of `model` that require grad; returns the loss of every step.
 
@@ -58,6 +69,7 @@ def train_loop(
         make_batch: Draws one batch from a seeded `random.Random`.
         config: Optimiser settings (its seed drives both torch and the batch RNG).
         on_step: Called as `on_step(step, loss)` after each step (progress bars).
+        loss_fn: The loss of one batch (`lm_loss` by default); it gets the same RNG as `make_batch`.
 
     Returns:
         The training loss at each step.
@@ -69,14 +81,10 @@ def train_loop(
         raise ValueError("the model has no trainable parameters")
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, config))
-    device = next(model.parameters()).device
     model.train()
     losses = []
     for step in range(config.steps):
-        batch = make_batch(rng)
-        # Batches are right-padded and attention is causal, so no real token ever sees a pad:
-        # the attention mask can be left out, which keeps SDPA on its fast unmasked kernel.
-        loss = model(input_ids=batch["input_ids"].to(device), labels=batch["labels"].to(device)).loss
+        loss = loss_fn(model, make_batch(rng), rng)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
@@ -129,6 +137,7 @@ def train_adapter(
     peft_config: LoraConfig,
     config: TrainConfig,
     on_step: Callable[[int, float], None] | None = None,
+    loss_fn: LossFn = lm_loss,
 ) -> tuple[PeftModel, list[float]]:
     """Wrap `base` with a fresh LoRA and train only the LoRA weights.
 
@@ -141,6 +150,7 @@ def train_adapter(
         peft_config: LoRA settings (see `lora_config`).
         config: Optimiser settings.
         on_step: Progress callback, as in `train_loop`.
+        loss_fn: The loss of one batch, as in `train_loop` (e.g. `replay.ReplayLoss`).
 
     Returns:
         `(peft_model, losses)`.
@@ -149,4 +159,4 @@ def train_adapter(
     torch.manual_seed(config.seed)
     with quiet_peft():
         model = get_peft_model(base, peft_config)
-    return model, train_loop(model, make_batch, config, on_step)
+    return model, train_loop(model, make_batch, config, on_step, loss_fn)
