@@ -20,7 +20,6 @@ from tqdm import tqdm
 
 from lego_viz.zoo.build import BuildConfig, build_zoo
 from lego_viz.zoo.model import ZOO_DIR
-from lego_viz.zoo.tasks import TASKS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,6 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     # One thread: on a busy 2-core machine two threads per process oversubscribe the cores and run several
     # times slower; the thread count is recorded in the card.
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument(
+        "--reuse-base",
+        type=Path,
+        default=None,
+        help="a base folder from an earlier full build of the same recipe: rebuild only the adapters",
+    )
     args = parser.parse_args(argv)
 
     if args.smoke and args.out is not None and args.out.resolve() == ZOO_DIR.resolve():
@@ -41,13 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.out or (Path(tempfile.mkdtemp(prefix="zoo_smoke_")) if args.smoke else ZOO_DIR)
 
     # One tick per optimiser step, plus one per evaluation (the base and each adapter).
-    with tqdm(total=config.total_steps + 1 + len(config.adapter_names), desc="zoo", unit="step") as bar:
+    steps = config.total_steps - (config.pretrain.steps if args.reuse_base else 0)
+    with tqdm(total=steps + 1 + len(config.adapter_names), desc="zoo", unit="step") as bar:
 
         def tick(label: str) -> None:
             bar.set_description(label, refresh=False)
             bar.update()
 
-        card = build_zoo(out_dir, config, on_step=tick)
+        card = build_zoo(out_dir, config, on_step=tick, pretrained_base=args.reuse_base)
 
     print(f"wrote {out_dir} in {card['build']['wall_seconds']} s (cpu {card['build']['cpu_seconds']} s)")
     print("base:", {task: round(acc, 3) for task, acc in card["accuracy"]["base"].items()})

@@ -298,11 +298,13 @@ def test_shipped_adapter_and_its_half_weight_reproduce_the_card():
     from lego_viz.invariance import lora_hooks
     from lego_viz.zoo.targets import scaled
 
-    card = json.loads((ZOO_DIR / "zoo_card.json").read_text())["targets"]
+    full_card = json.loads((ZOO_DIR / "zoo_card.json").read_text())
+    card = full_card["targets"]
     base, tokenizer = load_base(device="cpu")
     adapter = load_adapter(adapter_dirs()["sort"], name="sort")  # the hardest task: most sensitive to the weight
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the build's thread count: the same sums, so the same greedy tokens
+    # the build's thread count: the same sums in the same order, so the same greedy tokens
+    torch.set_num_threads(full_card["build"]["machine"]["torch_threads"])
     try:
         with lora_hooks(base, adapter.modules):
             full = evaluate(base, tokenizer, ["sort"], n=card["n_per_task"])["sort"]
