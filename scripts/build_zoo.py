@@ -2,6 +2,7 @@
 
     python scripts/build_zoo.py              # the shipped zoo (CPU, seeded, deterministic)
     python scripts/build_zoo.py --smoke      # a few steps into a temporary folder (CI)
+    python scripts/build_zoo.py --reuse-base assets/zoo/base   # only the adapters, on the built base
 
 Then run `python scripts/zoo_table.py` to add the merge-quality table to zoo_card.json.
 """
