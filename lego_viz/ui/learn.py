@@ -87,7 +87,9 @@ EXPORT = """
 ### Take the merge with you
 The download is an ordinary PEFT LoRA folder (`r = k`, `lora_alpha = k`, so the scale is 1 and
 already folded into the weights), plus `merge_report.json` (inputs, hashes, every option,
-cluster sizes, timings) and `recipe.yaml`, which re-runs the same merge from the command line.
+cluster sizes, timings), `recipe.yaml`, which re-runs the same merge from the command line, and a
+model card `README.md`, so the folder can be pushed to the Hub as it is. Save it in bf16 to halve its
+size; set a max rank if your server caps it (vLLM's `max_lora_rank` is 16 by default).
 """
 
 PEFT_SNIPPET = """\
