@@ -100,7 +100,7 @@ def test_app_panel_suggests_rebudgets_and_the_export_records_it(toy_adapters):
     from lego_viz.ui.state import Session
 
     session = Session().with_adapters(toy_adapters, replace=True)
-    session, advice, figure, text, slider = advise_panel.suggest(session, 0)
+    session, advice, figure, text, _slider = advise_panel.suggest(session, 0)
     assert session.advice["budget"] == 6 * advice.knee["svd"] and "Suggested k" in text
     assert {trace.name for trace in figure.data} >= {"svd", "lego"}
     assert figure.layout.xaxis.title.text and figure.layout.yaxis.title.text
