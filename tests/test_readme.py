@@ -118,7 +118,11 @@ def test_cli_commands_and_options_exist():
     text = README.replace("\\\n", " ")
     uses = re.findall(r"python -m lego_viz ([\w-]+)([^\n`]*)", text)
     assert len(uses) >= 6
+    top_level = set(build_parser()._option_string_actions)  # e.g. `python -m lego_viz --help`
     for command, rest in uses:
+        if command.startswith("-"):
+            assert command in top_level, f"README uses unknown top-level option {command!r}"
+            continue
         assert command in commands, f"README uses unknown subcommand {command!r}"
         options = set(commands[command]._option_string_actions)
         unknown = sorted(set(re.findall(r"--[a-z][\w-]*", rest)) - options)
@@ -237,3 +241,9 @@ def test_python_snippets_run(tmp_path, monkeypatch):
 @pytest.mark.parametrize("image", re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", README))
 def test_screenshots_are_images(image):
     assert (ROOT / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_scale_table_matches_results():
+    results = (ROOT / "benchmarks" / "results_scale.md").read_text(encoding="utf-8")
+    section = _section("Performance").split("### The merge command, start-up, streaming and adapter libraries")[1]
+    assert _table_rows(section, "| item |") == _table_rows(results, "| item |")
