@@ -82,6 +82,10 @@ class MSUTable:
         """``(B (d_out, n), A (n, d_in))`` with ``ΔW = B A`` (scale 1)."""
         return self.b.T, self.a
 
+    def block_ranks(self) -> list[int]:
+        """Widths of the consecutive per-adapter blocks of units (adapters absent from the module left out)."""
+        return torch.unique_consecutive(self.adapter_index, return_counts=True)[1].tolist()
+
     def canonical(self) -> MSUTable:
         a, b = canonicalize(self.a, self.b)
         return self._replace(a, b)

@@ -96,7 +96,7 @@ def core_space(adapters: Sequence[LoraAdapter], weights: list[float], k: Mapping
     for name in module_order(adapters):
         table = module_msus(adapters, name, weights)
         B, A = table.factors()
-        ranks = torch.unique_consecutive(table.adapter_index, return_counts=True)[1].tolist()
+        ranks = table.block_ranks()
         U_B, cores, V_A = module_cores(B, A, ranks)
         if options["merge"] == "ta":
             merged = torch.stack(cores).sum(dim=0)

@@ -78,7 +78,7 @@ def knots(adapters: Sequence[LoraAdapter], weights: list[float], k: Mapping[str,
     for name in module_order(adapters):
         table = module_msus(adapters, name, weights)
         B, A = table.factors()
-        ranks = torch.unique_consecutive(table.adapter_index, return_counts=True)[1].tolist()
+        ranks = table.block_ranks()
         U, blocks = aligned_blocks(B, A, ranks)
         merged = merge_blocks(blocks, options["rule"], options["density"], options["majority_sign_method"], options["seed"])
         core, Vt = rows_basis(merged)  # merged = core · Vt
