@@ -3,7 +3,8 @@
     python scripts/merge_lab_table.py                 # table n=200; curve and k-sweep n=50
     python scripts/merge_lab_table.py --n 20 --curve-n 10 --no-write   # a quick look
 
-Writes every registry method at equal rank k ∈ {r̄, 2·r̄} (fixed-rank methods once), the exact sum,
+Writes every registry method at equal rank k ∈ {r̄, 2·r̄} (fixed-rank methods once), zero-shot Arrow-style
+routing (k units per token, or the top-1 / top-2 source adapters per token), the exact sum,
 the base and each adapter alone, each beside the same merge of random controls, with 95% Wilson
 intervals; mean retention against the number of adapters merged (a few seeded subsets per size);
 and the k-sweep of every method that takes k. The README's merge-lab tables are copied from the .md.
@@ -54,7 +55,7 @@ def render(result: dict) -> str:
         f"equal rank k ∈ {{{', '.join(map(str, table['k']))}}} (mean source rank r̄ and 2·r̄); fixed-rank methods once. "
         "Mean over tasks with its 95% Wilson interval; retention = accuracy / the adapter's own accuracy, mean over tasks; "
         f"control = the same merge of random adapters with the same shapes and unit norms (seed {table['control_seed']}); "
-        "margin = mean − control, in points.",
+        "margin = mean − control, in points." + (f" {lab.ROUTED_NOTE[0].upper()}{lab.ROUTED_NOTE[1:]}." if _routed(table) else ""),
         "",
         lab.markdown(header, rows).rstrip("\n"),
         "",
@@ -78,6 +79,11 @@ def render(result: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _routed(table: dict) -> bool:
+    """Whether the table has zero-shot routing rows (tables measured before they existed have none)."""
+    return any(row["method"] == "arrow" for row in table["rows"])
 
 
 def _stored(zoo: Path, adapters) -> dict:

@@ -125,6 +125,20 @@ def test_linear_merge_of_one_adapter_scores_exactly_as_the_adapter(zoo):
 
 
 @needs_zoo
+def test_routing_one_adapter_to_itself_scores_exactly_as_the_adapter(zoo):
+    from lego_viz.smora.arrow import arrow_routing
+
+    base, tokenizer, adapters = zoo
+    name = next(iter(adapters))
+    scorer = Scorer.from_model(base, tokenizer, n=12)
+    static = scorer.score(merge([adapters[name]], "linear"), [name])[name]
+    before = scorer.decoded  # the static score may come from the process-wide cache
+    routed = scorer.score(arrow_routing([adapters[name]], 1, "adapter"), [name])[name]
+    assert routed.hits == static.hits and scorer.decoded == before + 1  # hooks vs a PEFT export, prompt by prompt
+    assert scorer.score(None, [name])[name].hits != static.hits  # the hooks were removed: the base differs
+
+
+@needs_zoo
 def test_scores_are_cached_by_content(zoo):
     base, tokenizer, adapters = zoo
     first, second = list(adapters.values())[:2]
@@ -169,10 +183,13 @@ def test_table_has_every_method_at_both_ranks_beside_its_control():
     assert table.ks == [4, 8] and not table.refused
     labels = [row.label for row in table.rows]
     expected = ["base", "each adapter alone", "linear (exact)"]
-    expected += [f"{v.name} k=4" for v in lab.variants() if v.takes_k]
-    expected += [v.name for v in lab.variants() if not v.takes_k]
-    expected += [f"{v.name} k=8" for v in lab.variants() if v.takes_k]
+    expected += [f"{v.name} k=4" for v in lab.variants() if v.takes_k] + ["arrow (units, top-4)"]
+    expected += [v.name for v in lab.variants() if not v.takes_k] + ["arrow (adapter, top-1)", "arrow (adapter, top-2)"]
+    expected += [f"{v.name} k=8" for v in lab.variants() if v.takes_k] + ["arrow (units, top-8)"]
     assert labels == expected
+    routed = {row.label: row for row in table.rows if row.method == "arrow"}
+    assert routed["arrow (units, top-8)"].rank == "8 of 16 units" and routed["arrow (adapter, top-2)"].rank == "top-2 of 4 adapters"
+    assert routed["arrow (adapter, top-1)"].options == {"granularity": "adapter", "top_k": 1}
     merged_rows = table.rows[2:]
     assert all(row.mean.accuracy == pytest.approx(3 / 6) for row in merged_rows)  # 4 adapters: 6 − 4 + 1 of 6
     assert all(row.margin == pytest.approx(3 / 6) for row in merged_rows)  # controls score 0

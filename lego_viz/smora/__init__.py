@@ -1,5 +1,6 @@
 """SMoRA: each rank of a LoRA is an expert; a router activates the top-k ranks per token (DESIGN §6)."""
 
+from lego_viz.smora.arrow import ArrowConfig, ArrowRouting, RoutingError, arrow_routing
 from lego_viz.smora.balance import balance_step, mean_load_balance
 from lego_viz.smora.config import GATE_MODES, SMoRAConfig
 from lego_viz.smora.inject import find_targets, inject_smora, smora_layers, smora_parameters
@@ -10,10 +11,14 @@ from lego_viz.smora.stats import RoutingRecorder, selection_counts, selection_fr
 
 __all__ = [
     "GATE_MODES",
+    "ArrowConfig",
+    "ArrowRouting",
+    "RoutingError",
     "RoutingRecorder",
     "SMoRAConfig",
     "SMoRALinear",
     "SMoRARouter",
+    "arrow_routing",
     "balance_step",
     "balance_update",
     "find_targets",

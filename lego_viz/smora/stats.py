@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -18,6 +18,8 @@ class RoutingRecorder:
     Args:
         model: A model with SMoRA layers.
         modules: Names of the SMoRA layers to record; default all.
+        layers: The routed layers by name, when they are not SMoRA layers of `model` (e.g. the
+            `ArrowRouting.layers` of zero-shot routing applied to it); each has a `router`.
 
     Example:
         >>> with RoutingRecorder(model, ["model.layers.0.self_attn.q_proj"]) as rec:
@@ -25,8 +27,8 @@ class RoutingRecorder:
         >>> rec.gates["model.layers.0.self_attn.q_proj"][0].shape   # (batch, seq, r)
     """
 
-    def __init__(self, model: nn.Module, modules: Iterable[str] | None = None) -> None:
-        layers = smora_layers(model)
+    def __init__(self, model: nn.Module, modules: Iterable[str] | None = None, layers: Mapping[str, nn.Module] | None = None) -> None:
+        layers = smora_layers(model) if layers is None else layers
         names = list(layers) if modules is None else list(modules)
         unknown = [n for n in names if n not in layers]
         if unknown:

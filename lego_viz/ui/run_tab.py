@@ -123,6 +123,8 @@ def table_view(table: Mapping) -> tuple[pd.DataFrame, str]:
         f"*mean* has its 95% Wilson interval; *retention* = accuracy / each adapter's own; *control* = the same merge "
         f"of random adapters with the same shapes and unit norms (seed {table['control_seed']}); *margin* = mean − control, in points."
     ]
+    if any(row["method"] == "arrow" for row in table["rows"]):
+        notes.append(f"*{lab.ROUTED_NOTE}*.")
     notes += [f"**Refused** — {', '.join(labels)}: {reason}" for reason, labels in _group(table["refused"]).items()]
     return pd.DataFrame(rows, columns=header), "\n\n".join(notes)
 

@@ -2,6 +2,8 @@
 
 Every merge goes through the user's path: `export_adapter` (a PEFT folder) →
 `PeftModel.from_pretrained` on a copy of the base → greedy decoding of the fixed held-out prompts.
+A dynamic merge (zero-shot routing, `lego_viz.smora.arrow`), which no PEFT folder can hold, runs
+through its own forward hooks on the base instead (removed after the decoding).
 The base is loaded once and copied per merge (the copy costs ~40 ms; decoding 200 prompts per task
 costs ~1 s per task on one CPU thread), so scores are cached by content: the same merged tensors on
 the same base are decoded once per task and n, whichever experiment asks.
@@ -19,10 +21,14 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from lego_viz.merge import MergedAdapter
+
+if TYPE_CHECKING:
+    from lego_viz.smora.arrow import ArrowRouting
 from lego_viz.zoo.evaluate import task_hits
 from lego_viz.zoo.tasks import N_HELD_OUT, TASKS
 
@@ -108,10 +114,12 @@ def _fingerprint(tensors: Iterable[tuple[str, torch.Tensor]], *extra: object) ->
     return digest.hexdigest()
 
 
-def merge_fingerprint(merged: MergedAdapter | None) -> str:
+def merge_fingerprint(merged: MergedAdapter | ArrowRouting | None) -> str:
     """A content hash of what an export of `merged` holds (None: no adapter, the base alone)."""
     if merged is None:
         return "base"
+    if not isinstance(merged, MergedAdapter):
+        return "routed:" + merged.fingerprint()
     pieces = []
     for name in sorted(merged.modules):
         lora = merged.modules[name]
@@ -146,11 +154,12 @@ class Scorer:
 
         return cls(lend, n)
 
-    def score(self, merged: MergedAdapter | None, tasks: Sequence[str]) -> dict[str, TaskScore]:
+    def score(self, merged: MergedAdapter | ArrowRouting | None, tasks: Sequence[str]) -> dict[str, TaskScore]:
         """Exact match per task of the base plus `merged` (None: the base alone), through a PEFT export.
 
         Args:
-            merged: a merge of adapters for the zoo base (or of one adapter: `merge([a], "linear")`).
+            merged: a merge of adapters for the zoo base (or of one adapter: `merge([a], "linear")`), or a
+                dynamic merge (`arrow_routing(...)`), applied with its hooks.
             tasks: zoo task names.
 
         Returns:
@@ -194,12 +203,15 @@ def _base_fingerprint(model: torch.nn.Module) -> str:
 
 
 @contextlib.contextmanager
-def _adapted(model: torch.nn.Module, merged: MergedAdapter | None) -> Iterator[torch.nn.Module]:
-    """A copy of `model` with `merged` exported and loaded by PEFT, in eval mode (the model itself when None)."""
-    if merged is None:
+def _adapted(model: torch.nn.Module, merged: MergedAdapter | ArrowRouting | None) -> Iterator[torch.nn.Module]:
+    """A copy of `model` with `merged` exported and loaded by PEFT, in eval mode (the model itself when None,
+    routed by its hooks for a dynamic merge)."""
+    if not isinstance(merged, MergedAdapter):
         was_training = model.training
+        routed = contextlib.nullcontext() if merged is None else merged.applied(model)
         try:
-            yield model.eval()
+            with routed:
+                yield model.eval()
         finally:
             model.train(was_training)
         return

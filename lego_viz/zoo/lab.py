@@ -3,9 +3,11 @@
 Three experiments, each scored through the user's path by `lego_viz.zoo.harness.Scorer`:
 
 * `accuracy_table` — every registry method at equal rank k ∈ {mean source rank, 2× it} (methods
-  whose rank is fixed by the inputs once), the exact sum (`linear`), the base and each adapter
-  alone; exact match per task with 95% Wilson intervals, retention (merged accuracy / the
-  adapter's own), and the margin over the same merge of random controls (`lego_viz.control`).
+  whose rank is fixed by the inputs once), zero-shot Arrow-style routing over the pooled units
+  (`ROUTED`: k units per token, or the top adapters per token), the exact sum (`linear`), the base
+  and each adapter alone; exact match per task with 95% Wilson intervals, retention (merged
+  accuracy / the adapter's own), and the margin over the same merge of random controls
+  (`lego_viz.control`).
 * `retention_curve` — mean retention against the number of adapters merged (2 … T), over a few
   seeded subsets per size, per method.
 * `k_sweep` — mean accuracy and the relative ΔW error against k for every method that takes k.
@@ -29,6 +31,7 @@ from typing import Any
 from lego_viz.adapters import LoraAdapter, _sha256, module_order
 from lego_viz.control import random_like
 from lego_viz.merge import MERGE_METHODS, PRESETS, MergedAdapter, MergeError, merge
+from lego_viz.smora.arrow import ArrowConfig, ArrowRouting, arrow_routing
 from lego_viz.zoo.harness import Scorer, Tally, TaskScore, pooled
 from lego_viz.zoo.model import ZOO_DIR
 from lego_viz.zoo.tasks import TASKS
@@ -40,6 +43,14 @@ EXACT = "linear"
 EXTRA_VARIANTS: Mapping[str, tuple[tuple[str, dict], ...]] = {
     "lego": (("paper preset", {"preset": "paper"}), ("rescale=lsq", {"rescale": "lsq"})),
 }
+# Zero-shot routing rows (granularity, top-k; None: the table's k units per token, the active rank of a
+# static merge at rank k): Arrow over the source adapters as published, and over the pooled units.
+ROUTED: tuple[tuple[str, int | None], ...] = (("adapter", 1), ("adapter", 2), ("unit", None))
+ROUTED_NOTE = (
+    "arrow = zero-shot routing, no training: per token, the top-k pooled units by |ã_i·x|/‖ã_i‖ (gate 1 each; "
+    "top-k units is an update of rank k like a static merge at rank k), or the top-k source adapters by |v_t·x| "
+    "(v_t the top right singular vector of ΔW_t) weighted by a softmax of those scores (Arrow)"
+)
 K_GRID = (1, 2, 4, 8, 16, 32, 64)  # doublings: the shape of the curve at a third of the cost of a finer grid
 OnStep = Callable[[int, int, str], None]  # (done, total, what is being scored)
 
@@ -66,6 +77,39 @@ class Variant:
 
     def merge(self, adapters: Sequence[LoraAdapter], k: int | None, weights: Sequence[float] | None = None) -> MergedAdapter:
         return merge(adapters, self.method, k=k if self.takes_k else None, weights=weights, name=self.name, **dict(self.options))
+
+    def label(self, k: int | None) -> str:
+        """The table row's label at rank `k`."""
+        if k is not None:
+            return f"{self.name} k={k}"
+        return f"{self.name} (exact)" if self.method == EXACT else self.name
+
+
+@dataclass(frozen=True)
+class RoutedVariant:
+    """Zero-shot routing (`lego_viz.smora.arrow`) as a row of the table: a dynamic merge, scored through its hooks.
+
+    `top_k=None` takes the table's k (units per token); otherwise the top-k is fixed (e.g. adapters per token).
+    """
+
+    granularity: str
+    top_k: int | None = None
+    method = "arrow"
+
+    @property
+    def takes_k(self) -> bool:
+        return self.top_k is None
+
+    @property
+    def options(self) -> tuple[tuple[str, Any], ...]:
+        return (("granularity", self.granularity),) + ((("top_k", self.top_k),) if self.top_k else ())
+
+    def merge(self, adapters: Sequence[LoraAdapter], k: int | None, weights: Sequence[float] | None = None) -> ArrowRouting:
+        return arrow_routing(adapters, self.top_k or k, self.granularity, weights)
+
+    def label(self, k: int | None) -> str:
+        """`arrow (units, top-8)`, `arrow (adapter, top-1)`."""
+        return ArrowConfig(self.granularity, self.top_k or k).label
 
 
 def _accepts(method: str, options: Mapping[str, Any]) -> bool:
@@ -200,17 +244,23 @@ class LabTable:
         return {"tasks": self.tasks, "n_per_task": self.n, "k": self.ks, "control_seed": self.control_seed, "rows": rows, "refused": self.refused}
 
 
-def _rank_text(merged: MergedAdapter) -> str:
+def _rank_text(merged: MergedAdapter | ArrowRouting) -> str:
+    if isinstance(merged, ArrowRouting):
+        return merged.active_rank()
     ranks = sorted(set(merged.ranks.values()))
     return str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]}"
 
 
-def table_plan(adapters: Sequence[LoraAdapter]) -> list[tuple[Variant, int | None]]:
-    """The merges of the table in display order: exact sum; k-methods at r̄; fixed-rank methods; k-methods at 2·r̄."""
+def table_plan(adapters: Sequence[LoraAdapter]) -> list[tuple[Variant | RoutedVariant, int | None]]:
+    """The merges of the table in display order: exact sum; k-methods at r̄; fixed-rank methods; k-methods at 2·r̄.
+
+    Zero-shot routing (`ROUTED`) follows the static merges: k units per token among the k-methods, the
+    fixed top-k adapters among the fixed-rank methods.
+    """
     ks = equal_ranks(adapters)
-    found = variants()
+    found = [*variants(), *(RoutedVariant(granularity, top_k) for granularity, top_k in ROUTED)]
     with_k = [v for v in found if v.takes_k]
-    plan: list[tuple[Variant, int | None]] = [(Variant(EXACT), None)]
+    plan: list[tuple[Variant | RoutedVariant, int | None]] = [(Variant(EXACT), None)]
     plan += [(v, ks[0]) for v in with_k]
     plan += [(v, None) for v in found if not v.takes_k]
     for k in ks[1:]:
@@ -256,7 +306,7 @@ def accuracy_table(
     rows.append(Row("each adapter alone", None, {}, None, _rank_text_of(adapters), own))
     refused: dict[str, str] = {}
     for variant, k in plan:
-        label = f"{variant.name} k={k}" if k is not None else (f"{variant.name} (exact)" if variant.method == EXACT else variant.name)
+        label = variant.label(k)
         step(label)
         try:
             merged = variant.merge(adapters, k, weights)
