@@ -472,11 +472,13 @@ def test_accuracy_table_has_a_row_per_method_and_rank_beside_its_control(char_po
     expected = ["base", "each adapter alone", "linear (exact)"]
     expected += [f"{v.name} k={k}" for k in (4, 8) for v in lab.variants() if v.takes_k]  # r̄ = 4 and 2·r̄
     expected += [v.name for v in lab.variants() if not v.takes_k]  # equal ranks: PEFT's methods run too
+    expected += ["arrow (units, top-4)", "arrow (units, top-8)", "arrow (adapter, top-1)", "arrow (adapter, top-2)"]  # zero-shot routing
     assert sorted(table["model"]) == sorted(expected)
     assert list(table.columns) == ["model", "rank", *lab.TABLE_HEADER_TAIL, "reverse", "sort"]
     merged = table[~table["model"].isin(["base", "each adapter alone"])]
     assert merged["control (95% CI)"].str.match(r"\d+\.\d \(\d+\.\d–\d+\.\d\)$").all()
-    assert "2** held-out prompts" in notes and "Refused" not in notes
+    assert "2** held-out prompts" in notes and "Refused" not in notes and "arrow = zero-shot routing" in notes
+    assert table.set_index("model").loc["arrow (units, top-4)", "rank"] == "4 of 8 units"
 
 
 def test_accuracy_table_names_methods_refused_for_one_reason_once(char_pool, monkeypatch):
