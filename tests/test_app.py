@@ -179,6 +179,19 @@ def test_heatmap_counts_every_msu_of_the_focus_module(session):
     assert "lego" in summary
 
 
+def test_lego_rescale_control_fits_the_ranks_to_the_exact_sum(session):
+    args = (session, ALL, "pca", "cluster", "lego", 3, "canonical", "l2", True, 0)
+    plain, fitted = map_tab.cluster(*args, "none")[0], map_tab.cluster(*args, "lsq")[0]
+    assert plain.merged.options["rescale"] == "none" and fitted.merged.options["rescale"] == "lsq"
+    assert torch.equal(fitted.merged.labels[next(iter(fitted.merged.labels))], plain.merged.labels[next(iter(plain.merged.labels))])
+    # The same clusters, each rank's scale fitted by least squares: never further from the exact sum
+    # (float32 rounding of the k×k solve aside), and here strictly closer on every module.
+    assert all(fitted.merge_errors[m] <= plain.merge_errors[m] + 1e-6 for m in plain.merge_errors)
+    assert all(fitted.merge_errors[m] < plain.merge_errors[m] - 1e-3 for m in plain.merge_errors)
+    with pytest.raises(gr.Error, match="rescale must be one of none, lsq"):
+        map_tab.cluster(*args, "cubic")
+
+
 def test_methods_without_clusters_have_no_heatmap(session):
     _, _, heatmap, summary = _cluster(session, method="linear")
     assert heatmap is None and "does not cluster" in summary

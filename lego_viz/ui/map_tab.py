@@ -21,7 +21,7 @@ from lego_viz.ui.msu_map import (
     separation,
 )
 from lego_viz.ui.plots import COLOUR_BY, cluster_heatmap, msu_map_figure
-from lego_viz.ui.state import MergeSettings, Session
+from lego_viz.ui.state import RESCALE_MODES, MergeSettings, Session
 
 PARAM_REWEIGHT = ("none", "l2", "linf")
 
@@ -38,6 +38,7 @@ class MapTab:
     features: gr.Radio
     param_reweight: gr.Radio
     output_reweight: gr.Checkbox
+    rescale: gr.Radio
     seed: gr.Number
     button: gr.Button
     plot: gr.Plot
@@ -49,7 +50,7 @@ class MapTab:
         """Inputs of `cluster`, after the session state."""
         return [
             self.selection, self.projection, self.colour_by, self.method, self.k, self.features,
-            self.param_reweight, self.output_reweight, self.seed,
+            self.param_reweight, self.output_reweight, self.seed, self.rescale,
         ]
 
     @property
@@ -96,14 +97,15 @@ def _summary(session: Session) -> str:
 @user_errors
 def cluster(
     session: Session, selection: str, projection: str, colour_by: str, method: str, k: float, features: str,
-    param_reweight: str, output_reweight: bool, seed: float, progress=gr.Progress(),  # noqa: B008 (Gradio's way)
+    param_reweight: str, output_reweight: bool, seed: float, rescale: str = "none",
+    progress=gr.Progress(),  # noqa: B008 (Gradio's way)
 ) -> tuple:
     """Merge with the controls' settings (reused if unchanged) and draw the map and the cluster heatmap.
 
     Returns:
         (session, map figure, heatmap figure or None, summary markdown)
     """
-    settings = MergeSettings(method, int(k), features, param_reweight, bool(output_reweight), int(seed))
+    settings = MergeSettings(method, int(k), features, param_reweight, bool(output_reweight), int(seed), rescale)
     session = merged_session(session, settings, lambda done, total: progress(done / total, desc=f"merged {done}/{total} modules"))
     adapters, weights = session.selected()
     merged = session.merged
@@ -143,6 +145,10 @@ def build(session: gr.State) -> MapTab:
             features = gr.Radio(list(FEATURE_MODES), value=defaults.features, label="Features k-means sees")
             param_reweight = gr.Radio(list(PARAM_REWEIGHT), value=defaults.param_reweight, label="Parameter reweighting")
             output_reweight = gr.Checkbox(value=defaults.output_reweight, label="Output reweighting (× sqrt(r̄ / k))")
+            rescale = gr.Radio(
+                list(RESCALE_MODES), value=defaults.rescale, label="Rescale merged ranks (lego)", elem_id="lego-rescale",
+                info="lsq: one scale per rank, fitted to the exact sum from factors (replaces both reweightings' scales)",
+            )
             seed = gr.Number(value=defaults.seed, precision=0, minimum=0, label="Seed")
             button = gr.Button("Merge and draw", variant="primary", elem_id="cluster")
         with gr.Column(scale=3):
@@ -151,7 +157,9 @@ def build(session: gr.State) -> MapTab:
             heatmap = gr.Plot(label="Cluster composition", elem_id="cluster-heatmap")
     with gr.Accordion("Learn: what is on this map?", open=True):
         gr.Markdown(learn.MAP)
-    tab = MapTab(selection, projection, colour_by, method, k, features, param_reweight, output_reweight, seed, button, plot, heatmap, summary)
+    tab = MapTab(
+        selection, projection, colour_by, method, k, features, param_reweight, output_reweight, rescale, seed, button, plot, heatmap, summary
+    )
     cluster_args = {"fn": cluster, "inputs": [session, *tab.inputs], "outputs": [session, *tab.outputs]}
     redraw = {**cluster_args, "api_visibility": "private", "trigger_mode": "always_last", "show_progress": "minimal"}
     button.click(**cluster_args, api_name="cluster")
@@ -160,7 +168,7 @@ def build(session: gr.State) -> MapTab:
     seed.submit(**cluster_args, api_visibility="private")
     # k means nothing to methods whose rank is fixed by the inputs (linear, PEFT-style).
     method.change(lambda m: gr.update(interactive=MERGE_METHODS[m].takes_k), method, k, api_visibility="private", queue=False)
-    for control in (projection, colour_by, features, param_reweight, output_reweight):
+    for control in (projection, colour_by, features, param_reweight, output_reweight, rescale):
         control.input(**redraw)
     # A dropdown fires .input twice per pick with the mouse (Gradio 6.31): two merges, every error shown twice.
     # .change fires once per new value, typed or picked.

@@ -12,8 +12,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from lego_viz.adapters import AdapterError, LoraAdapter, check_compatible
-from lego_viz.merge import MergedAdapter
+from lego_viz.merge import MERGE_METHODS, MergedAdapter
 from lego_viz.ui.runtime import MAX_ADAPTERS
+
+RESCALE_MODES = MERGE_METHODS["lego"].options["rescale"].choices
 
 
 @dataclass(frozen=True)
@@ -26,18 +28,21 @@ class MergeSettings:
     param_reweight: str = "l2"
     output_reweight: bool = True
     seed: int = 0
+    rescale: str = "none"  # lego's data-free least-squares rescaling of the merged ranks: "none" or "lsq"
 
     def __post_init__(self) -> None:
         if self.k < 1:
             raise ValueError(f"k must be at least 1, got {self.k}")
         if self.seed < 0:
             raise ValueError(f"seed must be non-negative, got {self.seed}")
+        if self.rescale not in RESCALE_MODES:
+            raise ValueError(f"rescale must be one of {', '.join(RESCALE_MODES)}, got {self.rescale!r}")
 
     def options(self) -> dict:
         """Every option the controls set, by merge-option name (each method takes the ones it knows)."""
         return {
             "features": self.features, "param_reweight": self.param_reweight,
-            "output_reweight": self.output_reweight, "seed": self.seed,
+            "output_reweight": self.output_reweight, "seed": self.seed, "rescale": self.rescale,
         }
 
 
