@@ -138,6 +138,69 @@ def test_bad_input_is_a_user_error(tiny_assets, call, message: str) -> None:
         call()
 
 
+# ----------------------------------------------------------------------------- zero-shot routing in the tab
+
+ARROW_UNITS, ARROW_TOP1 = "arrow (units, top-8)", "arrow (adapter, top-1)"
+ZERO_SHOT_TASKS = ("reverse", "sort", "caesar")  # r = 4 each: 12 units per module
+
+
+@pytest.fixture(scope="module")
+def zero_shot(tiny_assets):
+    """Three random task adapters for the tiny base, and the zoo pool lending that base."""
+    from conftest import make_adapter, save_peft_folder
+
+    from lego_viz.ui.models import ModelPool
+    from lego_viz.zoo.model import load_base
+
+    dims = {"q_proj": (32, 32), "k_proj": (32, 32), "v_proj": (32, 32), "o_proj": (32, 32),
+            "gate_proj": (32, 64), "up_proj": (32, 64), "down_proj": (64, 32)}
+    shapes = {f"model.layers.{i}.{'mlp' if m in ('gate_proj', 'up_proj', 'down_proj') else 'self_attn'}.{m}": dims[m]
+              for i in range(2) for m in TARGET_MODULES}
+    folders = {task: save_peft_folder(make_adapter(task, r=4, seed=i, shapes=shapes, base="zoo/base"), tiny_assets / "adapters" / task)
+               for i, task in enumerate(ZERO_SHOT_TASKS)}
+    pool = ModelPool(lambda: load_base(device="cpu", zoo_dir=tiny_assets), max_size=1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(smora_tab, "adapter_dirs", lambda: folders)
+        patch.setattr(smora_tab, "zoo_pool", lambda: pool)
+        caches = (smora_tab._zero_shot, smora_tab._units, smora_tab._task_routing)
+        for cached in caches:
+            cached.cache_clear()
+        yield pool
+        for cached in caches:
+            cached.cache_clear()
+
+
+def test_zero_shot_units_route_k_units_per_token_and_leave_no_hook(zero_shot) -> None:
+    completion, gates, sources = smora_tab.route(ARROW_UNITS, MODULE, "sort: 3141=")
+    traces = {trace.name: trace for trace in gates.data}
+    z = torch.tensor(traces["gates"].z)
+    assert z.shape == (1 + len("sort: 3141=") + len(completion), 12)
+    assert set(z.unique().tolist()) == {0.0, 1.0} and (z.sum(1) == 8).all()  # gate 1 on 8 of the 12 units
+    assert list(traces["gates"].x)[:5] == ["reverse·0", "reverse·1", "reverse·2", "reverse·3", "sort·0"]
+    assert [bar.name for bar in sources.data] == list(ZERO_SHOT_TASKS)
+    with zero_shot.borrow() as (model, _):
+        assert not any(m._forward_hooks for m in model.modules())  # the routing was removed after use
+
+
+def test_zero_shot_adapter_top1_sends_each_token_to_one_adapter(zero_shot) -> None:
+    _, gates, sources = smora_tab.route(ARROW_TOP1, MODULE, "reverse: abc=")
+    z = torch.tensor({trace.name: trace for trace in gates.data}["gates"].z)
+    owner = torch.arange(3).repeat_interleave(4)
+    for row in z:  # one adapter's 4 units, each with its whole update (softmax over one adapter = 1)
+        assert row.sum() == 4 and owner[row != 0].unique().numel() == 1 and set(row[row != 0].tolist()) == {1.0}
+    share = torch.tensor([bar.y for bar in sources.data])
+    assert set(share.flatten().tolist()) <= {0.0, 1.0}
+
+
+def test_zero_shot_task_stats_and_training_note(zero_shot) -> None:
+    tasks, load = smora_tab.task_stats(ARROW_UNITS, MODULE)
+    freq = torch.tensor(tasks.data[0].z)
+    assert freq.shape[1] == 12 and torch.allclose(freq.sum(1), torch.full((freq.shape[0],), 8.0), atol=1e-6)
+    assert list(load.data[1].y) == [0.0] * 12  # no balancing bias
+    dropdown, training = smora_tab.choose_adapter(ARROW_TOP1, MODULE)
+    assert dropdown.value == MODULE and "nothing was trained" in training.layout.annotations[0].text
+
+
 @pytest.fixture(scope="module")
 def client(tiny_assets):
     with gr.Blocks() as demo:

@@ -52,25 +52,30 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _modules(model: nn.Module, modules: Sequence[str] | None) -> list[str]:
-    return list(smora_layers(model)) if modules is None else list(modules)
+def _modules(model: nn.Module, modules: Sequence[str] | None, layers: Mapping[str, nn.Module] | None) -> list[str]:
+    if modules is not None:
+        return list(modules)
+    return list(smora_layers(model) if layers is None else layers)
 
 
 @torch.no_grad()
-def token_routing(model: nn.Module, tokenizer, text: str, modules: Sequence[str] | None = None) -> TokenRouting:
+def token_routing(
+    model: nn.Module, tokenizer, text: str, modules: Sequence[str] | None = None, layers: Mapping[str, nn.Module] | None = None
+) -> TokenRouting:
     """Gates of every token of `text` in the given SMoRA layers (default all).
 
     Args:
-        model: A model with SMoRA layers.
+        model: A model with SMoRA layers (or with zero-shot routing applied: pass its `layers`).
         tokenizer: Its tokenizer (special tokens are added as for training).
         text: One text, e.g. a prompt followed by the model's answer.
         modules: SMoRA layer names to record.
+        layers: Routed layers that are not SMoRA layers of `model` (`ArrowRouting.layers`).
 
     Returns:
         The tokens and their gates.
     """
     encoded = tokenizer([text], return_tensors="pt").to(_device(model))
-    with RoutingRecorder(model, _modules(model, modules)) as recorder:
+    with RoutingRecorder(model, _modules(model, modules, layers), layers) as recorder:
         model(input_ids=encoded["input_ids"])
     tokens = tokenizer.convert_ids_to_tokens(encoded["input_ids"][0].tolist())
     return TokenRouting(tokens=tokens, gates={name: g[0][0] for name, g in recorder.gates.items()})
@@ -78,20 +83,25 @@ def token_routing(model: nn.Module, tokenizer, text: str, modules: Sequence[str]
 
 @torch.no_grad()
 def task_routing(
-    model: nn.Module, tokenizer, texts_by_task: Mapping[str, Sequence[str]], modules: Sequence[str] | None = None
+    model: nn.Module,
+    tokenizer,
+    texts_by_task: Mapping[str, Sequence[str]],
+    modules: Sequence[str] | None = None,
+    layers: Mapping[str, nn.Module] | None = None,
 ) -> TaskRouting:
     """Selection counts of each rank over the texts of each task.
 
     Args:
-        model: A model with SMoRA layers.
+        model: A model with SMoRA layers (or with zero-shot routing applied: pass its `layers`).
         tokenizer: Its tokenizer; texts of one task run as one padded batch.
         texts_by_task: Texts per task (e.g. held-out prompts with their answers).
         modules: SMoRA layer names to record (default all).
+        layers: Routed layers that are not SMoRA layers of `model` (`ArrowRouting.layers`).
 
     Returns:
         Counts per module and task, and the number of real tokens per task.
     """
-    names = _modules(model, modules)
+    names = _modules(model, modules, layers)
     counts: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     n_tokens = []
     for texts in texts_by_task.values():
@@ -101,7 +111,7 @@ def task_routing(
         mask = encoded["attention_mask"]
         # positions count real tokens only, so a left-padded text routes as it would alone
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
-        with RoutingRecorder(model, names) as recorder:
+        with RoutingRecorder(model, names, layers) as recorder:
             model(input_ids=encoded["input_ids"], attention_mask=mask, position_ids=positions)
         real = mask.bool().cpu()
         for name in names:

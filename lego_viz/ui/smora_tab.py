@@ -1,13 +1,15 @@
 """Tab "SMoRA router": which ranks a router picks, per token and per task, and where the picked units come from.
 
-All numbers come from `lego_viz.smora` (probes on the shipped SMoRA adapters); this module only turns
-them into Plotly figures and wires them to widgets.
+All numbers come from `lego_viz.smora` (probes on the shipped SMoRA adapters, or on the zoo base with
+zero-shot Arrow-style routing over the zoo adapters' units applied); this module only turns them into
+Plotly figures and wires them to widgets.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import gradio as gr
@@ -15,6 +17,8 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
+from lego_viz.adapters import load_adapter
+from lego_viz.smora.arrow import ArrowConfig, ArrowRouting, arrow_routing
 from lego_viz.smora.assets import (
     adapter_modules,
     load_shipped,
@@ -27,10 +31,11 @@ from lego_viz.smora.probe import TaskRouting, TokenRouting, task_routing, token_
 from lego_viz.smora.routing import load_balance
 from lego_viz.smora.stats import source_share
 from lego_viz.ui.errors import user_errors
-from lego_viz.ui.models import ModelPool
+from lego_viz.ui.models import ModelPool, zoo_pool
 from lego_viz.ui.plots import PALETTE
 from lego_viz.ui.runtime import device, on_gpu
 from lego_viz.zoo.evaluate import generate
+from lego_viz.zoo.model import adapter_dirs
 from lego_viz.zoo.tasks import TASKS, held_out
 
 # Held-out texts per task behind the task × rank and load figures (one batch per task: fast).
@@ -43,6 +48,9 @@ TRAINING_RUNS = {
 # The run whose weights are the shipped adapter of that name.
 SHIPPED_RUN = {"multitask": "smora", "merged_router": "merged_router"}
 DEFAULT_MODULE = "model.layers.1.mlp.down_proj"
+# Zero-shot routers over the zoo task adapters' units, offered beside the trained ones: k = 8 units per
+# token like the shipped router over merged MSUs, and Arrow as published (top-1 / top-2 adapters).
+ZERO_SHOT = {c.label: c for c in (ArrowConfig("unit", 8), ArrowConfig("adapter", 1), ArrowConfig("adapter", 2))}
 _GATE_SCALE = [[0.0, "#ffffff"], [1e-6, "#e3eef9"], [1.0, "#08306b"]]  # 0 (inactive) stays white
 _LAYOUT = {"template": "plotly_white", "margin": {"l": 10, "r": 10, "t": 50, "b": 10}}
 
@@ -51,6 +59,9 @@ INTRO = """
 (`σ = sigmoid(W_g x)`), adds a balancing bias `β`, keeps the top-k and gates them so the gates sum to k.
 *multitask* is one SMoRA adapter trained on all zoo tasks; *merged_router* keeps the zoo task adapters'
 MSUs frozen, concatenated, and only trains a router that picks k of them per token — a dynamic merge.
+*arrow* routes the same units with **no training** (Arrow-style): per token, the top-k units whose input
+direction `ã_i` best matches the hidden state `x` (`|ã_i·x|/‖ã_i‖`, gate 1 each), or the top-k adapters by
+`|v_t·x|` (`v_t` the top right singular vector of the adapter's ΔW) weighted by a softmax of those scores.
 """
 
 
@@ -62,39 +73,73 @@ def _pool(name: str) -> ModelPool:
 def _folder(name: str) -> Path:
     folders = shipped_adapters()
     if name not in folders:
-        raise ValueError(f"unknown SMoRA adapter {name!r}; choose one of {sorted(folders)}")
+        raise ValueError(f"unknown SMoRA adapter {name!r}; choose one of {sorted(folders) + list(ZERO_SHOT)}")
     return folders[name]
+
+
+@functools.cache
+def _zero_shot(name: str) -> ArrowRouting:
+    """Zero-shot routing over the zoo task adapters' units (built once per choice)."""
+    dirs = adapter_dirs()
+    if not dirs:
+        raise FileNotFoundError("zero-shot routing needs the demo zoo's task adapters; build them with `python scripts/build_zoo.py`")
+    config = ZERO_SHOT[name]
+    return arrow_routing([load_adapter(path, name=task) for task, path in dirs.items()], config.top_k, config.granularity)
+
+
+def _modules(name: str) -> list[str]:
+    return list(_zero_shot(name).layers) if name in ZERO_SHOT else adapter_modules(_folder(name))
+
+
+def _unit_labels(sources: Sequence[str], source: torch.Tensor) -> list[str]:
+    seen: dict[int, int] = {}
+    labels = []
+    for s in source.tolist():  # "reverse·3": the 4th unit that came from the reverse adapter
+        labels.append(f"{sources[s]}·{seen.setdefault(s, 0)}")
+        seen[s] += 1
+    return labels
 
 
 @functools.cache
 def _units(name: str) -> tuple[list[str], list[str], torch.Tensor | None]:
     """Unit labels, source names and per-unit source index (None for a plain SMoRA adapter)."""
+    if name in ZERO_SHOT:
+        routing = _zero_shot(name)
+        source = next(iter(routing.layers.values())).unit_source.cpu()  # every zoo adapter targets every module
+        return _unit_labels(routing.source_names, source), routing.source_names, source
     config, _ = read_smora_config(_folder(name))
     if not config.sources:
         return [f"rank {i}" for i in range(config.r)], [], None
     folder = _folder(name)
     source = saved_tensor(folder, f"{adapter_modules(folder)[0]}.unit_source")  # the same in every layer
-    seen: dict[int, int] = {}
-    labels = []
-    for s in source.tolist():  # "reverse·3": the 4th unit that came from the reverse adapter
-        labels.append(f"{config.sources[s]}·{seen.setdefault(s, 0)}")
-        seen[s] += 1
-    return labels, list(config.sources), source
+    return _unit_labels(config.sources, source), list(config.sources), source
+
+
+@contextlib.contextmanager
+def _routed_model(name: str) -> Iterator[tuple[object, object, dict | None]]:
+    """`(model, tokenizer, routed layers)`: a shipped SMoRA model (layers None), or the zoo base routed zero-shot."""
+    if name not in ZERO_SHOT:
+        with _pool(name).borrow() as (model, tokenizer):
+            yield model, tokenizer, None
+        return
+    routing = _zero_shot(name)
+    with zoo_pool().borrow() as (model, tokenizer), routing.applied(model):
+        yield model, tokenizer, routing.layers
 
 
 @on_gpu
 def _route(name: str, prompt: str) -> tuple[str, TokenRouting]:
-    with _pool(name).borrow() as (model, tokenizer):
+    with _routed_model(name) as (model, tokenizer, layers):
         completion = generate(model, tokenizer, [prompt])[0]
-        return completion, token_routing(model, tokenizer, prompt + completion)
+        return completion, token_routing(model, tokenizer, prompt + completion, layers=layers)
 
 
 @functools.cache
 @on_gpu
 def _task_routing(name: str) -> TaskRouting:
     texts = {task: [p + a for p, a in held_out(task, TASK_TEXTS)] for task in TASKS}
-    with _pool(name).borrow() as (model, tokenizer):
-        return task_routing(model, tokenizer, texts)
+    with _routed_model(name) as (model, tokenizer, layers):
+        return task_routing(model, tokenizer, texts, layers=layers)
 
 
 # ----------------------------------------------------------------------------- figures
@@ -191,6 +236,8 @@ def load_figure(load: torch.Tensor, bias: torch.Tensor, units: Sequence[str], mo
 
 def training_figure(results: dict | None, name: str) -> go.Figure:
     """The load-balance figure `max(c)/mean(c)` (mean over layers) at every training step."""
+    if name in ZERO_SHOT:
+        return _note("zero-shot routing: nothing was trained (no balancing bias β either)")
     fig = go.Figure()
     runs = (results or {}).get("runs", {})
     for i, (key, label) in enumerate(TRAINING_RUNS.get(name, {}).items()):
@@ -222,7 +269,7 @@ def _note(text: str) -> go.Figure:
 
 
 def _check_module(name: str, module: str) -> None:
-    if module not in adapter_modules(_folder(name)):
+    if module not in _modules(name):
         raise ValueError(f"adapter {name!r} has no SMoRA layer {module!r}; pick one from the list")
 
 
@@ -249,14 +296,15 @@ def task_stats(name: str, module: str):
     _check_module(name, module)
     routing = _task_routing(name)
     units, _, unit_source = _units(name)
-    bias = saved_tensor(_folder(name), f"{module}.router.bias")
+    # Zero-shot routing has no balancing bias: β = 0 is exactly what steers its selection.
+    bias = torch.zeros(len(units)) if name in ZERO_SHOT else saved_tensor(_folder(name), f"{module}.router.bias")
     return task_figure(routing, module, units), load_figure(routing.load(module), bias, units, module, unit_source)
 
 
 @user_errors
 def choose_adapter(name: str, module: str | None = None):
     """Module choices (keeping `module` when adapter `name` has it) and the training figure of `name`."""
-    modules = adapter_modules(_folder(name))
+    modules = _modules(name)
     value = module if module in modules else DEFAULT_MODULE if DEFAULT_MODULE in modules else modules[0]
     return gr.Dropdown(choices=modules, value=value), training_figure(shipped_results(), name)
 
@@ -282,7 +330,9 @@ def build_smora_tab(tab: gr.Tab | None = None) -> None:
     modules = adapter_modules(folders[name])
     examples = [[p] for task in TASKS.values() for p in task.example_prompts[:1]]
     with gr.Row():
-        adapter = gr.Dropdown(list(folders), value=name, label="SMoRA adapter", elem_id="smora-adapter")
+        # Zero-shot routing needs the zoo task adapters beside the base.
+        choices = list(folders) + (list(ZERO_SHOT) if adapter_dirs() else [])
+        adapter = gr.Dropdown(choices, value=name, label="SMoRA adapter (trained) or zero-shot router", elem_id="smora-adapter")
         module = gr.Dropdown(modules, value=DEFAULT_MODULE if DEFAULT_MODULE in modules else modules[0],
                              label="layer / module", elem_id="smora-module")
     with gr.Row():
