@@ -17,7 +17,7 @@ import os
 import pickle
 import re
 import zipfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -84,6 +84,7 @@ class LoraAdapter:
     sha256: str = ""
     weights_file: str = ""
     config_sha256: str = ""  # the config sets the scale, so a recipe checks it as well as the weights
+    weights_path: str = ""  # the weights file read, for a hash computed later (hash_in_background)
     dtype: str = "float32"  # how the file stored A and B (loading converts to float32); exports default to it
 
     @property
@@ -408,7 +409,7 @@ def build_modules(
                 "(r / rank_pattern); the config and the weights do not belong together."
             )
         if stored is not None:
-            for key in (key_a, key_b):
+            for key in (key_a, key_b) if not stored.check_on_read else ():
                 if bad := stored.count_nonfinite(key):
                     raise AdapterError(f"{label}: {weights_name} tensor {key} has {bad} NaN/inf values.")
             from lego_viz.stored import StoredLoraModule
@@ -445,7 +446,8 @@ def stored_dtype(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def load_adapter(
-    spec: str | os.PathLike, name: str | None = None, workdir: Path | None = None, lazy: bool = False
+    spec: str | os.PathLike, name: str | None = None, workdir: Path | None = None, lazy: bool = False,
+    defer_checks: bool = False, hash_weights: bool = True,
 ) -> LoraAdapter:
     """Load and validate one PEFT LoRA adapter.
 
@@ -455,6 +457,11 @@ def load_adapter(
         workdir: where zips are extracted.
         lazy: keep a safetensors adapter on disk: modules are validated now (shapes, NaN/inf) and
             read when used (``.bin`` files cannot be read in parts and load whole either way).
+        defer_checks: with ``lazy``, check for NaN/inf when a module is read instead of scanning
+            the file now: one pass over the data instead of two, for a caller that reads it all
+            anyway (a merge); the error names the same file and tensor.
+        hash_weights: hash the weights file now (``sha256``); False leaves it empty for
+            :func:`hash_in_background` (a merge hashes while it computes; ``inspect`` never needs it).
 
     Returns:
         The adapter with float32 ``A``/``B`` per module (read on access when lazy) and per-module scale.
@@ -472,6 +479,7 @@ def load_adapter(
         from lego_viz.stored import SafetensorsFile
 
         stored = SafetensorsFile(weights_path, label)
+        stored.check_on_read = defer_checks
         tensors = stored.tensors
         modules, extra, warnings = build_modules(tensors, config, label, weights_path.name, stored=stored)
     else:
@@ -484,8 +492,9 @@ def load_adapter(
         modules=modules,
         extra_tensors=extra,
         warnings=warnings,
-        sha256=_sha256(weights_path),
+        sha256=_sha256(weights_path) if hash_weights else "",
         weights_file=weights_path.name,
+        weights_path=str(weights_path),
         config_sha256=_sha256(folder / CONFIG_NAME),
         dtype=stored_dtype(tensors),
     )
@@ -571,18 +580,40 @@ def check_compatible(adapters: Sequence[LoraAdapter], allow_base_mismatch: bool 
 
 
 def load_adapters(
-    specs: Iterable[str | os.PathLike], names: Sequence[str] | None = None, lazy: bool = False
+    specs: Iterable[str | os.PathLike], names: Sequence[str] | None = None, lazy: bool = False, **options
 ) -> list[LoraAdapter]:
-    """Load several adapters (``lazy`` as in :func:`load_adapter`), de-duplicating display names."""
+    """Load several adapters (``lazy`` and ``options`` as in :func:`load_adapter`), de-duplicating display names."""
     adapters: list[LoraAdapter] = []
     for i, spec in enumerate(specs):
-        adapter = load_adapter(spec, name=names[i] if names else None, lazy=lazy)
+        adapter = load_adapter(spec, name=names[i] if names else None, lazy=lazy, **options)
         base, n = adapter.name, 2
         while any(a.name == adapter.name for a in adapters):
             adapter.name = f"{base}_{n}"
             n += 1
         adapters.append(adapter)
     return adapters
+
+
+def hash_in_background(adapters: Sequence[LoraAdapter]) -> Callable[[], None]:
+    """Hash the weights of adapters loaded with ``hash_weights=False`` in a background thread.
+
+    hashlib and file reads release the GIL, so the hashes cost no time on a second core while the
+    caller computes. Returns the function that waits for them and fills in each ``sha256``.
+    """
+    pending = [a for a in adapters if not a.sha256 and a.weights_path]
+    if not pending:
+        return lambda: None
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+    futures = [(adapter, pool.submit(_sha256, Path(adapter.weights_path))) for adapter in pending]
+    pool.shutdown(wait=False)
+
+    def finish() -> None:
+        for adapter, future in futures:
+            adapter.sha256 = future.result()
+
+    return finish
 
 
 def module_order(adapters: Sequence[LoraAdapter]) -> list[str]:

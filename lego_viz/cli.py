@@ -76,20 +76,23 @@ def _option(text: str) -> tuple[str, object]:
     return name.strip(), value
 
 
-def _load(specs: Sequence[str]) -> list[LoraAdapter]:
-    """Adapters validated from their files and left there (safetensors): read when a module is used."""
+def _load(specs: Sequence[str], **options) -> list[LoraAdapter]:
+    """Adapters validated from their files and left there (safetensors): read when a module is used.
+
+    ``options`` as in :func:`lego_viz.adapters.load_adapter` (``defer_checks``, ``hash_weights``).
+    """
     from lego_viz.adapters import load_adapters
 
     if not specs:
         raise UsageError("give at least one adapter (a PEFT folder, a .zip of one, or a hub id).")
-    return load_adapters(specs, lazy=True)
+    return load_adapters(specs, lazy=True, **options)
 
 
 # --------------------------------------------------------------------------- inspect
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    adapters = _load(args.adapters)
+    adapters = _load(args.adapters, hash_weights=False)  # it shows no hashes
     rows = [a.summary() for a in adapters]
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -188,7 +191,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
         dtype = dtype or config.dtype
         max_rank = max_rank or config.max_rank
     else:
-        adapters = _load(args.adapters)
+        # Values are checked as the merge reads each module and the hashes are made beside the merge
+        # (lego_viz.stream): each file is read once by the merge and once by the hash, not three times.
+        adapters = _load(args.adapters, defer_checks=True, hash_weights=False)
         method, k, weights, allow = args.method or "lego", args.k, args.weights, args.allow_base_mismatch
         for key in ("features", "param_reweight", "seed", "n_init", "density", "preset"):
             value = getattr(args, key)

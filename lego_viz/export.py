@@ -20,11 +20,10 @@ import yaml
 from safetensors.torch import save_file
 
 from lego_viz.adapters import CONFIG_NAME, KEY_PREFIX, AdapterError, LoraAdapter
-from lego_viz.invariance import Factored, low_rank_relative_error
 from lego_viz.merge import MergedAdapter
 from lego_viz.mergekit_config import recipe_config
 from lego_viz.model_card import CARD_NAME, model_card
-from lego_viz.retention import retention
+from lego_viz.retention import report_scores
 from lego_viz.serving import cast_factor, check_max_rank, resolve_dtype
 
 REPORT_NAME = "merge_report.json"
@@ -91,11 +90,7 @@ def reconstruction_errors(merged: MergedAdapter, adapters: list[LoraAdapter]) ->
 
     Exact (float32 products, float64 sums); ``‖Σ w_t ΔW_t‖²`` comes from the merge where it had it.
     """
-    errors = {}
-    for name, lora in merged.modules.items():
-        parts = [Factored.of(a.modules[name], w) for a, w in zip(adapters, merged.weights) if name in a.modules]
-        errors[name] = low_rank_relative_error(Factored.concat(parts), Factored.of(lora), merged.reference_sq_norms.get(name))
-    return errors
+    return report_scores(merged.modules, adapters, merged.weights, merged.reference_sq_norms)[0]
 
 
 def build_report(
@@ -121,15 +116,16 @@ def build_report(
     if task in _HEAD_TASKS:
         report["warnings"] = [*report["warnings"], f"task_type {task} exported as null: its classification head is "
                               "task-specific and not part of the merge; load the adapter on a base with the head you want."]
-    if errors is None and adapters is not None:
-        errors = reconstruction_errors(merged, adapters)
+    if adapters is not None and (errors is None or retained is None):
+        # ⟨ΔW_merge, w_t ΔW_t⟩ / ‖w_t ΔW_t‖² per source adapter (how much of each the merge keeps) and
+        # the errors share their products
+        found_errors, found_retained = report_scores(merged.modules, adapters, merged.weights, merged.reference_sq_norms)
+        errors = found_errors if errors is None else errors
+        retained = found_retained if retained is None else retained
     if errors:
         report["relative_error_vs_weighted_sum"] = {
             "max": max(errors.values()), "mean": sum(errors.values()) / len(errors), "per_module": errors,
         }
-    if retained is None and adapters is not None:
-        # ⟨ΔW_merge, w_t ΔW_t⟩ / ‖w_t ΔW_t‖² per source adapter: how much of each the merge keeps
-        retained = retention(merged.modules, adapters, merged.weights)
     if retained is not None:
         report["retention"] = retained
     if checks:

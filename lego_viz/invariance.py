@@ -121,17 +121,23 @@ def _inner(f: Factored, g: Factored) -> float:
     )
 
 
-def low_rank_relative_error(reference: Factored, candidate: Factored, reference_sq: float | None = None) -> float:
+def low_rank_relative_error(
+    reference: Factored, candidate: Factored, reference_sq: float | None = None, cross: float | None = None,
+    candidate_sq: float | None = None,
+) -> float:
     """:func:`relative_error` for a candidate of small rank k (a merge), without a QR of the reference.
 
     Expands the square: the cross term and ``‖cand‖²`` cost ``O((d_in + d_out)·m·k)``; ``‖ref‖²``
-    (``O((d_in + d_out)·m²)``) may be passed in by a merge that had it already. Where the error is
-    below :data:`EXPANSION_FLOOR` the expansion cancels, and the exact QR route answers instead.
+    (``O((d_in + d_out)·m²)``) may be passed in by a merge that had it already, and ``cross``
+    (``⟨ref, cand⟩``) and ``candidate_sq`` by a caller that computed them for something else
+    (:func:`lego_viz.retention.report_scores`). Where the error is below :data:`EXPANSION_FLOOR` the
+    expansion cancels, and the exact QR route answers instead.
     """
     ref_sq = _sq_norm(reference) if reference_sq is None else reference_sq
     if ref_sq <= 0.0:
         return relative_error(reference, candidate)
-    error_sq = ref_sq - 2 * _inner(reference, candidate) + _sq_norm(candidate)
+    cross = _inner(reference, candidate) if cross is None else cross
+    error_sq = ref_sq - 2 * cross + (_sq_norm(candidate) if candidate_sq is None else candidate_sq)
     if error_sq < EXPANSION_FLOOR**2 * ref_sq:
         return relative_error(reference, candidate)
     return (error_sq / ref_sq) ** 0.5

@@ -73,6 +73,7 @@ class SafetensorsFile:
     def __init__(self, path: str | os.PathLike, label: str) -> None:
         self.path = Path(path)
         self.label = label
+        self.check_on_read = False  # set when the values were not scanned at load (see read)
         size = self.path.stat().st_size
         try:
             with open(self.path, "rb") as handle:
@@ -106,28 +107,49 @@ class SafetensorsFile:
         return buffer
 
     def count_nonfinite(self, key: str) -> int:
-        """NaN/inf values of a float tensor (0 for integer tensors), read in bounded chunks."""
+        """NaN/inf values of a float tensor (0 for integer tensors), read in bounded chunks.
+
+        A value is NaN/inf when its exponent bits are all ones, i.e. when its bits without the sign
+        are ≥ the exponent mask; the largest such magnitude per chunk (two cheap passes, read into one
+        reused buffer) says whether to count at all, so a clean file costs about its read.
+        """
         import numpy as np
 
         info = self.tensors[key]
         width, mask, _ = _DTYPES[info.dtype]
-        if mask is None:
+        if mask is None or not info.nbytes:
             return 0
+        magnitude = np.array((1 << (8 * width - 1)) - 1, dtype=_UINT[width])  # all bits but the sign
+        step = min(_SCAN_BYTES - _SCAN_BYTES % width, info.nbytes)
+        buffer = np.empty(step // width, dtype=_UINT[width])
         bad = 0
-        step = _SCAN_BYTES - _SCAN_BYTES % width
-        for offset in range(0, info.nbytes, step):
-            bits = np.frombuffer(self._read_bytes(info, offset, min(step, info.nbytes - offset)), dtype=_UINT[width])
-            bad += int(np.count_nonzero((bits & np.array(mask, dtype=bits.dtype)) == mask))
+        with open(self.path, "rb") as handle:
+            handle.seek(info.start)
+            for offset in range(0, info.nbytes, step):
+                size = min(step, info.nbytes - offset)
+                if handle.readinto(memoryview(buffer).cast("B")[:size]) != size:
+                    raise AdapterError(f"{self.label}: {self.path.name} is corrupt or truncated (it changed while being read).")
+                bits = np.bitwise_and(buffer[: size // width], magnitude)
+                if bits.max() >= mask:
+                    bad += int(np.count_nonzero(bits >= mask))
         return bad
 
     def read(self, key: str) -> torch.Tensor:
-        """One tensor in float32 (converted from its stored dtype here, after the read)."""
+        """One tensor in float32 (converted from its stored dtype here, after the read).
+
+        With ``check_on_read`` (a file loaded without the up-front scan) the values are checked here:
+        a finite sum (one pass over the float32 tensor) proves there is no NaN/inf; only a NaN/inf or
+        an overflowing sum leads to the exact count.
+        """
         import torch
 
         info = self.tensors[key]
         dtype = getattr(torch, _DTYPES[info.dtype][2])
         tensor = torch.frombuffer(self._read_bytes(info), dtype=dtype) if info.nbytes else torch.empty(0, dtype=dtype)
-        return tensor.reshape(info.shape).to(torch.float32)
+        tensor = tensor.reshape(info.shape).to(torch.float32)
+        if self.check_on_read and not torch.isfinite(tensor.sum()) and (bad := int(tensor.numel() - torch.isfinite(tensor).sum())):
+            raise AdapterError(f"{self.label}: {self.path.name} tensor {key} has {bad} NaN/inf values.")
+        return tensor
 
 
 class StoredLoraModule(LoraModule):

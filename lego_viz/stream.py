@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from lego_viz.adapters import LoraAdapter, module_order
+from lego_viz.adapters import LoraAdapter, hash_in_background, module_order
 from lego_viz.invariance import EXACT_BUDGET, CheckResult, check_concat_sum, check_permutation, exact_cost
 from lego_viz.merge import MergedAdapter, plan, wrap
 from lego_viz.merge.base import MethodOutput
@@ -114,11 +114,11 @@ def merge_streaming(
     Returns:
         A :class:`StreamedMerge`: the merged adapter, the check results and the errors.
     """
-    from lego_viz.export import reconstruction_errors
-    from lego_viz.retention import retention
+    from lego_viz.retention import report_scores
 
     adapters = list(adapters)
     spec, resolved, warnings, weights, ranks = plan(adapters, method, k, weights, allow_base_mismatch, options)
+    hashed = hash_in_background(adapters)  # the report's input hashes, on another core while the merge runs
     groups = [module_order(adapters)] if method in _WHOLE_ONLY else module_groups(adapters, group_bytes)
     # Exact or probe is decided once, for the whole input, as the in-memory checks decide it.
     exact = {key: exact_cost(adapters, concatenated=key == "concat_sum") <= EXACT_BUDGET for key in ("permutation", "concat_sum")}
@@ -145,14 +145,14 @@ def merge_streaming(
             found["permutation"].append(check_permutation(block, exact=exact["permutation"]))
             found["concat_sum"].append(check_concat_sum(block, weights, exact=exact["concat_sum"]))
         if errors:
-            view = MergedAdapter(name="", method=method, options={}, modules=part.modules, sources=[], base_model=None,
-                                 template_config={}, weights=weights, reference_sq_norms=part.reference_sq_norms)
-            result_errors.update(reconstruction_errors(view, block))
-            for adapter_name, part_retained in retention(part.modules, block, weights).items():
-                retained[adapter_name]["per_module"].update(part_retained["per_module"])
+            part_errors, part_retained = report_scores(part.modules, block, weights, part.reference_sq_norms)
+            result_errors.update(part_errors)
+            for adapter_name, entry in part_retained.items():
+                retained[adapter_name]["per_module"].update(entry["per_module"])
         done += len(names)
         if progress is not None:
             progress(done, total)
+    hashed()
     merged = wrap(spec, adapters, output, resolved, k, weights, warnings, elapsed)
     results = {key: _combine_checks(parts) for key, parts in found.items() if parts}
     for entry in retained.values():
