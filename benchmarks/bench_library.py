@@ -1,7 +1,7 @@
 """Item 8: an adapter library — 256 adapters at r = 16 on one module (4,096 units) vs scikit-learn.
 
 At this size an ``n × n`` Gram matrix costs more than it saves, so ``lego`` switches to k-means on
-a Gaussian sketch of the points, polished on the full points (``lego.GRAM_UNITS``; the report's
+the points projected on their dominant directions (randomized range finder), polished on the full points (``lego.GRAM_UNITS``; the report's
 ``details`` say which ran). The lego figure is the whole merge; the reference is one scikit-learn
 ``KMeans(n_init=10, k-means++)`` fit on the same features; inertia of both is recomputed in float64
 from their labels.
