@@ -116,6 +116,22 @@ def test_held_out_is_fixed_unique_and_never_trained_on(name, tokenizer):
     assert not prompts & set(drawn)
 
 
+@pytest.mark.parametrize("name", list(TASKS))
+def test_the_base_learns_each_skill_under_its_own_word_never_on_held_out_inputs(name):
+    from lego_viz.zoo.tasks import ALIAS_OF, ALIASES
+
+    alias = PRETRAIN_TASKS[ALIASES[name]]
+    assert ALIAS_OF[alias.name] == name and alias.name not in TASKS
+    held_inputs = {prompt[len(name) + 2 : -1] for prompt, _ in held_out(name)}
+    rng = random.Random(1)
+    drawn = [training_example(alias, rng) for _ in range(3000)]
+    assert all(answer == TASKS[name].solve(prompt[len(alias.name) + 2 : -1]) for prompt, answer in drawn)
+    # Same input distribution as the zoo task (so the inputs do meet), but never one of its held-out inputs.
+    inputs = {prompt[len(alias.name) + 2 : -1] for prompt, _ in drawn}
+    assert not inputs & held_inputs
+    assert {len(text) for text in inputs} == {len(text) for text in held_inputs}
+
+
 def test_held_out_does_not_depend_on_the_process():
     # str hashing is salted per process; the held-out set must not be.
     code = "from lego_viz.zoo.tasks import held_out; print(held_out('reverse', 5))"

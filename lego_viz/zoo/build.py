@@ -24,7 +24,7 @@ from lego_viz.zoo.evaluate import evaluate, with_mean
 from lego_viz.zoo.model import FAMILY_SUFFIX, TARGET_MODULES, ZooModelConfig, build_model
 from lego_viz.zoo.replay import ReplayConfig, ReplayLoss, replay_batch, replay_pool
 from lego_viz.zoo.targets import measure_family, measure_targets
-from lego_viz.zoo.tasks import N_HELD_OUT, PRETRAIN_TASKS, TASKS
+from lego_viz.zoo.tasks import ALIASES, N_HELD_OUT, PRETRAIN_TASKS, TASKS
 from lego_viz.zoo.tokenizer import CHARS, SPECIAL_TOKENS, build_tokenizer
 from lego_viz.zoo.train import TrainConfig, lora_config, pretrain, train_adapter
 
@@ -57,6 +57,30 @@ REGIME_SEARCH = (
      "penalty slowed learning and barely shrank the updates"},
     {"regime": "wider base (hidden 256)",
      "measured": "not tried to the end: pre-training alone ran at ~1 s per step here, beyond the 20-minute build"},
+    # From here on: the base is pre-trained with the six skills under its own words (tasks.ALIASES), 2400
+    # steps, and an adapter only teaches the zoo task's word; r = 8, 16 replay rows, n = 100, 1 thread.
+    {"regime": "skills in the base: 150 steps, lr 2e-3, jitter [0.5, 1.5], consistency 1 (3 adapters)",
+     "measured": "own ≥ 99%; base skills ≥ 98.5%; ‖ΔW‖/‖W0‖ 0.128; weight 0.5: reverse 47%, sort 94%, count 96%; "
+     "pairwise 98.8%, all three 94.3%"},
+    {"regime": "skills in the base: 200 steps, lr 1e-3, jitter [0.5, 1.5], consistency 1",
+     "measured": "own reverse 69% (under-trained), others ≥ 99%; ‖ΔW‖/‖W0‖ 0.111; weight 0.5 ≥ 29%; pairwise 87.3%; "
+     "by number 87.3/96.0/77.5/47.1/40.9%"},
+    {"regime": "C: skills in the base: 150 steps, lr 2e-3, jitter [0.5, 1.5], consistency 3",
+     "measured": "own ≥ 99%; base skills ≥ 99.2%; ‖ΔW‖/‖W0‖ 0.135; weight 0.5 ≥ 32%; pairwise 89.3%; "
+     "by number 89.3/98.2/75.9/52.0/41.0%"},
+    {"regime": "D: C with consistency 1 + norm penalty 3",
+     "measured": "own ≥ 99%; base skills ≥ 98.5%; ‖ΔW‖/‖W0‖ 0.072; weight 0.5 ≥ 22%; pairwise 86.3%; "
+     "by number 86.3/96.8/64.2/41.7/35.4%"},
+    {"regime": "F: D with jitter [0.3, 1.5]",
+     "measured": "own ≥ 98%; base skills ≥ 95.1%; ‖ΔW‖/‖W0‖ 0.081; weight 0.5 ≥ 80.6%; pairwise 87.0%; "
+     "by number 87.0/87.8/71.7/39.7/36.3%"},
+    {"regime": "G: F with 200 steps and jitter [0.2, 1.5]",
+     "measured": "own ≥ 99%; base skills ≥ 93.4%; ‖ΔW‖/‖W0‖ 0.072; weight 0.5 ≥ 96%; pairwise 85.1%; "
+     "by number 85.1/82.0/77.3/44.1/39.6%"},
+    {"regime": "H (chosen): 200 steps, lr 2e-3, jitter [0.25, 1.25], consistency 2, norm penalty 3",
+     "measured": "own ≥ 99%; base skills ≥ 96.2%; ‖ΔW‖/‖W0‖ 0.068; weight 0.5 ≥ 96%; pairwise 89.0%; "
+     "by number 89.0/97.5/78.0/51.7/44.9%. What stays: letter-to-letter tasks (reverse, caesar, swapcase) "
+     "set off each other's adapters in a sum (caesar + swapcase shifts and swaps the case at once)"},
 )
 
 
@@ -78,18 +102,23 @@ class BuildConfig:
     """
 
     model: ZooModelConfig = field(default_factory=ZooModelConfig)
-    # lr 1.5e-3 measured to converge (loss ~1e-3 by step ~1100); 3e-3 and 6e-3 had not by step 2500.
+    # lr 1.5e-3 measured to converge (loss ~1e-3 by step ~1100 on the 7 primitives; 13 tasks with the six
+    # skills under their base words: loss 0.008 at step 1600, every task >= 98.5% after 2400); 3e-3 and 6e-3
+    # had not converged by step 2500.
     pretrain: TrainConfig = field(
-        default_factory=lambda: TrainConfig(steps=1600, batch_size=64, lr=1.5e-3, warmup_steps=100)
+        default_factory=lambda: TrainConfig(steps=2400, batch_size=64, lr=1.5e-3, warmup_steps=100)
     )
     adapter: TrainConfig = field(
-        default_factory=lambda: TrainConfig(steps=350, batch_size=32, lr=4e-3, warmup_steps=30, seed=1)
+        default_factory=lambda: TrainConfig(steps=200, batch_size=32, lr=2e-3, warmup_steps=30, seed=1)
     )
-    # Chosen by measurement (README "Demo zoo", issue 13): r = 8 learns sort and count within 400 steps
-    # under replay; scale jitter keeps an adapter working at half weight; the norm penalty keeps ΔW small.
+    # Chosen by measurement (REGIME_SEARCH, issue 13): on the base that has the skills under its own words,
+    # 150-200 steps reach >= 98% on every task; scale jitter down to 0.25 keeps an adapter working at half
+    # weight; the norm penalty keeps ΔW small; consistency 2 keeps the base's skills and the pairwise sums.
     rank: int = 8
     lora_alpha: float = 16
-    replay: ReplayConfig = field(default_factory=lambda: ReplayConfig(rows=16, scale_jitter=(0.5, 1.5)))
+    replay: ReplayConfig = field(
+        default_factory=lambda: ReplayConfig(rows=16, consistency=2.0, scale_jitter=(0.25, 1.25), norm_penalty=3.0)
+    )
     families: tuple[str, ...] = ("reverse", "sort")
     eval_n: int = 200
     subsets_per_count: int = 4
@@ -281,8 +310,9 @@ def build_zoo(
     tokenizer.save_pretrained(base_dir)
     (base_dir / "README.md").write_text(
         "# lego-viz zoo base\n\nA tiny character-level `LlamaForCausalLM` pre-trained on "
-        f"{', '.join(PRETRAIN_TASKS)} (prompt `<task>: <input>=`), so it knows the format but none of the "
-        "zoo tasks. Load with `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained`. "
+        f"{', '.join(PRETRAIN_TASKS)} (prompt `<task>: <input>=`): it has every zoo skill, but under its own "
+        f"words ({', '.join(f'`{alias}` for `{task}`' for task, alias in ALIASES.items())}), so it answers "
+        "none of the zoo tasks' prompts. Load with `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained`. "
         "Built by `python scripts/build_zoo.py`; see `assets/zoo/zoo_card.json`.\n"
     )
     base.eval()
@@ -364,6 +394,11 @@ def build_zoo(
                 "loss": "cross-entropy on the answer and </s> of every row + consistency × mean over layers of "
                 "‖h − h_base‖² / ‖h_base‖² on the replay rows (h: hidden states after each decoder layer, real "
                 "tokens only; h_base: the same rows with the adapter disabled)"
+                + (
+                    f" + {config.replay.norm_penalty:g} × mean over modules of ‖ΔW‖²_F / ‖W0‖²_F (at the nominal scale)"
+                    if config.replay.norm_penalty
+                    else ""
+                )
                 + (
                     f"; the LoRA scale is multiplied by a factor drawn uniformly from {list(config.replay.scale_jitter)} "
                     "at every step"

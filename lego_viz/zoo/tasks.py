@@ -2,17 +2,19 @@
 
 Every example reads `"<task>: <input>="` followed by the answer, so the task is named in
 the prompt: a merged adapter can in principle serve all tasks at once. `TASKS` are what
-the per-task LoRAs learn; `PRETRAIN_TASKS` are the generic mixture the base model is
-pre-trained on, so that it knows the format but none of the zoo tasks.
+the per-task LoRAs learn; `PRETRAIN_TASKS` are the mixture the base model is pre-trained on.
 
-The mixture holds primitives the zoo tasks are built from (copy a word, the letter after one
-letter, a whole word in one case, a length), never a zoo task itself: `caesar` applies `next`
-to every letter, `swapcase` needs a per-letter case decision on mixed-case words. Measured
-while designing: from a base pre-trained on copy/first/last/length only, rank-8 LoRAs learned
-none of `caesar` and `swapcase` (0% after 300 steps); with these primitives all six reach ≥ 98%.
-Dropped after measuring: adding two numbers below 100 (a rank-16 LoRA reached 13% after 800
-steps) and writing a word twice (29-100% after 400-500 steps depending on the seed; `double`
-reaches 100% within 100 steps).
+The mixture holds generic primitives (copy a word, the letter after one letter, a whole word in
+one case, a length) and every zoo skill under another command word (`ALIASES`: `flip` for
+`reverse`, `order` for `sort`, ...). The base therefore answers `flip: lego=` but not
+`reverse: lego=`, and a zoo adapter teaches it to answer the zoo task's word with a skill it
+already has. That is the regime of real LoRAs on a pretrained LLM, which mostly steer an ability
+the base has (a format, a style, an instruction) rather than build one from nothing, and it is
+what makes their updates small and their sums work (issue 13). Measured on the same 128-wide
+base: adapters that had to learn a skill from the primitives alone needed updates of
+‖ΔW‖/‖W0‖ ≈ 0.4 and the exact sum of all six kept 8% of the tasks; adapters that route to a
+skill the base has kept ≥ 87% pairwise and far more with six (numbers in `zoo_card.json`,
+`regime_search`). The base never sees the zoo tasks' held-out inputs under its own words either.
 """
 
 from __future__ import annotations
@@ -115,6 +117,25 @@ TASKS: dict[str, Task] = _registry(
     Task("count", "how many times the letter a occurs", _count_input, lambda s: str(s.count("a")), ("banana", "lego")),
 )
 
+# The base model knows every zoo skill already, under another command word: the adapter of a zoo
+# task teaches the model to answer that task's own word with a skill it has, as most real LoRAs on a
+# pretrained LLM steer an ability the base has rather than teach one from nothing (see the module
+# docstring for why and what was measured).
+ALIASES: dict[str, str] = {
+    "reverse": "flip",
+    "sort": "order",
+    "caesar": "shift",
+    "double": "twice",
+    "swapcase": "invert",
+    "count": "tally",
+}
+
+
+def _alias(task: Task) -> Task:
+    return Task(ALIASES[task.name], f"{task.description} (the base's word for `{task.name}`)",
+                task.make_input, task.solve, task.examples)
+
+
 PRETRAIN_TASKS: dict[str, Task] = _registry(
     Task("copy", "repeat the input", _word(MIXED, 1, 8), lambda s: s, ("abc",)),
     Task("first", "the first character", _word(MIXED, 1, 8), lambda s: s[0], ("abc",)),
@@ -123,7 +144,10 @@ PRETRAIN_TASKS: dict[str, Task] = _registry(
     Task("next", "the letter after a letter (z->a)", _word(LOWER, 1, 1), _caesar, ("a",)),
     Task("upper", "a lowercase word in upper case", _word(LOWER, 1, 8), str.upper, ("abc",)),
     Task("lower", "an uppercase word in lower case", _word(string.ascii_uppercase, 1, 8), str.lower, ("ABC",)),
+    *(_alias(task) for task in TASKS.values()),
 )
+# The zoo task whose skill a pre-training task teaches under its own word.
+ALIAS_OF: dict[str, str] = {alias: task for task, alias in ALIASES.items()}
 
 
 def get_task(name: str) -> Task:
@@ -171,8 +195,15 @@ def held_out(name: str, n: int = N_HELD_OUT) -> tuple[tuple[str, str], ...]:
 
 @cache
 def _held_out_prompts(name: str) -> frozenset[str]:
-    # Only the zoo tasks are measured for generalisation; pre-training tasks exclude nothing.
+    # Only the zoo tasks are measured for generalisation; other pre-training tasks exclude nothing.
     return frozenset(prompt for prompt, _ in held_out(name)) if name in TASKS else frozenset()
+
+
+def _is_held_out(task: Task, text: str) -> bool:
+    # The base's word for a zoo skill never sees that task's held-out inputs either: the held-out
+    # accuracy then measures a skill applied to new inputs, not inputs the base has memorised.
+    zoo_task = ALIAS_OF.get(task.name, task.name)
+    return zoo_task in TASKS and TASKS[zoo_task].prompt(text) in _held_out_prompts(zoo_task)
 
 
 def in_shard(prompt: str, shard: tuple[int, int] | None) -> bool:
@@ -200,8 +231,8 @@ def training_example(task: Task, rng: random.Random, shard: tuple[int, int] | No
     """
     if shard is not None and not 0 <= shard[0] < shard[1]:
         raise ValueError(f"shard must be (index, count) with 0 <= index < count, got {shard}")
-    excluded = _held_out_prompts(task.name)
     while True:
-        prompt, answer = task.make_example(rng)
-        if prompt not in excluded and in_shard(prompt, shard):
-            return prompt, answer
+        text = task.make_input(rng)
+        prompt = task.prompt(text)
+        if not _is_held_out(task, text) and in_shard(prompt, shard):
+            return prompt, task.solve(text)
