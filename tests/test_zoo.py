@@ -31,15 +31,16 @@ REPO = Path(__file__).resolve().parents[1]
 RANK = BuildConfig().rank
 SHIPPED = (ZOO_DIR / "zoo_card.json").is_file()
 needs_assets = pytest.mark.skipif(not SHIPPED, reason="assets/zoo not built (run scripts/build_zoo.py)")
-# The shipped zoo is an intermediate state that meets none of the targets yet (README "Demo zoo"); these
-# floors sit just under what it measured, so a rebuild that falls back toward the task-only zoo (pairwise
-# retention 9%, base skills kept 16%, weight 0.5 keeping 6%) fails here.
-FLOORS = {
-    "own_task_min": 0.8,
-    "base_skills_kept_min": 0.9,
-    "half_weight_retention_min": 0.3,
-    "pairwise_linear_retention_mean_min": 0.7,
-}
+# The shipped zoo meets the regime's five targets; the stretch goal (six-way exact sum >= 50%) it misses at
+# 46% (README "Demo zoo"), and this floor sits under that so a rebuild that falls back fails here.
+MET_TARGETS = (
+    "own_task_min",
+    "base_skills_kept_min",
+    "relative_update_norm_median_max",
+    "half_weight_retention_min",
+    "pairwise_linear_retention_mean_min",
+)
+STRETCH_FLOOR = 0.4
 
 
 @pytest.fixture(scope="module")
@@ -310,8 +311,8 @@ def test_shipped_card_targets_follow_from_its_measurements():
     assert measured["base_skills_kept_min"] == min(targets["base_skills_kept"].values())
     for key, value in measured.items():
         assert targets["met"][key] == (value <= TARGETS[key] if key.endswith("_max") else value >= TARGETS[key])
-    for key, floor in FLOORS.items():
-        assert measured[key] >= floor, key
+    assert [key for key in MET_TARGETS if not targets["met"][key]] == []
+    assert measured["all_linear_retention_min"] >= STRETCH_FLOOR
     assert card["accuracy"]["adapters_own_task"] == {**own, **{n: card["adapters"][n]["accuracy_own_task"] for n in family_dirs()}}
 
 
@@ -324,19 +325,20 @@ def test_shipped_adapter_and_its_half_weight_reproduce_the_card():
     full_card = json.loads((ZOO_DIR / "zoo_card.json").read_text())
     card = full_card["targets"]
     base, tokenizer = load_base(device="cpu")
-    adapter = load_adapter(adapter_dirs()["sort"], name="sort")  # the hardest task: most sensitive to the weight
+    # reverse: the largest update of the zoo and the one most sensitive to its weight (card: 95.5% at 0.5)
+    adapter = load_adapter(adapter_dirs()["reverse"], name="reverse")
     threads = torch.get_num_threads()
     # the build's thread count: the same sums in the same order, so the same greedy tokens
     torch.set_num_threads(full_card["build"]["machine"]["torch_threads"])
     try:
         with lora_hooks(base, adapter.modules):
-            full = evaluate(base, tokenizer, ["sort"], n=card["n_per_task"])["sort"]
+            full = evaluate(base, tokenizer, ["reverse"], n=card["n_per_task"])["reverse"]
         with lora_hooks(base, scaled(adapter.modules, 0.5)):
-            half = evaluate(base, tokenizer, ["sort"], n=card["n_per_task"])["sort"]
+            half = evaluate(base, tokenizer, ["reverse"], n=card["n_per_task"])["reverse"]
     finally:
         torch.set_num_threads(threads)
-    assert full == card["own_task"]["sort"]
-    assert half / full == card["half_weight_retention"]["sort"]
+    assert full == card["own_task"]["reverse"]
+    assert half / full == card["half_weight_retention"]["reverse"]
 
 
 @needs_assets
