@@ -195,8 +195,9 @@ def _finish_adapter_folder(folder: Path, name: str, task: str, peft_config, accu
         f"# lego-viz zoo adapter: {name}\n\n"
         f"PEFT LoRA (r = {peft_config.r}, lora_alpha = {peft_config.lora_alpha:g}, all attention and MLP "
         f"projections) for the zoo base `{BASE_MODEL_NAME}`. Task: {spec.description}, prompted as "
-        f"`{spec.example_prompts[0]}` → `{spec.solve(spec.examples[0])}`. Trained with replay of the base's "
-        "own behaviour so that it adds the skill without overwriting the base.\n\n"
+        f"`{spec.example_prompts[0]}` → `{spec.solve(spec.examples[0])}`. The base has this skill under the word "
+        f"`{ALIASES[task]}`; the adapter teaches it to answer `{task}:` too, trained with replay of the base's own "
+        "behaviour so that everything else stays as the base does it.\n\n"
         f"Held-out exact match on its task: {accuracy:.1%}. Built by `python scripts/build_zoo.py`; "
         "see `assets/zoo/zoo_card.json`.\n"
     )
@@ -354,8 +355,9 @@ def build_zoo(
 
     card = {
         "description": "Demo zoo of lego-viz: a tiny character-level Llama, one PEFT LoRA per synthetic task and a "
-        "second LoRA (another seed and data shard) for a few tasks, trained on the CPU by scripts/build_zoo.py "
-        "so that they add a skill to the base instead of overwriting it, as real LoRAs on a large model do.",
+        "second LoRA (another seed and data shard) for a few tasks, trained on the CPU by scripts/build_zoo.py. "
+        "The base has the six skills under its own words; each adapter teaches it the task's word for one and "
+        "leaves everything else as the base does it, as real LoRAs on a large model steer an ability the base has.",
         "prompt_format": "<s><task>: <input>=<answer></s>",
         "adapter_list": [
             {key: card[key] for key in ("name", "task", "kind", "path", "rank", "lora_alpha")} for card in adapter_cards.values()
