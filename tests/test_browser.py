@@ -173,6 +173,12 @@ def test_smora_tab_routes_a_prompt(page):
     assert page.locator("#smora-output textarea").input_value().strip()  # the model answered
     # The sources figure has one trace per zoo task adapter the units came from.
     page.wait_for_function("document.querySelectorAll('#smora-sources .legendtext').length >= 2")
+    # Every figure has finished redrawing for this prompt (no queue / progress overlay left on any).
+    page.wait_for_function(
+        "['smora-gates', 'smora-sources', 'smora-tasks', 'smora-load'].every(id => {"
+        " const el = document.getElementById(id);"
+        " return el && el.querySelector('.js-plotly-plot') && !/queue:|processing/.test(el.innerText); })"
+    )
     _shoot(page, "6_smora", full_page=True)
 
 
