@@ -1,6 +1,6 @@
 """Build the demo zoo: pre-train the tiny base, train one LoRA per task, write assets/zoo/.
 
-    python scripts/build_zoo.py              # the shipped zoo (CPU, seeded, deterministic)
+    python scripts/build_zoo.py --threads 2  # the shipped zoo (CPU, seeded; the same bits for the same thread count)
     python scripts/build_zoo.py --smoke      # a few steps into a temporary folder (CI)
     python scripts/build_zoo.py --reuse-base assets/zoo/base   # only the adapters, on the built base
 

@@ -432,7 +432,10 @@ def build_zoo(
             "families": _folder_bytes(families_dir),
         },
         "build": {
-            "command": "python scripts/build_zoo.py" + (" --reuse-base assets/zoo/base" if pretrained_base else ""),
+            # Deterministic for a fixed thread count only, so the command names the count it ran with.
+            "command": "python scripts/build_zoo.py"
+            + (" --reuse-base assets/zoo/base" if pretrained_base else "")
+            + (f" --threads {torch.get_num_threads()}" if torch.get_num_threads() != 1 else ""),
             "wall_seconds": round(time.perf_counter() - started, 1),
             "cpu_seconds": round(time.process_time() - cpu_started, 1),
             # Other work shares the machine; the 1-minute load average shows how much.
