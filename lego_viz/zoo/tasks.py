@@ -24,7 +24,7 @@ import random
 import string
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 
 LOWER = string.ascii_lowercase
@@ -118,10 +118,7 @@ TASKS: dict[str, Task] = _registry(
     Task("count", "how many times the letter a occurs", _count_input, lambda s: str(s.count("a")), ("banana", "lego")),
 )
 
-# The base model knows every zoo skill already, under another command word: the adapter of a zoo
-# task teaches the model to answer that task's own word with a skill it has, as most real LoRAs on a
-# pretrained LLM steer an ability the base has rather than teach one from nothing (see the module
-# docstring for why and what was measured).
+# The base's own word for each zoo skill (the module docstring says why the base has the skills).
 ALIASES: dict[str, str] = {
     "reverse": "flip",
     "sort": "order",
@@ -133,8 +130,7 @@ ALIASES: dict[str, str] = {
 
 
 def _alias(task: Task) -> Task:
-    return Task(ALIASES[task.name], f"{task.description} (the base's word for `{task.name}`)",
-                task.make_input, task.solve, task.examples)
+    return replace(task, name=ALIASES[task.name], description=f"{task.description} (the base's word for `{task.name}`)")
 
 
 PRETRAIN_TASKS: dict[str, Task] = _registry(
