@@ -1,3 +1,3 @@
-from lego_viz.cli import main
+from lego_viz.cli import run
 
-raise SystemExit(main())
+run()

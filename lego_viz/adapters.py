@@ -304,10 +304,13 @@ def _offending_global(exc: Exception) -> str:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+    # 16 MiB steps into one reused buffer: reads and hashlib release the GIL for each step, so few steps
+    # let the hash run beside the merge's own thread without waiting for the GIL at every chunk.
+    digest, buffer = hashlib.sha256(), bytearray(min(1 << 24, max(path.stat().st_size, 1)))
+    view = memoryview(buffer)
     with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
+        while size := handle.readinto(buffer):
+            digest.update(view[:size])
     return digest.hexdigest()
 
 

@@ -15,7 +15,7 @@ import importlib
 import json
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -149,14 +149,15 @@ def _recipe_settings(args: argparse.Namespace) -> list[tuple[str, object]]:
 class _ProgressBar:
     """A tqdm bar on stderr (modules done / total) that shows up only once a merge has run ~2 s."""
 
-    def __init__(self) -> None:
+    def __init__(self, desc: str = "merge") -> None:
         self.bar = None
+        self.desc = desc
 
     def __call__(self, done: int, total: int) -> None:
         if self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, unit="module", desc="merge", delay=2.0, file=sys.stderr, leave=False)
+            self.bar = tqdm(total=total, unit="module", desc=self.desc, delay=2.0, file=sys.stderr, leave=False)
         self.bar.update(done - self.bar.n)
 
     def close(self) -> None:
@@ -164,12 +165,59 @@ class _ProgressBar:
             self.bar.close()
 
 
-def cmd_merge(args: argparse.Namespace) -> int:
-    from lego_viz.export import export_adapter
-    from lego_viz.stream import merge_streaming
+class _FirstPass:
+    """lego's first pass over the weights (:func:`lego_viz.first_pass.summarize`, numpy only) in a
+    forked process, made while this one imports torch (~2 s that would otherwise come first).
 
+    Forked before this process starts any thread or imports torch. Where the summaries would not
+    fit their memory budget, or the platform cannot fork, nothing runs and :meth:`result` is None:
+    the merge then makes them group by group itself, with the same result.
+    """
+
+    def __init__(self, adapters: list[LoraAdapter]) -> None:
+        import multiprocessing
+
+        from lego_viz.first_pass import SUMMARY_BYTES, summary_bytes
+
+        self.process = None
+        if ("torch" in sys.modules or summary_bytes(adapters) > SUMMARY_BYTES
+                or "fork" not in multiprocessing.get_all_start_methods()):
+            return  # torch already imported (a caller in Python): nothing to overlap, and no fork after it
+        context = multiprocessing.get_context("fork")
+        self.receiver, sender = context.Pipe(duplex=False)
+        self.process = context.Process(target=_summarize_into, args=(adapters, sender), daemon=True)
+        self.process.start()
+        sender.close()
+
+    def result(self) -> Mapping | None:
+        """The summaries (waits for them); raises what the first pass raised (a NaN/inf in a file)."""
+        if self.process is None:
+            return None
+        try:
+            ok, value = self.receiver.recv()
+        except EOFError:  # the process died (out of memory, killed): the merge makes the summaries itself
+            ok, value = True, None
+        finally:
+            self.receiver.close()
+            self.process.join()
+        if not ok:
+            raise value
+        return value
+
+
+def _summarize_into(adapters: list[LoraAdapter], sender) -> None:
+    from lego_viz.first_pass import summarize
+
+    try:
+        sender.send((True, summarize(adapters, read_ahead=False)))  # one core: the other imports torch
+    except Exception as exc:  # handed to the parent, which raises it
+        sender.send((False, exc))
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
     options = {}
     dtype, max_rank = args.dtype, args.max_rank
+    first_pass = None
     if args.config or args.recipe:
         from lego_viz.mergekit_config import load_config, load_models
 
@@ -195,6 +243,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
         # (lego_viz.stream): each file is read once by the merge and once by the hash, not three times.
         adapters = _load(args.adapters, defer_checks=True, hash_weights=False)
         method, k, weights, allow = args.method or "lego", args.k, args.weights, args.allow_base_mismatch
+        if method == "lego":
+            first_pass = _FirstPass(adapters)
         for key in ("features", "param_reweight", "seed", "n_init", "density", "preset"):
             value = getattr(args, key)
             if value is not None:
@@ -202,12 +252,16 @@ def cmd_merge(args: argparse.Namespace) -> int:
         if args.no_output_reweight:
             options["output_reweight"] = False
         options.update(args.option or [])
+    from lego_viz.export import export_adapter
+    from lego_viz.stream import merge_streaming
+
+    summaries = first_pass.result() if first_pass is not None else None
     # Module group by group: memory stays at one group, and the checks and the report's errors and
     # retention use the tensors the merge just read (lego_viz.stream).
     progress = _ProgressBar()
     try:
         result = merge_streaming(adapters, method=method, k=k, weights=weights, allow_base_mismatch=allow,
-                                 checks=not args.no_checks, progress=progress, **options)
+                                 checks=not args.no_checks, progress=progress, summaries=summaries, **options)
     finally:
         progress.close()
     merged = result.merged
@@ -325,3 +379,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def run() -> None:
+    """The console entry point: :func:`main`, then a quick exit where the command loaded torch.
+
+    Python's own shutdown with torch loaded takes about a second (it tears down every module
+    object, and torch has very many); the command has closed everything it wrote by then. So the
+    output is flushed, the exit handlers run (temporary directories, thread pools) and the process
+    leaves without the teardown.
+    """
+    code = main()
+    if "torch" in sys.modules:
+        import atexit
+        import os
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        atexit._run_exitfuncs()
+        os._exit(code)
+    raise SystemExit(code)

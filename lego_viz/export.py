@@ -90,7 +90,8 @@ def reconstruction_errors(merged: MergedAdapter, adapters: list[LoraAdapter]) ->
 
     Exact (float32 products, float64 sums); ``‖Σ w_t ΔW_t‖²`` comes from the merge where it had it.
     """
-    return report_scores(merged.modules, adapters, merged.weights, merged.reference_sq_norms)[0]
+    return report_scores(merged.modules, adapters, merged.weights, merged.reference_sq_norms,
+                         merged.report_products)[0]
 
 
 def build_report(
@@ -119,7 +120,8 @@ def build_report(
     if adapters is not None and (errors is None or retained is None):
         # ⟨ΔW_merge, w_t ΔW_t⟩ / ‖w_t ΔW_t‖² per source adapter (how much of each the merge keeps) and
         # the errors share their products
-        found_errors, found_retained = report_scores(merged.modules, adapters, merged.weights, merged.reference_sq_norms)
+        found_errors, found_retained = report_scores(merged.modules, adapters, merged.weights, merged.reference_sq_norms,
+                         merged.report_products)
         errors = found_errors if errors is None else errors
         retained = found_retained if retained is None else retained
     if errors:

@@ -73,6 +73,13 @@ class Factored:
         """
         return sum(((x @ A.T) @ B.T) * s for B, A, s in self.terms)
 
+    def sketch(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``z ΔW xᵀ`` (p, p) for probe rows z (p, d_out) and x (p, d_in), through the factors.
+
+        Each term costs one pass over its factors, ``(z B)(x Aᵀ)ᵀ``, and leaves only p×r numbers.
+        """
+        return sum(((z @ B) * s) @ (x @ A.T).T for B, A, s in self.terms)
+
 
 def factored_norm(f: Factored) -> float:
     """Frobenius norm of ``B A`` without forming it."""
@@ -144,25 +151,49 @@ def low_rank_relative_error(
 
 
 def probe_vectors(d_in: int, n_probes: int = 4, seed: int = 0) -> torch.Tensor:
-    """The random probe rows ``x`` (n_probes, d_in) used by :func:`probe_relative_error`."""
+    """Random probe rows (n_probes, d) of width ``d``, the same draw for every module of that width."""
     return torch.randn(n_probes, d_in, generator=torch.Generator().manual_seed(seed))
 
 
-def probe_relative_error(
-    reference: Factored, candidate: Factored, n_probes: int = 4, seed: int = 0, probes: torch.Tensor | None = None
-) -> float:
-    """Freivalds-style estimate of the same error: ``‖(ref − cand) x‖ / ‖ref x‖`` on random ``x``.
+def _probe_pair(d_in: int, d_out: int, cache: dict[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z (p, d_out), x (p, d_in)): left probes from seed 1, right probes from seed 0."""
+    cache = {} if cache is None else cache
+    if d_in not in cache:
+        cache[d_in] = probe_vectors(d_in)
+    if -d_out not in cache:  # left probes are keyed by minus their width, to draw them from their own seed
+        cache[-d_out] = probe_vectors(d_out, seed=1)
+    return cache[-d_out], cache[d_in]
 
-    ``probes`` (n_probes, d_in) may be passed in to reuse them across modules of the same width;
-    by default they are drawn from ``seed``.
+
+def _sketch_error(reference: torch.Tensor, candidate: torch.Tensor) -> float:
+    return _sketch_errors(reference[None], candidate[None])[0]
+
+
+def _sketch_errors(reference: torch.Tensor, candidate: torch.Tensor) -> list[float]:
+    """``‖ref − cand‖ / ‖ref‖`` of each of a batch of sketches (b, p, p); 0 where both are zero."""
+    denom = reference.double().flatten(1).norm(dim=1)
+    diff = (reference.double() - candidate.double()).flatten(1).norm(dim=1)
+    ratio = torch.where(denom > 0, diff / denom.clamp_min(1e-300), torch.where(diff > 0, float("inf"), 0.0))
+    return ratio.tolist()
+
+
+def probe_relative_error(
+    reference: Factored, candidate: Factored, probes: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> float:
+    """Freivalds-style estimate of the same error: ``‖z (ref − cand) xᵀ‖ / ‖z ref xᵀ‖``.
+
+    Random probes on both sides (p = 4 each, so 16 random bilinear forms): every factor is read
+    once and nothing of size d_in or d_out is formed, so a probe costs one pass over the factors.
+    For Gaussian probes the expected squared numerator and denominator are p² times the squared
+    Frobenius norms, so the ratio estimates the relative Frobenius error.
+
+    Args:
+        probes: ``(z (p, d_out), x (p, d_in))`` to reuse across modules of the same shape; drawn
+            from fixed seeds by default.
     """
-    x = probes if probes is not None else probe_vectors(reference.d_in, n_probes, seed)
-    ref = reference.apply(x)
-    denom = float(ref.norm())
-    diff = float((ref - candidate.apply(x)).norm())
-    if denom == 0.0:
-        return 0.0 if diff == 0.0 else float("inf")
-    return diff / denom
+    d_out = reference.terms[0][0].shape[0]
+    z, x = probes if probes is not None else _probe_pair(reference.d_in, d_out)
+    return _sketch_error(reference.sketch(z, x), candidate.sketch(z, x))
 
 
 @dataclass
@@ -215,12 +246,9 @@ def _run(
 ) -> CheckResult:
     start = time.perf_counter()
     result = CheckResult(name=name, tolerance=tolerance, expect_pass=expect_pass, method="exact" if exact else "probe")
-    probes: dict[int, torch.Tensor] = {}  # the same seeded draw for every module of a width, made once
+    probes: dict[int, torch.Tensor] = {}  # the same seeded draws for every module of a width, made once
     for key, reference, candidate in pairs:
-        d_in = reference.d_in
-        if d_in not in probes:
-            probes[d_in] = probe_vectors(d_in)
-        probe = probe_relative_error(reference, candidate, probes=probes[d_in])
+        probe = probe_relative_error(reference, candidate, _probe_pair(reference.d_in, reference.terms[0][0].shape[0], probes))
         result.per_module[key] = relative_error(reference, candidate) if exact else probe
         result.probe_max_rel_error = max(result.probe_max_rel_error, probe)
     result.seconds = time.perf_counter() - start
@@ -286,6 +314,98 @@ def check_concat_sum(
 
     exact = exact if exact is not None else exact_cost(adapters, concatenated=True) <= EXACT_BUDGET
     return _run("concat_sum", pairs(), tolerance, exact)
+
+
+def span_probes(gram_a: torch.Tensor, gram_b: torch.Tensor, n_probes: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probe products of units from their Gram matrices: ``u = c_x (A Aᵀ)``, ``v = c_z (Bᵀ B)`` (p, n).
+
+    They are the products of every unit with the probes ``x = c_x A`` and ``z = c_z Bᵀ``, for
+    Gaussian coefficients ``c`` (p, n) drawn from ``seed``; see :func:`probe_checks`.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    n = gram_a.shape[0]
+    c_x, c_z = torch.randn(n_probes, n, generator=gen), torch.randn(n_probes, n, generator=gen)
+    return c_x.to(gram_a) @ gram_a, c_z.to(gram_b) @ gram_b
+
+
+def probe_checks(
+    adapters: Sequence[LoraAdapter],
+    weights: Sequence[float] | None = None,
+    seed: int = 0,
+    tolerance: float = DEFAULT_TOLERANCE,
+    shuffle: str = "both",
+    unit_probes: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> tuple[CheckResult, CheckResult]:
+    """Both checks by random probes, each unit probed once: what a merge of large inputs runs.
+
+    Per module the stacked units (all adapters' ``A`` rows and ``B`` columns) are probed in one
+    pass, ``u = x Aᵀ`` and ``v = z B`` (p × n). Every arrangement under test is then evaluated on
+    the probed units: adapter t's update is ``s_t v_t u_tᵀ``; its shuffled copy ``s_t v_t[π] u_t[π]ᵀ``;
+    the weighted sum ``Σ_t w_t s_t v_t u_tᵀ``; the concatenated LoRA ``v diag(w s) uᵀ``. The
+    results are those of :func:`check_permutation` and :func:`check_concat_sum` with
+    ``exact=False`` — same probes, same permutation draws — at one read of the factors instead of
+    four copies and eight reads.
+
+    Where a merge has computed the units' Gram matrices (lego), the probes can be random
+    combinations of the units themselves, ``x = c_x A`` and ``z = c_z Bᵀ``, so that ``u = c_x (A Aᵀ)``
+    and ``v = c_z (Bᵀ B)`` come from the Gram matrices and the checks read no weights at all
+    (:func:`span_probes`). Every update compared lies in the units' span, where such probes detect
+    any difference as Gaussian ones do.
+
+    Args:
+        adapters, weights, tolerance: as in :func:`check_concat_sum`.
+        seed: seed of the permutations, as in :func:`check_permutation`.
+        shuffle: ``"both"`` or the counter-example ``"a_only"`` (as in :func:`check_permutation`).
+        unit_probes: per module ``(u, v)`` (p, n) computed already (:func:`span_probes`).
+
+    Returns:
+        ``(permutation, concat_sum)`` results (method ``"probe"``); the time, spent on both at
+        once, is split evenly between them.
+    """
+    from lego_viz.msu import stacked
+
+    if shuffle not in ("both", "a_only"):
+        raise ValueError(f"shuffle must be 'both' or 'a_only', got {shuffle!r}.")
+    start = time.perf_counter()
+    weights = list(weights) if weights is not None else [1.0] * len(adapters)
+    gen = torch.Generator().manual_seed(seed)
+    perms = {(t, name): torch.randperm(lora.r, generator=gen) for t, a in enumerate(adapters) for name, lora in a.modules.items()}
+    label = "permutation" if shuffle == "both" else "permutation_a_only"
+    permutation = CheckResult(name=label, tolerance=tolerance, expect_pass=shuffle == "both", method="probe")
+    concat = CheckResult(name="concat_sum", tolerance=tolerance, method="probe")
+    probes: dict[int, torch.Tensor] = {}
+    for name in dict.fromkeys(m for a in adapters for m in a.modules):
+        present = [(t, a.modules[name], w) for t, (a, w) in enumerate(zip(adapters, weights)) if name in a.modules]
+        if unit_probes and name in unit_probes:
+            u, v = unit_probes[name]
+        else:
+            first = present[0][1]
+            z, x = _probe_pair(first.d_in, first.d_out, probes)
+            u = x @ stacked([lora.A for _, lora, _ in present], 0).T  # (p, n)
+            v = z @ stacked([lora.B for _, lora, _ in present], 1)  # (p, n)
+        # Every unit's rank-one sketch v_i u_iᵀ (n, p, p); an adapter's update sums its units' sketches.
+        ranks = torch.tensor([lora.r for _, lora, _ in present])
+        block = torch.repeat_interleave(torch.arange(len(present)), ranks)  # (n,) adapter block of each unit
+        scale = torch.repeat_interleave(torch.tensor([lora.scale for _, lora, _ in present]), ranks).to(u)
+        weight = torch.tensor([w for _, _, w in present], dtype=u.dtype)
+        starts = torch.cumsum(ranks, 0) - ranks
+        moved = torch.cat([perms[(t, name)] + int(begin) for (t, _, _), begin in zip(present, starts)])
+        sketches = v.T[:, :, None] * u.T[:, None, :] * scale[:, None, None]
+        moved_v = v.T if shuffle == "a_only" else v.T[moved]
+        moved_sketches = moved_v[:, :, None] * u.T[moved][:, None, :] * scale[:, None, None]
+        own = torch.zeros(len(present), *sketches.shape[1:], dtype=u.dtype).index_add_(0, block, sketches)
+        shuffled = torch.zeros_like(own).index_add_(0, block, moved_sketches)
+        for (t, _, _), error in zip(present, _sketch_errors(own, shuffled)):
+            permutation.per_module[f"{adapters[t].name}:{name}"] = error
+            permutation.probe_max_rel_error = max(permutation.probe_max_rel_error, error)
+        # the weighted sum of the adapters' updates vs the concatenated LoRA (scale and weight per unit)
+        summed = (own * weight[:, None, None]).sum(dim=0)
+        concatenated = (sketches * weight[block][:, None, None]).sum(dim=0)
+        error = _sketch_errors(summed[None], concatenated[None])[0]
+        concat.per_module[name] = error
+        concat.probe_max_rel_error = max(concat.probe_max_rel_error, error)
+    permutation.seconds = concat.seconds = (time.perf_counter() - start) / 2
+    return permutation, concat
 
 
 # --------------------------------------------------------------------------- output space

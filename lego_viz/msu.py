@@ -6,6 +6,7 @@ Every unit is stored *folded*: the module scale ``s`` is split as ``sqrt(s)`` on
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -52,6 +53,30 @@ def canonicalize(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.
     # so the map shows exactly the vectors k-means clustered.
     sign = torch.where(-a_c.amin(dim=1, keepdim=True) > a_c.amax(dim=1, keepdim=True), -1.0, 1.0).to(a.dtype)
     return a_c * sign, b_c * sign
+
+
+def stacked(parts: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
+    """``torch.cat(parts, dim)`` in float32, without the copy where the parts already lie side by side.
+
+    A streamed merge reads all adapters' factors of a module into one buffer (:mod:`lego_viz.stream`),
+    so their ``A`` (and ``B``) are consecutive views of it and their concatenation is the buffer
+    itself: the merge and the checks then read every factor where it was read to, once.
+    """
+    first = parts[0]
+    if all(p.dtype == torch.float32 for p in parts):
+        if len(parts) == 1:
+            return first
+        step, storage, offset = first.stride()[dim], first.untyped_storage().data_ptr(), first.storage_offset()
+        for before, part in itertools.pairwise(parts):
+            offset += before.shape[dim] * step
+            if (part.untyped_storage().data_ptr() != storage or part.stride() != first.stride()
+                    or part.storage_offset() != offset or part.shape[1 - dim] != first.shape[1 - dim]):
+                break
+        else:
+            shape = list(first.shape)
+            shape[dim] = sum(p.shape[dim] for p in parts)
+            return first.as_strided(shape, first.stride(), first.storage_offset())
+    return torch.cat([p.float() for p in parts], dim=dim)
 
 
 @dataclass

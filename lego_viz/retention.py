@@ -12,6 +12,7 @@ The report's error ``‖ΔW_merge − Σ_t w_t ΔW_t‖ / ‖Σ_t w_t ΔW_t‖``
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -59,6 +60,21 @@ def module_products(merged: LoraModule, sources: Sequence[tuple[LoraModule, floa
     return cross, source_sq, merged_sq
 
 
+@dataclass(frozen=True)
+class ReportProducts:
+    """A merged module's report products, as :func:`module_products` returns them, made by the merge
+    from what it had computed anyway (lego: its Gram matrices), so the report reads no weights.
+
+    They hold for ``module`` only: :func:`report_scores` uses them when the module it scores is
+    that very object, and computes them from the factors otherwise.
+    """
+
+    module: LoraModule
+    cross: list[float]
+    source_sq: list[float]
+    merged_sq: float
+
+
 def _present(name: str, adapters: Sequence[LoraAdapter], weights: Sequence[float]) -> list[tuple[int, LoraModule, float]]:
     return [(t, a.modules[name], w) for t, (a, w) in enumerate(zip(adapters, weights)) if name in a.modules]
 
@@ -68,6 +84,7 @@ def report_scores(
     adapters: Sequence[LoraAdapter],
     weights: Sequence[float],
     reference_sq_norms: Mapping[str, float | None] | None = None,
+    products: Mapping[str, ReportProducts] | None = None,
     errors: bool = True,
 ) -> tuple[dict[str, float], dict[str, dict]]:
     """Per module the relative error to the weighted sum, and per adapter its retention, in one pass.
@@ -77,6 +94,8 @@ def report_scores(
         adapters, weights: the sources in the merge's order and their weights.
         reference_sq_norms: ``‖Σ_t w_t ΔW_t‖²`` per module where the merge had it (saves an
             ``O((d_in + d_out)·n²)`` product); computed from the factors where missing.
+        products: the merge's own :class:`ReportProducts` per module, used where they belong to
+            the module being scored.
         errors: False computes retention only.
 
     Returns:
@@ -85,14 +104,18 @@ def report_scores(
     """
     from lego_viz.invariance import Factored, low_rank_relative_error
 
-    reference_sq_norms = reference_sq_norms or {}
+    reference_sq_norms, products = reference_sq_norms or {}, products or {}
     result_errors: dict[str, float] = {}
     per_adapter: list[dict[str, float]] = [{} for _ in adapters]
     for name, merged in merged_modules.items():
         present = _present(name, adapters, weights)
         if not present:
             continue
-        cross, source_sq, merged_sq = module_products(merged, [(lora, w) for _, lora, w in present])
+        known = products.get(name)
+        if known is not None and known.module is merged and len(known.cross) == len(present):
+            cross, source_sq, merged_sq = known.cross, known.source_sq, known.merged_sq
+        else:
+            cross, source_sq, merged_sq = module_products(merged, [(lora, w) for _, lora, w in present])
         for (t, _, _), inner, norm in zip(present, cross, source_sq):
             per_adapter[t][name] = inner / norm if norm > 0.0 else 0.0
         if errors:

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING
 from lego_viz.adapters import AdapterError, LoraModule
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 # safetensors dtype → (bytes per element, mask of the exponent bits for floats else None, torch dtype name)
@@ -35,10 +37,30 @@ _DTYPES = {
     "U8": (1, None, "uint8"), "BOOL": (1, None, "bool"),
 }
 _UINT = {1: "<u1", 2: "<u2", 4: "<u4", 8: "<u8"}
+# numpy dtype each stored dtype is read as (bf16 as its raw 16 bits, widened by read_array)
+_NUMPY = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
+          "I8": "i1", "U8": "u1", "BOOL": "?"}
 # Largest header safetensors itself accepts (100 MB): anything bigger is garbage, not a header.
 _MAX_HEADER = 100_000_000
 # Bytes scanned per step when looking for NaN/inf, so a large tensor is never held twice.
 _SCAN_BYTES = 1 << 24
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(nbytes: int) -> np.ndarray:
+    """A reused byte buffer of at least ``nbytes`` (≤ _SCAN_BYTES) for this thread.
+
+    A fresh buffer per tensor would be a fresh memory map per tensor above glibc's mmap threshold,
+    every page faulted in again: scanning the reference shape's 1.3 GB took twice as long.
+    """
+    import numpy as np
+
+    buffer = getattr(_SCRATCH, "buffer", None)
+    if buffer is None or buffer.nbytes < nbytes:
+        buffer = _SCRATCH.buffer = np.empty(max(nbytes, 1 << 20), dtype=np.uint8)
+    return buffer[:nbytes]
 
 
 @dataclass(frozen=True)
@@ -97,12 +119,14 @@ class SafetensorsFile:
         except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
             raise AdapterError(f"{label}: {self.path.name} is corrupt or truncated ({type(exc).__name__}: {str(exc)[:160]}).") from None
 
-    def _read_bytes(self, info: TensorInfo, start: int = 0, nbytes: int | None = None) -> bytearray:
-        nbytes = info.nbytes - start if nbytes is None else nbytes
-        buffer = bytearray(nbytes)
+    def _read_bytes(self, info: TensorInfo, into: memoryview | None = None) -> memoryview:
+        """The tensor's bytes, read into ``into`` (a writable buffer of ``info.nbytes``) or a fresh one."""
+        import numpy as np
+
+        buffer = memoryview(np.empty(info.nbytes, dtype=np.uint8)) if into is None else into
         with open(self.path, "rb") as handle:
-            handle.seek(info.start + start)
-            if handle.readinto(buffer) != nbytes:
+            handle.seek(info.start)
+            if handle.readinto(buffer) != info.nbytes:
                 raise AdapterError(f"{self.label}: {self.path.name} is corrupt or truncated (it changed while being read).")
         return buffer
 
@@ -121,7 +145,7 @@ class SafetensorsFile:
             return 0
         magnitude = np.array((1 << (8 * width - 1)) - 1, dtype=_UINT[width])  # all bits but the sign
         step = min(_SCAN_BYTES - _SCAN_BYTES % width, info.nbytes)
-        buffer = np.empty(step // width, dtype=_UINT[width])
+        buffer = _scratch(step).view(_UINT[width])
         bad = 0
         with open(self.path, "rb") as handle:
             handle.seek(info.start)
@@ -129,27 +153,56 @@ class SafetensorsFile:
                 size = min(step, info.nbytes - offset)
                 if handle.readinto(memoryview(buffer).cast("B")[:size]) != size:
                     raise AdapterError(f"{self.label}: {self.path.name} is corrupt or truncated (it changed while being read).")
-                bits = np.bitwise_and(buffer[: size // width], magnitude)
+                bits = np.bitwise_and(buffer[: size // width], magnitude, out=buffer[: size // width])
                 if bits.max() >= mask:
                     bad += int(np.count_nonzero(bits >= mask))
         return bad
 
     def read(self, key: str) -> torch.Tensor:
-        """One tensor in float32 (converted from its stored dtype here, after the read).
-
-        With ``check_on_read`` (a file loaded without the up-front scan) the values are checked here:
-        a finite sum (one pass over the float32 tensor) proves there is no NaN/inf; only a NaN/inf or
-        an overflowing sum leads to the exact count.
-        """
+        """One tensor in float32 (converted from its stored dtype here, after the read)."""
         import torch
 
+        out = torch.empty(self.tensors[key].shape, dtype=torch.float32)
+        self.read_array(key, out.numpy())
+        return out
+
+    def read_array(self, key: str, out: np.ndarray, check: bool | None = None) -> None:
+        """Read one tensor into ``out`` (float32, the tensor's shape; a view into a larger buffer is fine).
+
+        No torch: float32 data is read straight into a contiguous ``out``; other dtypes (and strided
+        views) go through one buffer of the stored bytes and are converted on the copy (bf16 by
+        moving its bits into the top half of a float32, which is what bf16 is). With ``check`` (by
+        default ``check_on_read``: a file loaded without the up-front scan) the values are checked
+        here (:meth:`check_values`); a caller that reads many tensors side by side can pass
+        ``check=False`` and check them together.
+        """
+        import numpy as np
+
         info = self.tensors[key]
-        dtype = getattr(torch, _DTYPES[info.dtype][2])
-        tensor = torch.frombuffer(self._read_bytes(info), dtype=dtype) if info.nbytes else torch.empty(0, dtype=dtype)
-        tensor = tensor.reshape(info.shape).to(torch.float32)
-        if self.check_on_read and not torch.isfinite(tensor.sum()) and (bad := int(tensor.numel() - torch.isfinite(tensor).sum())):
+        if tuple(out.shape) != info.shape or out.dtype != np.float32:
+            raise ValueError(f"read_array: {key} is {info.shape}, got a {out.dtype} buffer of {tuple(out.shape)}")
+        if info.nbytes:
+            if info.dtype == "F32" and out.flags.c_contiguous:
+                self._read_bytes(info, memoryview(out.reshape(-1)).cast("B"))
+            else:
+                raw = np.frombuffer(self._read_bytes(info), dtype=_NUMPY[info.dtype]).reshape(info.shape)
+                if info.dtype == "BF16":
+                    np.left_shift(raw, 16, out=out.view(np.uint32), dtype=np.uint32)
+                else:
+                    out[...] = raw
+        if self.check_on_read if check is None else check:
+            self.check_values(key, out)
+
+    def check_values(self, key: str, values: np.ndarray) -> None:
+        """Raise :class:`AdapterError` if ``values`` (tensor ``key`` as read, float32) hold NaN/inf.
+
+        A finite sum (one pass) proves there is none; only a NaN/inf or an overflowing sum leads to
+        the exact count.
+        """
+        import numpy as np
+
+        if not np.isfinite(values.sum()) and (bad := int(values.size - np.isfinite(values).sum())):
             raise AdapterError(f"{self.label}: {self.path.name} tensor {key} has {bad} NaN/inf values.")
-        return tensor
 
 
 class StoredLoraModule(LoraModule):

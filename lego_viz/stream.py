@@ -4,7 +4,8 @@ The methods work module by module already, so a merge of adapters kept on disk
 (``load_adapters(..., lazy=True)``) can run on consecutive groups of modules: read the group's
 factors of every adapter (float32 from whatever was stored), merge them, run the invariance checks
 and the report's reconstruction errors on the same tensors while they are in memory, then drop
-them. Peak memory is about one group, not the input; each tensor is read once. The result is the
+them. The next group is read on another thread meanwhile. Peak memory is about two groups, not the
+input; each tensor is read once. The result is the
 one :func:`lego_viz.merge.merge` gives on the same adapters in memory, bit for bit: methods treat
 modules independently, and lego's batched k-means does not depend on which modules share a batch.
 """
@@ -13,17 +14,33 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from lego_viz.adapters import LoraAdapter, hash_in_background, module_order
-from lego_viz.invariance import EXACT_BUDGET, CheckResult, check_concat_sum, check_permutation, exact_cost
+import torch
+
+from lego_viz.adapters import LoraAdapter, LoraModule, hash_in_background, module_order
+from lego_viz.first_pass import (
+    CACHED_GROUP_BYTES,
+    GROUP_BYTES,
+    Arena,
+    UnitSummary,
+    module_groups,
+    read_stacked,
+    stacked_floats,
+)
+from lego_viz.invariance import (
+    EXACT_BUDGET,
+    CheckResult,
+    check_concat_sum,
+    check_permutation,
+    exact_cost,
+    probe_checks,
+)
 from lego_viz.merge import MergedAdapter, plan, wrap
 from lego_viz.merge.base import MethodOutput
+from lego_viz.stored import StoredLoraModule
 
-# float32 bytes of the factors read per group (all adapters' copies of the group's modules). A group
-# costs about twice this at its peak (the merge's and the checks' per-module copies); 128 MiB keeps a
-# 64-adapter merge of the reference shape near 0.6 GiB and still batches ~3 layers of k-means at 8.
-GROUP_BYTES = 128 * 2**20
 # Methods whose result depends on which modules run together: dare_linear draws every module's drop
 # mask from one random stream, so it runs as one group.
 _WHOLE_ONLY = {"dare_linear"}
@@ -41,32 +58,31 @@ class StreamedMerge:
     retained: dict[str, dict] = field(default_factory=dict)  # per adapter, as lego_viz.retention.retention
 
 
-def module_groups(adapters: Sequence[LoraAdapter], budget: int = GROUP_BYTES) -> list[list[str]]:
-    """Consecutive modules whose float32 factors, over all adapters, fit ``budget`` bytes (≥ 1 module each)."""
-    groups: list[list[str]] = [[]]
-    used = 0
-    for name in module_order(adapters):
-        size = 4 * sum(m.r * (m.d_in + m.d_out) for a in adapters if (m := a.modules.get(name)) is not None)
-        if groups[-1] and used + size > budget:
-            groups.append([])
-            used = 0
-        groups[-1].append(name)
-        used += size
-    return groups
+def _loaded(adapters: Sequence[LoraAdapter], names: Sequence[str], arena: Arena | None = None) -> list[LoraAdapter]:
+    """The adapters restricted to ``names``, factors in memory (read now if they were on disk).
 
-
-def _loaded(adapters: Sequence[LoraAdapter], names: Sequence[str]) -> list[LoraAdapter]:
-    """The adapters restricted to ``names``, factors in memory (read now if they were on disk)."""
-    views = []
-    for adapter in adapters:
-        modules = {}
-        for name in names:
-            if (module := adapter.modules.get(name)) is not None:
-                modules[name] = module.load() if hasattr(module, "load") else module
-        views.append(LoraAdapter(name=adapter.name, source=adapter.source, config=adapter.config, modules=modules,
-                                 sha256=adapter.sha256, weights_file=adapter.weights_file,
-                                 config_sha256=adapter.config_sha256))
-    return views
+    Each module's stored factors of all adapters are read side by side into one ``A`` (n, d_in)
+    and one ``B`` (d_out, n) buffer (:func:`lego_viz.first_pass.read_stacked`), and every adapter's
+    module is a view of its block: the merge and the checks then take the concatenation without
+    copying it (:func:`lego_viz.msu.stacked`). The buffers come from ``arena`` (emptied first).
+    """
+    if arena is not None:
+        arena.used = 0
+    modules: list[dict[str, LoraModule]] = [{} for _ in adapters]
+    for name in names:
+        found = read_stacked(adapters, name, arena)
+        if found is None:
+            for t, adapter in enumerate(adapters):
+                if (module := adapter.modules.get(name)) is not None:
+                    modules[t][name] = module.load() if isinstance(module, StoredLoraModule) else module
+            continue
+        A, B, blocks = found
+        A, B = torch.from_numpy(A), torch.from_numpy(B)
+        for t, module, units in blocks:
+            modules[t][name] = LoraModule(A=A[units], B=B[:, units], scale=module.scale, fan_in_fan_out=module.fan_in_fan_out)
+    return [LoraAdapter(name=a.name, source=a.source, config=a.config, modules=found, sha256=a.sha256,
+                        weights_file=a.weights_file, config_sha256=a.config_sha256)
+            for a, found in zip(adapters, modules)]
 
 
 _malloc_trim = None  # glibc's malloc_trim, looked up on first use (False where there is none)
@@ -123,6 +139,7 @@ def merge_streaming(
     errors: bool = True,
     progress: Progress | None = None,
     group_bytes: int = GROUP_BYTES,
+    summaries: Mapping[str, UnitSummary] | None = None,
     **options,
 ) -> StreamedMerge:
     """:func:`lego_viz.merge.merge` plus the checks and report errors, one group of modules at a time.
@@ -135,6 +152,8 @@ def merge_streaming(
             retention (:mod:`lego_viz.retention`) for the report.
         progress: called with (modules done, modules in all) after each group.
         group_bytes: float32 bytes of input factors held at once.
+        summaries: the first pass over the weights, made beforehand (:func:`lego_viz.first_pass.summarize`;
+            the ``merge`` command makes it while torch is imported), for methods that take it (lego).
 
     Returns:
         A :class:`StreamedMerge`: the merged adapter, the check results and the errors.
@@ -152,33 +171,68 @@ def merge_streaming(
     found: dict[str, list[CheckResult]] = {"permutation": [], "concat_sum": []}
     result_errors: dict[str, float] = {}
     retained: dict[str, dict] = {a.name: {"per_module": {}} for a in adapters}
-    elapsed, done, total = 0.0, 0, sum(len(g) for g in groups)
-    for names in groups:
-        block = _loaded(adapters, names)
-        start = time.perf_counter()
-        part = spec.fn(block, weights, ranks, resolved)
-        elapsed += time.perf_counter() - start
-        output.modules.update(part.modules)
-        output.labels.update(part.labels)
-        output.unit_owner.update(part.unit_owner)
-        output.reference_sq_norms.update(part.reference_sq_norms)
-        output.warnings += [w for w in part.warnings if w not in output.warnings]
-        for key, value in part.timings.items():
-            output.timings[key] = output.timings.get(key, 0.0) + value
-        _add_counts(output.details, part.details)
-        if checks:
-            found["permutation"].append(check_permutation(block, exact=exact["permutation"]))
-            found["concat_sum"].append(check_concat_sum(block, weights, exact=exact["concat_sum"]))
-        if errors:
-            part_errors, part_retained = report_scores(part.modules, block, weights, part.reference_sq_norms)
-            result_errors.update(part_errors)
-            for adapter_name, entry in part_retained.items():
-                retained[adapter_name]["per_module"].update(entry["per_module"])
-        del block, part
-        _release_freed_memory()
-        done += len(names)
-        if progress is not None:
-            progress(done, total)
+    elapsed, done, trimmed = 0.0, 0, 0
+    # The first pass is known (the merge command makes it while torch imports): the clusters come from it
+    # without reading a weight, and the groups need only feed the centroids, so they are made small
+    # enough to stay in the CPU cache from their read to their use.
+    prepared = bool(summaries) and spec.prepare is not None
+    if prepared and method not in _WHOLE_ONLY:
+        groups = module_groups(adapters, min(group_bytes, CACHED_GROUP_BYTES))
+    size = max(stacked_floats(adapters, names) for names in groups)
+    arenas = [Arena(size), Arena(size if len(groups) > 1 else 0)]
+    total, clusters = sum(len(g) for g in groups), None
+    # The next group is read on another thread while this one is merged (file reads, dtype conversion
+    # and the NaN/inf scan; all the arithmetic stays on this one), so reading costs the merge no time.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read") as reader:
+        pending = reader.submit(_loaded, adapters, groups[0], arenas[0])
+        if prepared:
+            start = time.perf_counter()
+            clusters = spec.prepare(adapters, weights, ranks, resolved, summaries)
+            elapsed += time.perf_counter() - start
+            output.timings.update(clusters.timings)
+            _add_counts(output.details, clusters.details)
+        for index, names in enumerate(groups):
+            block = pending.result()
+            if index + 1 < len(groups):
+                pending = reader.submit(_loaded, adapters, groups[index + 1], arenas[(index + 1) % 2])
+            start = time.perf_counter()
+            part = (spec.fn(block, weights, ranks, resolved) if clusters is None
+                    else spec.fn(block, weights, ranks, resolved, clusters=clusters))
+            elapsed += time.perf_counter() - start
+            for name, module in part.modules.items():  # the arena is refilled two groups on
+                if arenas[index % 2].owns(module.A.data_ptr()) or arenas[index % 2].owns(module.B.data_ptr()):
+                    part.modules[name] = LoraModule(A=module.A.clone(), B=module.B.clone(), scale=module.scale,
+                                                    fan_in_fan_out=module.fan_in_fan_out)
+            output.modules.update(part.modules)
+            output.labels.update(part.labels)
+            output.unit_owner.update(part.unit_owner)
+            output.reference_sq_norms.update(part.reference_sq_norms)
+            output.report_products.update(part.report_products)
+            output.warnings += [w for w in part.warnings if w not in output.warnings]
+            for key, value in part.timings.items():
+                output.timings[key] = output.timings.get(key, 0.0) + value
+            _add_counts(output.details, part.details)
+            if checks:
+                if exact["permutation"] or exact["concat_sum"]:
+                    found["permutation"].append(check_permutation(block, exact=exact["permutation"]))
+                    found["concat_sum"].append(check_concat_sum(block, weights, exact=exact["concat_sum"]))
+                else:  # large inputs: both checks from one probe of every unit
+                    for key, result in zip(("permutation", "concat_sum"), probe_checks(block, weights, unit_probes=part.unit_probes)):
+                        found[key].append(result)
+            if errors:
+                part_errors, part_retained = report_scores(part.modules, block, weights, part.reference_sq_norms,
+                                                           part.report_products)
+                result_errors.update(part_errors)
+                for adapter_name, entry in part_retained.items():
+                    retained[adapter_name]["per_module"].update(entry["per_module"])
+            del block, part
+            trimmed += stacked_floats(adapters, names)
+            if 4 * trimmed >= GROUP_BYTES or index + 1 == len(groups):
+                _release_freed_memory()
+                trimmed = 0
+            done += len(names)
+            if progress is not None:
+                progress(done, total)
     hashed()
     merged = wrap(spec, adapters, output, resolved, k, weights, warnings, elapsed)
     results = {key: _combine_checks(parts) for key, parts in found.items() if parts}

@@ -11,7 +11,8 @@ from conftest import make_adapter, save_peft_folder
 from benchmarks.synthetic import ReferenceShape, make_adapters
 from lego_viz.adapters import AdapterError, load_adapter, load_adapters
 from lego_viz.export import reconstruction_errors
-from lego_viz.invariance import Factored, check_concat_sum, check_permutation, relative_error
+from lego_viz.first_pass import read_stacked, summarize
+from lego_viz.invariance import Factored, check_concat_sum, check_permutation, probe_checks, relative_error
 from lego_viz.merge import merge
 from lego_viz.stored import StoredLoraModule
 from lego_viz.stream import merge_streaming, module_groups
@@ -50,6 +51,8 @@ def test_lazy_load_finds_non_finite_values_in_half_precision(tmp_path, bad) -> N
     assert deferred.sha256 == ""
     with pytest.raises(AdapterError, match=r"lora_B.weight has 1 NaN/inf"):
         merge_streaming([deferred], "linear")
+    with pytest.raises(AdapterError, match=r"lora_B.weight has 1 NaN/inf"):  # the first pass finds it from its Gram matrices
+        summarize([deferred])
 
 
 @pytest.mark.parametrize(("method", "options"), [("lego", {}), ("lego", {"features": "raw", "param_reweight": "linf"}),
@@ -68,6 +71,60 @@ def test_streamed_merge_is_bit_identical_to_in_memory(bf16_folders, method, opti
     for name, labels in expected.labels.items():
         assert torch.equal(streamed.labels[name], labels)
     assert streamed.options == expected.options and streamed.sources == expected.sources
+
+
+@pytest.mark.parametrize("options", [{}, {"features": "raw", "param_reweight": "linf"}, {"rescale": "lsq"}])
+def test_merge_from_the_first_pass_is_bit_identical_to_in_memory(bf16_folders, options) -> None:
+    # What the merge command does: the first pass (numpy) first, then clusters without a weight read and
+    # the centroids from small groups.
+    weights = [1.0, 0.5, -1.0, 2.0]
+    expected = merge(load_adapters(bf16_folders), "lego", k=4, weights=weights, **options)
+    lazy = load_adapters(bf16_folders, lazy=True, defer_checks=True, hash_weights=False)
+    summaries = summarize(lazy, group_bytes=40_000)
+    assert set(summaries) == set(expected.modules)
+    result = merge_streaming(lazy, "lego", k=4, weights=weights, summaries=summaries, **options)
+    for name, module in expected.modules.items():
+        assert torch.equal(result.merged.modules[name].A, module.A), name
+        assert torch.equal(result.merged.modules[name].B, module.B), name
+        assert torch.equal(result.merged.labels[name], expected.labels[name])
+    assert result.errors == pytest.approx(reconstruction_errors(expected, load_adapters(bf16_folders)), rel=1e-12)
+    assert result.merged.details == expected.details
+    assert result.checks["permutation"].passed and result.checks["concat_sum"].passed
+
+
+def test_read_stacked_puts_each_adapter_in_its_block(bf16_folders) -> None:
+    eager = load_adapters(bf16_folders)
+    lazy = load_adapters(bf16_folders, lazy=True)
+    name = next(iter(eager[0].modules))
+    A, B, blocks = read_stacked(lazy, name)
+    assert A.shape[0] == B.shape[1] == sum(a.modules[name].r for a in eager)
+    for t, _, units in blocks:
+        assert torch.equal(torch.from_numpy(A[units]), eager[t].modules[name].A)
+        assert torch.equal(torch.from_numpy(B[:, units].copy()), eager[t].modules[name].B)
+
+
+@pytest.mark.parametrize("span", [False, True])
+def test_probe_checks_agree_with_the_checks_and_see_a_broken_pairing(bf16_folders, span) -> None:
+    adapters = load_adapters(bf16_folders)
+    weights = [1.0, 0.5, -1.0, 2.0]
+    # span: the probes a lego merge hands over, made from its Gram matrices (no pass over the weights)
+    probes = None
+    if span:
+        from lego_viz.merge import plan
+        from lego_viz.merge.lego import lego_clusters
+
+        _, options, _, resolved_weights, ranks = plan(adapters, "lego", 4, weights, False, {})
+        probes = lego_clusters(adapters, resolved_weights, ranks, options).unit_probes
+    permutation, concat = probe_checks(adapters, weights, unit_probes=probes)
+    assert permutation.passed and concat.passed and permutation.max_rel_error < 1e-6 and concat.max_rel_error < 1e-6
+    assert set(permutation.per_module) == set(check_permutation(adapters).per_module)
+    assert set(concat.per_module) == set(check_concat_sum(adapters, weights).per_module)
+    if not span:  # the same probes and permutation draws as the one-sided check functions' probe mode
+        expected = check_permutation(adapters, exact=False)
+        for key, error in permutation.per_module.items():
+            assert error == pytest.approx(expected.per_module[key], abs=1e-6)
+    broken, _ = probe_checks(adapters, weights, shuffle="a_only", unit_probes=probes)
+    assert not broken.passed and broken.max_rel_error > 0.1
 
 
 def test_streamed_checks_errors_and_progress(bf16_folders) -> None:
@@ -128,3 +185,24 @@ def test_lego_switches_to_the_sketch_for_many_units(monkeypatch) -> None:
     for name, module in sketched.modules.items():
         assert module.A.shape == gram.modules[name].A.shape and torch.isfinite(module.A).all()
         assert sorted(set(sketched.labels[name].tolist())) == [0, 1, 2]
+
+
+def test_merge_command_in_a_fresh_process_matches_the_library(bf16_folders, tmp_path) -> None:
+    # A fresh `python -m lego_viz merge` makes the first pass in a forked process while it imports torch,
+    # then leaves without Python's teardown: the export must be the in-memory merge, complete.
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "lego_viz", "merge", *bf16_folders, "--k", "4", "--dtype", "fp32",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("merged 4 adapters with lego")
+    expected = merge(load_adapters(bf16_folders), "lego", k=4)
+    saved = load_file(out / "adapter_model.safetensors")
+    for name, module in expected.modules.items():
+        assert torch.equal(saved[f"base_model.model.{name}.lora_A.weight"], module.A), name
+        assert torch.equal(saved[f"base_model.model.{name}.lora_B.weight"], module.B), name
+    assert (out / "merge_report.json").read_text().rstrip().endswith("}")

@@ -159,6 +159,7 @@ def wrap(
         timings={**output.timings, "total": elapsed},
         warnings=warnings + output.warnings + [w for a in adapters for w in a.warnings],
         reference_sq_norms=output.reference_sq_norms,
+        report_products=output.report_products,
         details=output.details,
     )
 

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from lego_viz.adapters import AdapterError, LoraAdapter, LoraModule
+from lego_viz.retention import ReportProducts
 
 
 class MergeError(AdapterError):
@@ -54,6 +55,12 @@ class MethodOutput:
     # per module ‖Σ_t w_t ΔW_t‖_F², where the method got it for free (lego: its Gram matrices; svd: the
     # singular values), so the report's errors need no second pass over the inputs
     reference_sq_norms: dict[str, float] = field(default_factory=dict)
+    # per module the report's inner products, where the method got them for free (lego: from its Gram
+    # matrices), so the report reads no weights at all
+    report_products: dict[str, ReportProducts] = field(default_factory=dict)
+    # per module the units' products with the invariance checks' probes, where the method got them for
+    # free (lego: from its Gram matrices; lego_viz.invariance.span_probes), so the checks read no weights
+    unit_probes: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     details: dict = field(default_factory=dict)  # how the method ran, for the report (lego: which k-means)
 
 
@@ -70,16 +77,22 @@ class MergeMethod:
     options: Mapping[str, Option]
     takes_k: bool
     equal_ranks: bool = False  # PEFT's linear/ties/dare need the same r in every adapter
+    # A first step over all modules that needs no weights when their first pass is known:
+    # ``prepare(adapters, weights, k, options, summaries)`` returns what ``fn(..., clusters=...)`` then
+    # takes for any subset of the modules (lego: the clusters; a streamed merge reads weights only for
+    # the centroids). None: the method reads the weights of each module once, in ``fn``.
+    prepare: Callable | None = None
 
 
 MERGE_METHODS: dict[str, MergeMethod] = {}
 
 
-def register(name: str, description: str, options: Mapping[str, Option], takes_k: bool, equal_ranks: bool = False):
+def register(name: str, description: str, options: Mapping[str, Option], takes_k: bool, equal_ranks: bool = False,
+             prepare: Callable | None = None):
     """Decorator: add a method function to :data:`MERGE_METHODS`."""
 
     def wrap(fn: MethodFn) -> MethodFn:
-        MERGE_METHODS[name] = MergeMethod(name, fn, description, dict(options), takes_k, equal_ranks)
+        MERGE_METHODS[name] = MergeMethod(name, fn, description, dict(options), takes_k, equal_ranks, prepare)
         return fn
 
     return wrap
@@ -102,6 +115,7 @@ class MergedAdapter:
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     reference_sq_norms: dict[str, float] = field(default_factory=dict)  # see MethodOutput
+    report_products: dict[str, ReportProducts] = field(default_factory=dict)  # see MethodOutput
     details: dict = field(default_factory=dict)  # see MethodOutput
 
     @property
