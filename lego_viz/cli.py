@@ -15,7 +15,7 @@ import importlib
 import json
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -149,69 +149,19 @@ def _recipe_settings(args: argparse.Namespace) -> list[tuple[str, object]]:
 class _ProgressBar:
     """A tqdm bar on stderr (modules done / total) that shows up only once a merge has run ~2 s."""
 
-    def __init__(self, desc: str = "merge") -> None:
+    def __init__(self) -> None:
         self.bar = None
-        self.desc = desc
 
     def __call__(self, done: int, total: int) -> None:
         if self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, unit="module", desc=self.desc, delay=2.0, file=sys.stderr, leave=False)
+            self.bar = tqdm(total=total, unit="module", desc="merge", delay=2.0, file=sys.stderr, leave=False)
         self.bar.update(done - self.bar.n)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-class _FirstPass:
-    """lego's first pass over the weights (:func:`lego_viz.first_pass.summarize`, numpy only) in a
-    forked process, made while this one imports torch (~2 s that would otherwise come first).
-
-    Forked before this process starts any thread or imports torch. Where the summaries would not
-    fit their memory budget, or the platform cannot fork, nothing runs and :meth:`result` is None:
-    the merge then makes them group by group itself, with the same result.
-    """
-
-    def __init__(self, adapters: list[LoraAdapter]) -> None:
-        import multiprocessing
-
-        from lego_viz.first_pass import SUMMARY_BYTES, summary_bytes
-
-        self.process = None
-        if ("torch" in sys.modules or summary_bytes(adapters) > SUMMARY_BYTES
-                or "fork" not in multiprocessing.get_all_start_methods()):
-            return  # torch already imported (a caller in Python): nothing to overlap, and no fork after it
-        context = multiprocessing.get_context("fork")
-        self.receiver, sender = context.Pipe(duplex=False)
-        self.process = context.Process(target=_summarize_into, args=(adapters, sender), daemon=True)
-        self.process.start()
-        sender.close()
-
-    def result(self) -> Mapping | None:
-        """The summaries (waits for them); raises what the first pass raised (a NaN/inf in a file)."""
-        if self.process is None:
-            return None
-        try:
-            ok, value = self.receiver.recv()
-        except EOFError:  # the process died (out of memory, killed): the merge makes the summaries itself
-            ok, value = True, None
-        finally:
-            self.receiver.close()
-            self.process.join()
-        if not ok:
-            raise value
-        return value
-
-
-def _summarize_into(adapters: list[LoraAdapter], sender) -> None:
-    from lego_viz.first_pass import summarize
-
-    try:
-        sender.send((True, summarize(adapters, read_ahead=False)))  # one core: the other imports torch
-    except Exception as exc:  # handed to the parent, which raises it
-        sender.send((False, exc))
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -244,7 +194,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
         adapters = _load(args.adapters, defer_checks=True, hash_weights=False)
         method, k, weights, allow = args.method or "lego", args.k, args.weights, args.allow_base_mismatch
         if method == "lego":
-            first_pass = _FirstPass(adapters)
+            # lego's first pass over the weights (numpy only) starts in a forked process while this one
+            # imports torch (~2 s that would otherwise come first); this one joins in once it is done.
+            from lego_viz.first_pass import SharedFirstPass
+
+            first_pass = SharedFirstPass.start(adapters)
         for key in ("features", "param_reweight", "seed", "n_init", "density", "preset"):
             value = getattr(args, key)
             if value is not None:

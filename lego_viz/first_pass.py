@@ -3,10 +3,11 @@
 A lego merge needs of each module's weights only its units' Gram matrices ``A Aᵀ`` and ``Bᵀ B``
 and each unit's largest and smallest ``A`` entry (for the canonical sign) until the clusters are
 known; the centroids read the weights a second time. That first pass is most of the arithmetic
-and needs only numpy, so the ``merge`` command runs it while torch is still being imported
-(:func:`summarize`), and the merge then starts from the summaries
-(:func:`lego_viz.merge.lego.lego`). A merge without them computes the same summaries the same
-way, module by module, so the result is identical either way.
+and needs only numpy, so the ``merge`` command starts it in a forked process while it imports
+torch, and joins in once torch is loaded (:class:`SharedFirstPass`); the merge then starts from the
+summaries (:func:`lego_viz.merge.lego.lego_clusters`). A merge without them computes the same
+summaries the same way, module by module (:func:`summarize` does it for all modules in one
+process), so the result is identical either way.
 
 The stacked read (:func:`read_stacked`) is shared with the streamed merge (:mod:`lego_viz.stream`):
 all adapters' factors of a module go side by side into one ``A`` (n, d_in) and one ``B`` (d_out, n)
@@ -159,6 +160,12 @@ def check_stacked(A: np.ndarray, B: np.ndarray, blocks: list[tuple[int, StoredLo
             module.file.check_values(module.key_b, B[:, units])
 
 
+def _summarizable(adapters: Sequence[LoraAdapter]) -> list[str]:
+    """The modules :func:`summarize` covers: stored with one shape in every adapter, ≤ GRAM_UNITS units."""
+    return [name for name in module_order(adapters)
+            if (present := _stackable(adapters, name)) is not None and sum(m.r for _, m in present) <= GRAM_UNITS]
+
+
 def summary_bytes(adapters: Sequence[LoraAdapter]) -> int:
     """Bytes :func:`summarize` would keep: two n×n float32 Gram matrices per summarizable module."""
     total = 0
@@ -170,8 +177,7 @@ def summary_bytes(adapters: Sequence[LoraAdapter]) -> int:
 
 
 def summarize(
-    adapters: Sequence[LoraAdapter], group_bytes: int = GROUP_BYTES, progress: Callable[[int, int], None] | None = None,
-    read_ahead: bool = True,
+    adapters: Sequence[LoraAdapter], group_bytes: int = GROUP_BYTES, progress: Callable[[int, int], None] | None = None
 ) -> Mapping[str, UnitSummary]:
     """:func:`summarize_module` of every module of adapters kept on disk whose units fit the Gram route.
 
@@ -183,13 +189,10 @@ def summarize(
         adapters: adapters loaded with ``lazy=True``.
         group_bytes: float32 bytes read at once.
         progress: called with (modules done, modules in all) after each group.
-        read_ahead: read on another thread; False reads and computes on this one (one core busy,
-            as when another process needs the other: the merge command's torch import).
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    wanted = [name for name in module_order(adapters)
-              if (present := _stackable(adapters, name)) is not None and sum(m.r for _, m in present) <= GRAM_UNITS]
+    wanted = _summarizable(adapters)
     if not wanted:
         return {}
     groups = module_groups([_restricted(a, wanted) for a in adapters], group_bytes)
@@ -202,7 +205,7 @@ def summarize(
         return [(name, *read_stacked(adapters, name, arena, check=False)) for name in groups[index]]
 
     summaries: dict[str, UnitSummary] = {}
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read") if read_ahead else _Inline() as reader:
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read") as reader:
         pending = reader.submit(read, 0)
         for index in range(len(groups)):
             block = pending.result()
@@ -225,18 +228,117 @@ def _restricted(adapter: LoraAdapter, names: Sequence[str]) -> LoraAdapter:
     return LoraAdapter(name=adapter.name, source=adapter.source, config=adapter.config, modules=modules)
 
 
-class _Inline:
-    """An executor that runs each task when it is submitted (``with`` and ``submit`` only)."""
+class SharedFirstPass:
+    """:func:`summarize` by two processes at once: a forked one starts now, and this one joins in when
+    it is free (the merge command: once torch is imported).
 
-    def __enter__(self) -> _Inline:
-        return self
+    Modules are claimed one at a time from a shared counter, and each summary is written into
+    memory both processes share, so whichever process is free works and nothing is copied between
+    them. Values are checked for NaN/inf from the Gram diagonals here, in :meth:`result`; if the
+    forked process fails or dies, its unfinished modules are summarized here (and an error in
+    them raised here).
 
-    def __exit__(self, *exc) -> None:
-        return None
+    Use :meth:`start`, before this process starts any thread.
+    """
 
-    def submit(self, fn: Callable, *args):
-        from concurrent.futures import Future
+    def __init__(self, adapters: Sequence[LoraAdapter], names: list[str]) -> None:
+        import mmap
+        import multiprocessing
 
-        future: Future = Future()
-        future.set_result(fn(*args))
-        return future
+        self.adapters, self.names = adapters, names
+        self.units = [sum(m.r for _, m in _stackable(adapters, name)) for name in names]
+        self.offsets = np.cumsum([0] + [2 * n * n + 2 * n for n in self.units]).tolist()
+        # anonymous shared memory: the summaries (float32) and one "done" byte per module
+        self.memory = mmap.mmap(-1, 4 * self.offsets[-1] + len(names))
+        self.values = np.frombuffer(self.memory, dtype=np.float32, count=self.offsets[-1])
+        self.done = np.frombuffer(self.memory, dtype=np.uint8, offset=4 * self.offsets[-1])
+        self.largest = max(stacked_floats(adapters, [name]) for name in names)
+        context = multiprocessing.get_context("fork")
+        self.counter = context.Value("i", 0)
+        self.process = context.Process(target=self._work, daemon=True)
+        self.process.start()
+
+    @classmethod
+    def start(cls, adapters: Sequence[LoraAdapter]) -> SharedFirstPass | None:
+        """Start the first pass of ``adapters`` in a forked process; None where it cannot help: torch
+        is imported already (nothing to overlap, and no fork after it), the summaries would exceed
+        :data:`SUMMARY_BYTES`, the platform cannot fork, or no module qualifies."""
+        import multiprocessing
+        import sys
+
+        if "torch" in sys.modules or "fork" not in multiprocessing.get_all_start_methods():
+            return None
+        names = _summarizable(adapters)
+        if not names or summary_bytes(adapters) > SUMMARY_BYTES:
+            return None
+        return cls(adapters, names)
+
+    def _claim(self, parent: bool = False) -> int | None:
+        lock = self.counter.get_lock()
+        while not lock.acquire(timeout=0.2):
+            if parent and not self.process.is_alive():  # died holding the lock: go on alone
+                self.counter = _Counter(self.counter.value)
+                lock = self.counter.get_lock()
+        try:
+            index = self.counter.value
+            if index >= len(self.names):
+                return None
+            self.counter.value = index + 1
+        finally:
+            lock.release()
+        return index
+
+    def _slots(self, index: int) -> UnitSummary:
+        n, start = self.units[index], self.offsets[index]
+        gram_a = self.values[start : start + n * n].reshape(n, n)
+        gram_b = self.values[start + n * n : start + 2 * n * n].reshape(n, n)
+        row_max = self.values[start + 2 * n * n : start + 2 * n * n + n]
+        return UnitSummary(gram_a, gram_b, row_max, self.values[start + 2 * n * n + n : start + 2 * n * n + 2 * n])
+
+    def _summarize(self, index: int, arena: Arena) -> None:
+        arena.used = 0
+        A, B, _ = read_stacked(self.adapters, self.names[index], arena, check=False)
+        found, slots = summarize_module(A, B), self._slots(index)
+        for name in ("gram_a", "gram_b", "row_max", "row_min"):
+            getattr(slots, name)[...] = getattr(found, name)
+        self.done[index] = 1
+
+    def _work(self) -> None:  # the forked process
+        arena = Arena(self.largest)
+        try:
+            while (index := self._claim()) is not None:
+                self._summarize(index, arena)
+        except Exception:  # the parent redoes this module and raises the error itself
+            pass
+
+    def result(self) -> Mapping[str, UnitSummary]:
+        """Take part until every module is claimed, wait for the forked process, and return the summaries.
+
+        Raises:
+            AdapterError: a NaN/inf in a file (or a file that cannot be read).
+        """
+        arena = Arena(self.largest)
+        while (index := self._claim(parent=True)) is not None:
+            self._summarize(index, arena)
+        self.process.join()
+        summaries = {}
+        for index, name in enumerate(self.names):
+            if not self.done[index]:  # the forked process failed on it, or died
+                self._summarize(index, arena)
+            summary = self._slots(index)
+            if not np.isfinite(summary.gram_a.diagonal().sum() + summary.gram_b.diagonal().sum()):
+                read_stacked(self.adapters, name, check=True)  # raises, naming the tensor
+            summaries[name] = summary
+        return summaries
+
+
+class _Counter:
+    """A counter in this process only, with the lock interface of ``multiprocessing.Value``."""
+
+    def __init__(self, value: int) -> None:
+        import threading
+
+        self.value, self._lock = value, threading.Lock()
+
+    def get_lock(self):
+        return self._lock

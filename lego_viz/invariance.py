@@ -328,6 +328,15 @@ def span_probes(gram_a: torch.Tensor, gram_b: torch.Tensor, n_probes: int = 4, s
     return c_x.to(gram_a) @ gram_a, c_z.to(gram_b) @ gram_b
 
 
+def _starts(present: Sequence[tuple]) -> list[int]:
+    """First unit of each adapter's block when the ``(t, module, w)`` in ``present`` are stacked."""
+    starts, total = [], 0
+    for _, lora, _ in present:
+        starts.append(total)
+        total += lora.r
+    return starts
+
+
 def probe_checks(
     adapters: Sequence[LoraAdapter],
     weights: Sequence[float] | None = None,
@@ -373,6 +382,8 @@ def probe_checks(
     label = "permutation" if shuffle == "both" else "permutation_a_only"
     permutation = CheckResult(name=label, tolerance=tolerance, expect_pass=shuffle == "both", method="probe")
     concat = CheckResult(name="concat_sum", tolerance=tolerance, method="probe")
+    # Modules with the same adapters, ranks, scales and probe count are checked together, as one batch.
+    batches: dict[tuple, list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
     probes: dict[int, torch.Tensor] = {}
     for name in dict.fromkeys(m for a in adapters for m in a.modules):
         present = [(t, a.modules[name], w) for t, (a, w) in enumerate(zip(adapters, weights)) if name in a.modules]
@@ -383,27 +394,37 @@ def probe_checks(
             z, x = _probe_pair(first.d_in, first.d_out, probes)
             u = x @ stacked([lora.A for _, lora, _ in present], 0).T  # (p, n)
             v = z @ stacked([lora.B for _, lora, _ in present], 1)  # (p, n)
-        # Every unit's rank-one sketch v_i u_iᵀ (n, p, p); an adapter's update sums its units' sketches.
-        ranks = torch.tensor([lora.r for _, lora, _ in present])
+        key = (tuple((t, lora.r, lora.scale, w) for t, lora, w in present), u.shape[0], u.dtype)
+        moved = torch.cat([perms[(t, name)] + begin for (t, lora, _), begin in zip(present, _starts(present))])
+        batches.setdefault(key, []).append((name, u, v, moved))
+    for (present, _, dtype), members in batches.items():
+        names = [name for name, *_ in members]
+        u, v, moved = (torch.stack([member[i] for member in members]) for i in (1, 2, 3))  # (m, p, n) ×2, (m, n)
+        ranks = torch.tensor([r for _, r, _, _ in present])
         block = torch.repeat_interleave(torch.arange(len(present)), ranks)  # (n,) adapter block of each unit
-        scale = torch.repeat_interleave(torch.tensor([lora.scale for _, lora, _ in present]), ranks).to(u)
-        weight = torch.tensor([w for _, _, w in present], dtype=u.dtype)
-        starts = torch.cumsum(ranks, 0) - ranks
-        moved = torch.cat([perms[(t, name)] + int(begin) for (t, _, _), begin in zip(present, starts)])
-        sketches = v.T[:, :, None] * u.T[:, None, :] * scale[:, None, None]
-        moved_v = v.T if shuffle == "a_only" else v.T[moved]
-        moved_sketches = moved_v[:, :, None] * u.T[moved][:, None, :] * scale[:, None, None]
-        own = torch.zeros(len(present), *sketches.shape[1:], dtype=u.dtype).index_add_(0, block, sketches)
-        shuffled = torch.zeros_like(own).index_add_(0, block, moved_sketches)
-        for (t, _, _), error in zip(present, _sketch_errors(own, shuffled)):
-            permutation.per_module[f"{adapters[t].name}:{name}"] = error
-            permutation.probe_max_rel_error = max(permutation.probe_max_rel_error, error)
+        scale = torch.repeat_interleave(torch.tensor([s for _, _, s, _ in present], dtype=dtype), ranks)
+        weight = torch.tensor([w for _, _, _, w in present], dtype=dtype)
+        # Every unit's rank-one sketch v_i u_iᵀ (m, n, p, p); an adapter's update sums its units' sketches.
+        u, v = u.transpose(1, 2), v.transpose(1, 2)  # (m, n, p)
+        sketches = v[..., :, None] * u[..., None, :] * scale[:, None, None]
+        shifted = moved[..., None].expand_as(u)
+        moved_v = v if shuffle == "a_only" else torch.gather(v, 1, shifted)
+        moved_sketches = moved_v[..., :, None] * torch.gather(u, 1, shifted)[..., None, :] * scale[:, None, None]
+        own = torch.zeros(len(names), len(present), *sketches.shape[2:], dtype=dtype).index_add_(1, block, sketches)
+        shuffled = torch.zeros_like(own).index_add_(1, block, moved_sketches)
+        errors = _sketch_errors(own.flatten(0, 1), shuffled.flatten(0, 1))
+        for i, name in enumerate(names):
+            for (t, *_), error in zip(present, errors[i * len(present) : (i + 1) * len(present)]):
+                permutation.per_module[f"{adapters[t].name}:{name}"] = error
         # the weighted sum of the adapters' updates vs the concatenated LoRA (scale and weight per unit)
-        summed = (own * weight[:, None, None]).sum(dim=0)
-        concatenated = (sketches * weight[block][:, None, None]).sum(dim=0)
-        error = _sketch_errors(summed[None], concatenated[None])[0]
-        concat.per_module[name] = error
-        concat.probe_max_rel_error = max(concat.probe_max_rel_error, error)
+        summed = (own * weight[:, None, None]).sum(dim=1)
+        concatenated = (sketches * weight[block][:, None, None]).sum(dim=1)
+        concat.per_module.update(zip(names, _sketch_errors(summed, concatenated)))
+    # in the order the other checks report them: adapter by adapter, module by module
+    permutation.per_module = {key: permutation.per_module[key] for key in (f"{a.name}:{m}" for a in adapters for m in a.modules)}
+    concat.per_module = {name: concat.per_module[name] for name in dict.fromkeys(m for a in adapters for m in a.modules)}
+    permutation.probe_max_rel_error = max(permutation.per_module.values(), default=0.0)
+    concat.probe_max_rel_error = max(concat.per_module.values(), default=0.0)
     permutation.seconds = concat.seconds = (time.perf_counter() - start) / 2
     return permutation, concat
 

@@ -120,10 +120,14 @@ class SafetensorsFile:
             raise AdapterError(f"{label}: {self.path.name} is corrupt or truncated ({type(exc).__name__}: {str(exc)[:160]}).") from None
 
     def _read_bytes(self, info: TensorInfo, into: memoryview | None = None) -> memoryview:
-        """The tensor's bytes, read into ``into`` (a writable buffer of ``info.nbytes``) or a fresh one."""
+        """The tensor's bytes, read into ``into`` (a writable buffer of ``info.nbytes``) or else into
+        this thread's scratch buffer (valid until its next read; a fresh buffer above 16 MiB)."""
         import numpy as np
 
-        buffer = memoryview(np.empty(info.nbytes, dtype=np.uint8)) if into is None else into
+        if into is not None:
+            buffer = into
+        else:
+            buffer = memoryview(_scratch(info.nbytes) if info.nbytes <= _SCAN_BYTES else np.empty(info.nbytes, dtype=np.uint8))
         with open(self.path, "rb") as handle:
             handle.seek(info.start)
             if handle.readinto(buffer) != info.nbytes:

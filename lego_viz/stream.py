@@ -2,18 +2,24 @@
 
 The methods work module by module already, so a merge of adapters kept on disk
 (``load_adapters(..., lazy=True)``) can run on consecutive groups of modules: read the group's
-factors of every adapter (float32 from whatever was stored), merge them, run the invariance checks
-and the report's reconstruction errors on the same tensors while they are in memory, then drop
-them. The next group is read on another thread meanwhile. Peak memory is about two groups, not the
-input; each tensor is read once. The result is the
-one :func:`lego_viz.merge.merge` gives on the same adapters in memory, bit for bit: methods treat
-modules independently, and lego's batched k-means does not depend on which modules share a batch.
+factors of every adapter (float32 from whatever was stored, side by side in reused buffers),
+merge them, run the invariance checks and the report's reconstruction errors on the same tensors
+while they are in memory, then drop them. The next group is read on another thread meanwhile.
+Peak memory is about two groups, not the input; each tensor is read once.
+
+Given lego's first pass (:mod:`lego_viz.first_pass`, which the ``merge`` command makes while it
+imports torch), the clusters and the probe checks come from it without reading a weight, and
+the weights are read once more, in small groups, only for the centroids.
+
+The result is the one :func:`lego_viz.merge.merge` gives on the same adapters in memory, bit for
+bit: methods treat modules independently, and lego's batched k-means does not depend on which
+modules share a batch.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -58,19 +64,22 @@ class StreamedMerge:
     retained: dict[str, dict] = field(default_factory=dict)  # per adapter, as lego_viz.retention.retention
 
 
-def _loaded(adapters: Sequence[LoraAdapter], names: Sequence[str], arena: Arena | None = None) -> list[LoraAdapter]:
+def _loaded(
+    adapters: Sequence[LoraAdapter], names: Sequence[str], arena: Arena | None = None, checked: Container[str] = ()
+) -> list[LoraAdapter]:
     """The adapters restricted to ``names``, factors in memory (read now if they were on disk).
 
     Each module's stored factors of all adapters are read side by side into one ``A`` (n, d_in)
     and one ``B`` (d_out, n) buffer (:func:`lego_viz.first_pass.read_stacked`), and every adapter's
     module is a view of its block: the merge and the checks then take the concatenation without
     copying it (:func:`lego_viz.msu.stacked`). The buffers come from ``arena`` (emptied first).
+    Modules in ``checked`` skip the NaN/inf scan (the first pass made it on the same files).
     """
     if arena is not None:
         arena.used = 0
     modules: list[dict[str, LoraModule]] = [{} for _ in adapters]
     for name in names:
-        found = read_stacked(adapters, name, arena)
+        found = read_stacked(adapters, name, arena, check=name not in checked)
         if found is None:
             for t, adapter in enumerate(adapters):
                 if (module := adapter.modules.get(name)) is not None:
@@ -184,17 +193,24 @@ def merge_streaming(
     # The next group is read on another thread while this one is merged (file reads, dtype conversion
     # and the NaN/inf scan; all the arithmetic stays on this one), so reading costs the merge no time.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read") as reader:
-        pending = reader.submit(_loaded, adapters, groups[0], arenas[0])
+        pending = reader.submit(_loaded, adapters, groups[0], arenas[0], summaries or ())
         if prepared:
             start = time.perf_counter()
             clusters = spec.prepare(adapters, weights, ranks, resolved, summaries)
             elapsed += time.perf_counter() - start
             output.timings.update(clusters.timings)
             _add_counts(output.details, clusters.details)
+        # Large inputs whose every module has its probe products from the clusters: both checks at once,
+        # for all modules, with no weight read.
+        probed = (checks and clusters is not None and not any(exact.values())
+                  and set(clusters.unit_probes) == set(module_order(adapters)))
+        if probed:
+            for key, result in zip(("permutation", "concat_sum"), probe_checks(adapters, weights, unit_probes=clusters.unit_probes)):
+                found[key].append(result)
         for index, names in enumerate(groups):
             block = pending.result()
             if index + 1 < len(groups):
-                pending = reader.submit(_loaded, adapters, groups[index + 1], arenas[(index + 1) % 2])
+                pending = reader.submit(_loaded, adapters, groups[index + 1], arenas[(index + 1) % 2], summaries or ())
             start = time.perf_counter()
             part = (spec.fn(block, weights, ranks, resolved) if clusters is None
                     else spec.fn(block, weights, ranks, resolved, clusters=clusters))
@@ -212,7 +228,7 @@ def merge_streaming(
             for key, value in part.timings.items():
                 output.timings[key] = output.timings.get(key, 0.0) + value
             _add_counts(output.details, part.details)
-            if checks:
+            if checks and not probed:
                 if exact["permutation"] or exact["concat_sum"]:
                     found["permutation"].append(check_permutation(block, exact=exact["permutation"]))
                     found["concat_sum"].append(check_concat_sum(block, weights, exact=exact["concat_sum"]))

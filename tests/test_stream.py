@@ -74,9 +74,12 @@ def test_streamed_merge_is_bit_identical_to_in_memory(bf16_folders, method, opti
 
 
 @pytest.mark.parametrize("options", [{}, {"features": "raw", "param_reweight": "linf"}, {"rescale": "lsq"}])
-def test_merge_from_the_first_pass_is_bit_identical_to_in_memory(bf16_folders, options) -> None:
+@pytest.mark.parametrize("probed", [False, True])
+def test_merge_from_the_first_pass_is_bit_identical_to_in_memory(bf16_folders, options, probed, monkeypatch) -> None:
     # What the merge command does: the first pass (numpy) first, then clusters without a weight read and
-    # the centroids from small groups.
+    # the centroids from small groups. probed: checks by probes (large inputs), all modules at once.
+    if probed:
+        monkeypatch.setattr("lego_viz.stream.EXACT_BUDGET", 0)
     weights = [1.0, 0.5, -1.0, 2.0]
     expected = merge(load_adapters(bf16_folders), "lego", k=4, weights=weights, **options)
     lazy = load_adapters(bf16_folders, lazy=True, defer_checks=True, hash_weights=False)
@@ -89,7 +92,10 @@ def test_merge_from_the_first_pass_is_bit_identical_to_in_memory(bf16_folders, o
         assert torch.equal(result.merged.labels[name], expected.labels[name])
     assert result.errors == pytest.approx(reconstruction_errors(expected, load_adapters(bf16_folders)), rel=1e-12)
     assert result.merged.details == expected.details
-    assert result.checks["permutation"].passed and result.checks["concat_sum"].passed
+    for key, check in ((key, result.checks[key]) for key in ("permutation", "concat_sum")):
+        assert check.passed and check.method == ("probe" if probed else "exact"), key
+        reference = check_permutation(load_adapters(bf16_folders)) if key == "permutation" else check_concat_sum(load_adapters(bf16_folders))
+        assert list(check.per_module) == list(reference.per_module)
 
 
 def test_read_stacked_puts_each_adapter_in_its_block(bf16_folders) -> None:
@@ -206,3 +212,55 @@ def test_merge_command_in_a_fresh_process_matches_the_library(bf16_folders, tmp_
         assert torch.equal(saved[f"base_model.model.{name}.lora_A.weight"], module.A), name
         assert torch.equal(saved[f"base_model.model.{name}.lora_B.weight"], module.B), name
     assert (out / "merge_report.json").read_text().rstrip().endswith("}")
+
+
+def test_merge_command_reports_a_non_finite_value_found_by_the_first_pass(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    adapters = [make_adapter(name, seed=i) for i, name in enumerate("ab")]
+    folders = [str(save_peft_folder(a, tmp_path / a.name)) for a in adapters]
+    name = next(iter(adapters[1].modules))
+    tensors = {f"base_model.model.{m}.lora_{side}.weight": getattr(lora, side).clone()
+               for m, lora in adapters[1].modules.items() for side in "AB"}
+    tensors[f"base_model.model.{name}.lora_A.weight"][0, 2] = float("nan")
+    folders[1] = str(save_peft_folder(adapters[1], tmp_path / "bad", tensors=tensors))
+    done = subprocess.run([sys.executable, "-m", "lego_viz", "merge", *folders, "--k", "2", "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "lora_A.weight has 1 NaN/inf" in done.stderr and not (tmp_path / "out").exists()
+
+
+_SHARED_PASS = """
+import sys
+import numpy as np
+from lego_viz.adapters import load_adapters
+from lego_viz.first_pass import SharedFirstPass, summarize
+
+folders, kill = sys.argv[2:], sys.argv[1] == "kill"
+lazy = load_adapters(folders, lazy=True, defer_checks=True, hash_weights=False)
+shared = SharedFirstPass.start(lazy)
+assert shared is not None, "no fork"
+if kill:  # the forked process dies at once: this one must do every module itself
+    shared.process.kill()
+found, expected = shared.result(), summarize(lazy)
+assert list(found) == list(expected), (list(found), list(expected))
+for name, summary in expected.items():
+    for field in ("gram_a", "gram_b", "row_max", "row_min"):
+        assert np.array_equal(getattr(found[name], field), getattr(summary, field)), (name, field)
+assert "torch" not in sys.modules
+print("ok", len(found))
+"""
+
+
+@pytest.mark.parametrize("kill", [False, True])
+def test_shared_first_pass_equals_summarize(bf16_folders, kill) -> None:
+    # Two processes share the first pass (the merge command's: a forked one starts while the parent imports
+    # torch); in a fresh interpreter, since a process with torch loaded does not fork for it.
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _SHARED_PASS, "kill" if kill else "run", *bf16_folders],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("ok ")
