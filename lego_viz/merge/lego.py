@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from lego_viz.adapters import LoraAdapter, LoraModule, module_order
-from lego_viz.first_pass import GRAM_UNITS, UnitSummary, summarize_module
+from lego_viz.first_pass import GRAM_UNITS, UnitSummary, one_blas_thread, summarize_module
 from lego_viz.invariance import span_probes
 from lego_viz.kmeans import GramKMeans, sketch_kmeans
 from lego_viz.merge.base import MethodOutput, Option, register
@@ -42,7 +42,8 @@ def _matmul(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     thin products ((k, n) × (n, d) with k, n ≤ 128; 0.43 s against 0.65 s at the reference shape)."""
     if left.device.type != "cpu":
         return left @ right
-    return torch.from_numpy(left.numpy() @ right.numpy())
+    with one_blas_thread():
+        return torch.from_numpy(left.numpy() @ right.numpy())
 
 
 @dataclass
