@@ -155,14 +155,16 @@ def probe_vectors(d_in: int, n_probes: int = 4, seed: int = 0) -> torch.Tensor:
     return torch.randn(n_probes, d_in, generator=torch.Generator().manual_seed(seed))
 
 
-def _probe_pair(d_in: int, d_out: int, cache: dict[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z (p, d_out), x (p, d_in)): left probes from seed 1, right probes from seed 0."""
+def _probe_pair(
+    d_in: int, d_out: int, cache: dict[tuple[str, int], torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z (p, d_out), x (p, d_in)): left probes from seed 1, right probes from seed 0, drawn once per width."""
     cache = {} if cache is None else cache
-    if d_in not in cache:
-        cache[d_in] = probe_vectors(d_in)
-    if -d_out not in cache:  # left probes are keyed by minus their width, to draw them from their own seed
-        cache[-d_out] = probe_vectors(d_out, seed=1)
-    return cache[-d_out], cache[d_in]
+    if ("x", d_in) not in cache:
+        cache["x", d_in] = probe_vectors(d_in)
+    if ("z", d_out) not in cache:
+        cache["z", d_out] = probe_vectors(d_out, seed=1)
+    return cache["z", d_out], cache["x", d_in]
 
 
 def _sketch_error(reference: torch.Tensor, candidate: torch.Tensor) -> float:
@@ -246,7 +248,7 @@ def _run(
 ) -> CheckResult:
     start = time.perf_counter()
     result = CheckResult(name=name, tolerance=tolerance, expect_pass=expect_pass, method="exact" if exact else "probe")
-    probes: dict[int, torch.Tensor] = {}  # the same seeded draws for every module of a width, made once
+    probes: dict[tuple[str, int], torch.Tensor] = {}  # the same seeded draws for every module of a width
     for key, reference, candidate in pairs:
         probe = probe_relative_error(reference, candidate, _probe_pair(reference.d_in, reference.terms[0][0].shape[0], probes))
         result.per_module[key] = relative_error(reference, candidate) if exact else probe
@@ -394,7 +396,7 @@ def probe_checks(
     concat = CheckResult(name="concat_sum", tolerance=tolerance, method="probe")
     # Modules with the same adapters, ranks, scales and probe count are checked together, as one batch.
     batches: dict[tuple, list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
-    probes: dict[int, torch.Tensor] = {}
+    probes: dict[tuple[str, int], torch.Tensor] = {}
     for name in dict.fromkeys(m for a in adapters for m in a.modules):
         present = [(t, a.modules[name], w) for t, (a, w) in enumerate(zip(adapters, weights)) if name in a.modules]
         if unit_probes and name in unit_probes:
