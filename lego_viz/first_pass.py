@@ -16,17 +16,13 @@ buffer, carved out of a reused :class:`Arena`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from lego_viz.adapters import LoraAdapter, module_order
 from lego_viz.stored import StoredLoraModule
-
-if TYPE_CHECKING:
-    from lego_viz.adapters import LoraModule
 
 # float32 bytes of the factors read per group (all adapters' copies of the group's modules). The group
 # being merged and the next one, being read, are in memory at once; 128 MiB keeps a 64-adapter merge of
@@ -179,72 +175,53 @@ def check_stacked(A: np.ndarray, B: np.ndarray, blocks: list[tuple[int, StoredLo
             module.file.check_values(module.key_b, B[:, units])
 
 
+def _unit_count(adapters: Sequence[LoraAdapter], name: str) -> int:
+    """Units of ``name`` over the adapters (for a module :func:`_stackable` accepts)."""
+    return sum(m.r for _, m in _stackable(adapters, name))
+
+
 def _summarizable(adapters: Sequence[LoraAdapter]) -> list[str]:
     """The modules :func:`summarize` covers: stored with one shape in every adapter, ≤ GRAM_UNITS units."""
     return [name for name in module_order(adapters)
-            if (present := _stackable(adapters, name)) is not None and sum(m.r for _, m in present) <= GRAM_UNITS]
+            if _stackable(adapters, name) is not None and _unit_count(adapters, name) <= GRAM_UNITS]
 
 
 def summary_bytes(adapters: Sequence[LoraAdapter]) -> int:
     """Bytes :func:`summarize` would keep: two n×n float32 Gram matrices per summarizable module."""
-    total = 0
-    for name in module_order(adapters):
-        if (present := _stackable(adapters, name)) is not None:
-            n = sum(m.r for _, m in present)
-            total += 8 * n * n if n <= GRAM_UNITS else 0
-    return total
+    return sum(8 * _unit_count(adapters, name) ** 2 for name in _summarizable(adapters))
 
 
-def summarize(
-    adapters: Sequence[LoraAdapter], group_bytes: int = GROUP_BYTES, progress: Callable[[int, int], None] | None = None
-) -> Mapping[str, UnitSummary]:
-    """:func:`summarize_module` of every module of adapters kept on disk whose units fit the Gram route.
+def _read_summary(adapters: Sequence[LoraAdapter], name: str, arena: Arena) -> UnitSummary:
+    """Read one module's factors into ``arena`` (emptied first) and summarize them, values unchecked."""
+    arena.used = 0
+    A, B, _ = read_stacked(adapters, name, arena, check=False)
+    return summarize_module(A, B)
 
-    Groups of modules are read on another thread, one ahead, while this one computes; memory is
-    two groups plus the summaries (:func:`summary_bytes`). Modules stored in memory, of mixed
-    shapes, or with more than :data:`GRAM_UNITS` units are left out (the merge handles them itself).
 
-    Args:
-        adapters: adapters loaded with ``lazy=True``.
-        group_bytes: float32 bytes read at once.
-        progress: called with (modules done, modules in all) after each group.
+def _checked(adapters: Sequence[LoraAdapter], name: str, summary: UnitSummary) -> UnitSummary:
+    """``summary``, once its module is known to hold no NaN/inf (raises :class:`AdapterError` otherwise).
+
+    A NaN/inf anywhere in a unit makes its squared norm, a Gram diagonal entry, NaN/inf: the Gram
+    matrices stand in for the finite-sum scan, and only a failing module is read again to name the tensor.
     """
-    from concurrent.futures import ThreadPoolExecutor
+    if not np.isfinite(summary.gram_a.diagonal().sum() + summary.gram_b.diagonal().sum()):
+        read_stacked(adapters, name, check=True)
+    return summary
 
-    wanted = _summarizable(adapters)
-    if not wanted:
+
+def summarize(adapters: Sequence[LoraAdapter]) -> Mapping[str, UnitSummary]:
+    """:func:`summarize_module` of every module of adapters kept on disk whose units fit the Gram route,
+    in this process (the merge command shares the work with a forked one: :class:`SharedFirstPass`).
+
+    Memory is one module's factors plus the summaries (:func:`summary_bytes`). Modules stored in
+    memory, of mixed shapes, or with more than :data:`GRAM_UNITS` units are left out (the merge
+    handles them itself).
+    """
+    names = _summarizable(adapters)
+    if not names:
         return {}
-    groups = module_groups([_restricted(a, wanted) for a in adapters], group_bytes)
-    size = max(stacked_floats(adapters, names) for names in groups)
-    arenas = [Arena(size), Arena(size if len(groups) > 1 else 0)]
-
-    def read(index: int) -> list[tuple[str, np.ndarray, np.ndarray, list]]:
-        arena = arenas[index % 2]
-        arena.used = 0
-        return [(name, *read_stacked(adapters, name, arena, check=False)) for name in groups[index]]
-
-    summaries: dict[str, UnitSummary] = {}
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read") as reader:
-        pending = reader.submit(read, 0)
-        for index in range(len(groups)):
-            block = pending.result()
-            if index + 1 < len(groups):
-                pending = reader.submit(read, index + 1)
-            for name, A, B, blocks in block:
-                summary = summarize_module(A, B)
-                # A NaN/inf anywhere in a unit makes its squared norm, a Gram diagonal entry, NaN/inf:
-                # the Gram matrices stand in for the finite-sum scan.
-                check_stacked(A, B, blocks, bool(np.isfinite(summary.gram_a.diagonal().sum() + summary.gram_b.diagonal().sum())))
-                summaries[name] = summary
-            del block
-            if progress is not None:
-                progress(len(summaries), len(wanted))
-    return summaries
-
-
-def _restricted(adapter: LoraAdapter, names: Sequence[str]) -> LoraAdapter:
-    modules: dict[str, LoraModule] = {name: adapter.modules[name] for name in names if name in adapter.modules}
-    return LoraAdapter(name=adapter.name, source=adapter.source, config=adapter.config, modules=modules)
+    arena = Arena(max(stacked_floats(adapters, [name]) for name in names))
+    return {name: _checked(adapters, name, _read_summary(adapters, name, arena)) for name in names}
 
 
 class SharedFirstPass:
@@ -265,7 +242,7 @@ class SharedFirstPass:
         import multiprocessing
 
         self.adapters, self.names = adapters, names
-        self.units = [sum(m.r for _, m in _stackable(adapters, name)) for name in names]
+        self.units = [_unit_count(adapters, name) for name in names]
         self.offsets = np.cumsum([0] + [2 * n * n + 2 * n for n in self.units]).tolist()
         # anonymous shared memory: the summaries (float32) and one "done" byte per module
         self.memory = mmap.mmap(-1, 4 * self.offsets[-1] + len(names))
@@ -315,9 +292,7 @@ class SharedFirstPass:
         return UnitSummary(gram_a, gram_b, row_max, self.values[start + 2 * n * n + n : start + 2 * n * n + 2 * n])
 
     def _summarize(self, index: int, arena: Arena) -> None:
-        arena.used = 0
-        A, B, _ = read_stacked(self.adapters, self.names[index], arena, check=False)
-        found, slots = summarize_module(A, B), self._slots(index)
+        found, slots = _read_summary(self.adapters, self.names[index], arena), self._slots(index)
         for name in ("gram_a", "gram_b", "row_max", "row_min"):
             getattr(slots, name)[...] = getattr(found, name)
         self.done[index] = 1
@@ -344,10 +319,7 @@ class SharedFirstPass:
         for index, name in enumerate(self.names):
             if not self.done[index]:  # the forked process failed on it, or died
                 self._summarize(index, arena)
-            summary = self._slots(index)
-            if not np.isfinite(summary.gram_a.diagonal().sum() + summary.gram_b.diagonal().sum()):
-                read_stacked(self.adapters, name, check=True)  # raises, naming the tensor
-            summaries[name] = summary
+            summaries[name] = _checked(self.adapters, name, self._slots(index))
         return summaries
 
 

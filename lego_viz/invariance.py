@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -292,10 +292,7 @@ def check_permutation(
     label = "permutation" if shuffle == "both" else "permutation_a_only"
     exact = exact if exact is not None else exact_cost(adapters, concatenated=False) <= EXACT_BUDGET
     if not exact:  # one probe of every unit does it (and the same draws as below)
-        start = time.perf_counter()
-        result = probe_checks(adapters, seed=seed, tolerance=tolerance, shuffle=shuffle)[0]
-        result.seconds = time.perf_counter() - start
-        return result
+        return _timed(probe_checks, adapters, seed=seed, tolerance=tolerance, shuffle=shuffle)[0]
     return _run(label, pairs(), tolerance, exact, expect_pass=shuffle == "both")
 
 
@@ -321,11 +318,17 @@ def check_concat_sum(
 
     exact = exact if exact is not None else exact_cost(adapters, concatenated=True) <= EXACT_BUDGET
     if not exact:
-        start = time.perf_counter()
-        result = probe_checks(adapters, weights, tolerance=tolerance)[1]
-        result.seconds = time.perf_counter() - start
-        return result
+        return _timed(probe_checks, adapters, weights, tolerance=tolerance)[1]
     return _run("concat_sum", pairs(), tolerance, exact)
+
+
+def _timed(checks: Callable[..., tuple[CheckResult, ...]], *args, **kwargs) -> tuple[CheckResult, ...]:
+    """``checks(*args, **kwargs)``, each result timed as the whole call (the caller keeps one of them)."""
+    start = time.perf_counter()
+    results = checks(*args, **kwargs)
+    for result in results:
+        result.seconds = time.perf_counter() - start
+    return results
 
 
 def span_probes(gram_a: torch.Tensor, gram_b: torch.Tensor, n_probes: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
