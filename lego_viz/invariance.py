@@ -335,10 +335,11 @@ def span_probes(gram_a: torch.Tensor, gram_b: torch.Tensor, n_probes: int = 4, s
     """Probe products of units from their Gram matrices: ``u = c_x (A Aᵀ)``, ``v = c_z (Bᵀ B)`` (p, n).
 
     They are the products of every unit with the probes ``x = c_x A`` and ``z = c_z Bᵀ``, for
-    Gaussian coefficients ``c`` (p, n) drawn from ``seed``; see :func:`probe_checks`.
+    Gaussian coefficients ``c`` (p, n) drawn from ``seed``; see :func:`probe_checks`. A batch of
+    Gram matrices (m, n, n) gets the same draw for each, (m, p, n).
     """
     gen = torch.Generator().manual_seed(seed)
-    n = gram_a.shape[0]
+    n = gram_a.shape[-1]
     c_x, c_z = torch.randn(n_probes, n, generator=gen), torch.randn(n_probes, n, generator=gen)
     return c_x.to(gram_a) @ gram_a, c_z.to(gram_b) @ gram_b
 

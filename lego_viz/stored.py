@@ -49,17 +49,18 @@ _SCAN_BYTES = 1 << 24
 _SCRATCH = threading.local()
 
 
-def _scratch(nbytes: int) -> np.ndarray:
-    """A reused byte buffer of at least ``nbytes`` (≤ _SCAN_BYTES) for this thread.
+def _scratch(nbytes: int, slot: int = 0) -> np.ndarray:
+    """A reused byte buffer of at least ``nbytes`` (≤ _SCAN_BYTES) for this thread (one per ``slot``).
 
     A fresh buffer per tensor would be a fresh memory map per tensor above glibc's mmap threshold,
     every page faulted in again: scanning the reference shape's 1.3 GB took twice as long.
     """
     import numpy as np
 
-    buffer = getattr(_SCRATCH, "buffer", None)
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    buffer = buffers.get(slot)
     if buffer is None or buffer.nbytes < nbytes:
-        buffer = _SCRATCH.buffer = np.empty(max(nbytes, 1 << 20), dtype=np.uint8)
+        buffer = buffers[slot] = np.empty(max(nbytes, 1 << 20), dtype=np.uint8)
     return buffer[:nbytes]
 
 
@@ -190,10 +191,15 @@ class SafetensorsFile:
                 self._read_bytes(info, memoryview(out.reshape(-1)).cast("B"))
             else:
                 raw = np.frombuffer(self._read_bytes(info), dtype=_NUMPY[info.dtype]).reshape(info.shape)
+                # A block of columns of a wider buffer (the stacked B factors) is filled row by row.
+                rows = out.ndim == 2 and not out.flags.c_contiguous and out.strides[1] == 4 and info.nbytes <= _SCAN_BYTES
+                target = out if not rows else raw if info.dtype == "F32" else _scratch_floats(info.shape)
                 if info.dtype == "BF16":
-                    np.left_shift(raw, 16, out=out.view(np.uint32), dtype=np.uint32)
-                else:
-                    out[...] = raw
+                    np.left_shift(raw, 16, out=target.view(np.uint32), dtype=np.uint32)
+                elif target is not raw:
+                    target[...] = raw
+                if rows:
+                    _copy_rows(out, target)
         if self.check_on_read if check is None else check:
             self.check_values(key, out)
 
@@ -207,6 +213,25 @@ class SafetensorsFile:
 
         if not np.isfinite(values.sum()) and (bad := int(values.size - np.isfinite(values).sum())):
             raise AdapterError(f"{self.label}: {self.path.name} tensor {key} has {bad} NaN/inf values.")
+
+
+def _scratch_floats(shape: tuple[int, int]) -> np.ndarray:
+    """A contiguous float32 buffer of ``shape``, this thread's own (see :func:`_scratch`), valid until its next use."""
+    import numpy as np
+
+    return _scratch(4 * shape[0] * shape[1], slot=1).view(np.float32).reshape(shape)
+
+
+def _copy_rows(out: np.ndarray, values: np.ndarray) -> None:
+    """``out[...] = values`` for a 2-d ``out`` whose rows are contiguous but spaced apart.
+
+    Seen as one opaque item per row, the copy is one loop of row-sized memcpys: about 4× faster
+    than numpy's element loop over short rows (a (14336, 16) block of a (14336, 128) buffer).
+    """
+    import numpy as np
+
+    row = np.dtype((np.void, out.shape[1] * out.itemsize))
+    out.view(row)[...] = np.ascontiguousarray(values).view(row)
 
 
 class StoredLoraModule(LoraModule):

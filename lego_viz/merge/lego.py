@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from lego_viz.adapters import LoraAdapter, LoraModule, module_order
@@ -53,9 +55,12 @@ class _Units:
     Unit i of the module is ``ã_i = α_i A[i]``, ``b̃_i = β_i B[:, i]`` (scale folded, weight on b).
     Every feature mode is the raw rows times a per-unit factor, so all Gram matrices come from the
     two raw Gram matrices ``A Aᵀ`` and ``Bᵀ B`` — one matmul pass over the weights.
+
+    The tensors may carry a leading batch dimension (modules with as many units, stacked): the
+    methods below then answer for every module at once, and :meth:`module` takes one out.
     """
 
-    owners: list[int]  # adapter index of each block of units
+    owners: list[int]  # adapter index of each block of units (a batch: of its first module)
     adapter_index: torch.Tensor  # (n,)
     gram_a: torch.Tensor | None  # (n, n) raw A Aᵀ; None on the sketch path (too many units)
     gram_b: torch.Tensor | None  # (n, n) raw Bᵀ B
@@ -68,69 +73,108 @@ class _Units:
     sq_a: torch.Tensor  # (n,) ‖A[i]‖² (the Gram diagonal)
     sq_b: torch.Tensor  # (n,)
 
-    def reference_sq_norm(self) -> float | None:
-        """‖Σ_i b̃_i ã_iᵀ‖_F² = Σ_ij (ã_i·ã_j)(b̃_i·b̃_j), in float64 from the Gram matrices (None without them)."""
-        if self.gram_a is None:
-            return None
-        fa, fb = self.fold_a.double(), self.fold_b.double()
-        return float(((fa[:, None] * self.gram_a.double() * fa[None]) * (fb[:, None] * self.gram_b.double() * fb[None])).sum())
-
     def gram(self) -> torch.Tensor:
         """Gram matrix of the features k-means sees, (n, n)."""
         sa, sb = self.seen_a, self.seen_b
-        return sa[:, None] * self.gram_a * sa[None] + sb[:, None] * self.gram_b * sb[None]
+        return sa[..., :, None] * self.gram_a * sa[..., None, :] + sb[..., :, None] * self.gram_b * sb[..., None, :]
+
+    def module(self, index: int, owners: list[int]) -> _Units:
+        """Module ``index`` of a batch (views), whose units come from the adapters ``owners``."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "owners"}
+        return _Units(owners=owners, **{key: None if value is None else value[index] for key, value in fields.items()})
+
+    @staticmethod
+    def stack(units: Sequence[_Units]) -> _Units:
+        """Modules with as many units as one batch (the ``owners`` of the first)."""
+        fields = {f.name: [getattr(u, f.name) for u in units] for f in dataclasses.fields(_Units) if f.name != "owners"}
+        return _Units(owners=units[0].owners, **{key: None if values[0] is None else torch.stack(values)
+                                                 for key, values in fields.items()})
+
+
+def _sources(adapters: Sequence[LoraAdapter], weights: list[float], name: str) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The adapters holding ``name`` and, per stacked unit, its adapter, ``α = √scale`` and ``β = √scale · w``."""
+    present = [(t, a.modules[name]) for t, a in enumerate(adapters) if name in a.modules]
+    ranks = torch.tensor([lora.r for _, lora in present])
+    alpha = torch.tensor([lora.scale**0.5 for _, lora in present]).repeat_interleave(ranks)
+    beta = torch.tensor([lora.scale**0.5 * weights[t] for t, lora in present]).repeat_interleave(ranks)
+    owner = torch.tensor([t for t, _ in present]).repeat_interleave(ranks)
+    return [t for t, _ in present], owner, alpha, beta
+
+
+def _with_features(
+    owners: list[int], owner: torch.Tensor, gram_a: torch.Tensor | None, gram_b: torch.Tensor | None, alpha: torch.Tensor,
+    beta: torch.Tensor, sq_a: torch.Tensor, sq_b: torch.Tensor, row_max: torch.Tensor, row_min: torch.Tensor, features: str,
+) -> _Units:
+    """The units' factors for ``features`` (element-wise, so the tensors may be batches of modules)."""
+    head = (owners, owner, gram_a, gram_b)
+    if features == "raw":
+        return _Units(*head, alpha, beta, alpha, beta, alpha, beta, sq_a, sq_b)
+    raw_na = sq_a.clamp_min(0).sqrt()  # ‖A[i]‖
+    raw_nb = sq_b.clamp_min(0).sqrt()
+    norm_a, norm_b = alpha * raw_na, beta.abs() * raw_nb  # ‖ã_i‖, ‖b̃_i‖
+    zero = (norm_a <= _TINY) | (norm_b <= _TINY)
+    # canonical: equal halves (c = sqrt(‖b̃‖/‖ã‖)), sign so that the largest |entry| of ã is positive
+    c = torch.exp(0.5 * (torch.log(norm_b.clamp_min(_TINY)) - torch.log(norm_a.clamp_min(_TINY))))
+    sign = torch.where(-row_min > row_max, -1.0, 1.0)  # of the largest |entry| (ties count as +)
+    keep = (~zero).to(torch.float32)
+    avg_a, avg_b = alpha * c * sign * keep, beta / c * sign * keep
+    if features == "canonical":
+        return _Units(*head, avg_a, avg_b, avg_a, avg_b, alpha, beta, sq_a, sq_b)
+    seen_a = sign * keep / raw_na.clamp_min(_TINY)
+    seen_b = sign * torch.sign(beta) * keep / raw_nb.clamp_min(_TINY)
+    return _Units(*head, avg_a, avg_b, seen_a, seen_b, alpha, beta, sq_a, sq_b)
+
+
+def _gram_units(
+    adapters: Sequence[LoraAdapter], weights: list[float], names: Sequence[str], features: str,
+    summaries: Mapping[str, UnitSummary] | None = None,
+) -> tuple[_Units, list[list[int]]]:
+    """The units of modules with as many units each, as one batch, and each module's owners.
+
+    Everything comes from the modules' :class:`UnitSummary` (given, or computed here from the
+    stacked factors the same way), so a given summary spares the pass over the weights.
+    """
+    found, owners, owner, alpha, beta = [], [], [], [], []
+    for name in names:
+        present, index, a, b = _sources(adapters, weights, name)
+        summary = (summaries or {}).get(name)
+        if summary is None:
+            # float32 whatever the storage (a bf16/fp16 Gram would lose the precision k-means needs); no copy
+            # when a streamed merge read the factors side by side already.
+            loras = [adapters[t].modules[name] for t in present]
+            A, B = stacked([lora.A for lora in loras], 0), stacked([lora.B for lora in loras], 1)
+            summary = summarize_module(A.cpu().numpy(), B.cpu().numpy())
+        found.append(summary)
+        owners.append(present)
+        owner.append(index)
+        alpha.append(a)
+        beta.append(b)
+
+    def batch(field: str) -> torch.Tensor:
+        return torch.from_numpy(np.stack([getattr(summary, field) for summary in found]))
+
+    gram_a, gram_b = batch("gram_a"), batch("gram_b")
+    units = _with_features(owners[0], torch.stack(owner), gram_a, gram_b, torch.stack(alpha), torch.stack(beta),
+                           gram_a.diagonal(dim1=-2, dim2=-1), gram_b.diagonal(dim1=-2, dim2=-1), batch("row_max"),
+                           batch("row_min"), features)
+    return units, owners
 
 
 def _units(
     adapters: Sequence[LoraAdapter], weights: list[float], name: str, features: str, gram: bool = True,
     summary: UnitSummary | None = None,
 ) -> tuple[_Units, torch.Tensor | None]:
-    """The module's units, and (``gram=False``, for the sketch path) the points k-means sees (n, d_in + d_out).
-
-    On the Gram route everything comes from the module's :class:`UnitSummary` (given, or computed
-    here from the stacked factors the same way), so a given summary spares the pass over the weights.
-    """
-    present = [(t, a.modules[name]) for t, a in enumerate(adapters) if name in a.modules]
-    alpha = torch.cat([torch.full((lora.r,), lora.scale**0.5) for _, lora in present])
-    beta = torch.cat([torch.full((lora.r,), lora.scale**0.5 * weights[t]) for t, lora in present])
-    owner = torch.cat([torch.full((lora.r,), t, dtype=torch.long) for t, lora in present])
-    A = B = None
-    if not gram or summary is None:
-        # float32 whatever the storage (a bf16/fp16 Gram would lose the precision k-means needs); no copy
-        # when a streamed merge read the factors side by side already.
-        A = stacked([lora.A for _, lora in present], 0)  # (n, d_in)
-        B = stacked([lora.B for _, lora in present], 1)  # (d_out, n)
+    """One module's units, and (``gram=False``, for the sketch path) the points k-means sees (n, d_in + d_out)."""
     if gram:
-        if summary is None:
-            summary = summarize_module(A.cpu().numpy(), B.cpu().numpy())
-        gram_a, gram_b = torch.from_numpy(summary.gram_a), torch.from_numpy(summary.gram_b)
-        row_max, row_min = torch.from_numpy(summary.row_max), torch.from_numpy(summary.row_min)
-        sq_a, sq_b = gram_a.diagonal(), gram_b.diagonal()
-    else:
-        gram_a = gram_b = None
-        sq_a, sq_b = A.square().sum(dim=1), B.square().sum(dim=0)
-        # amax/amin read A once with no |A| temporary, ~10× faster than abs().argmax() (torch 2.13)
-        row_max, row_min = A.amax(dim=1), A.amin(dim=1)
-    head = ([t for t, _ in present], owner, gram_a, gram_b)
-    if features == "raw":
-        units = _Units(*head, alpha, beta, alpha, beta, alpha, beta, sq_a, sq_b)
-    else:
-        raw_na = sq_a.clamp_min(0).sqrt()  # ‖A[i]‖
-        raw_nb = sq_b.clamp_min(0).sqrt()
-        norm_a, norm_b = alpha * raw_na, beta.abs() * raw_nb  # ‖ã_i‖, ‖b̃_i‖
-        zero = (norm_a <= _TINY) | (norm_b <= _TINY)
-        # canonical: equal halves (c = sqrt(‖b̃‖/‖ã‖)), sign so that the largest |entry| of ã is positive
-        c = torch.exp(0.5 * (torch.log(norm_b.clamp_min(_TINY)) - torch.log(norm_a.clamp_min(_TINY))))
-        sign = torch.where(-row_min > row_max, -1.0, 1.0)  # of the largest |entry| (ties count as +)
-        keep = (~zero).to(torch.float32)
-        avg_a, avg_b = alpha * c * sign * keep, beta / c * sign * keep
-        if features == "canonical":
-            units = _Units(*head, avg_a, avg_b, avg_a, avg_b, alpha, beta, sq_a, sq_b)
-        else:
-            seen_a = sign * keep / raw_na.clamp_min(_TINY)
-            seen_b = sign * torch.sign(beta) * keep / raw_nb.clamp_min(_TINY)
-            units = _Units(*head, avg_a, avg_b, seen_a, seen_b, alpha, beta, sq_a, sq_b)
-    points = None if gram else torch.cat([units.seen_a[:, None] * A, units.seen_b[:, None] * B.T], dim=1)
+        units, owners = _gram_units(adapters, weights, [name], features, None if summary is None else {name: summary})
+        return units.module(0, owners[0]), None
+    present, owner, alpha, beta = _sources(adapters, weights, name)
+    loras = [adapters[t].modules[name] for t in present]
+    A, B = stacked([lora.A for lora in loras], 0), stacked([lora.B for lora in loras], 1)  # (n, d_in), (d_out, n)
+    # amax/amin read A once with no |A| temporary, ~10× faster than abs().argmax() (torch 2.13)
+    units = _with_features(present, owner, None, None, alpha, beta, A.square().sum(dim=1), B.square().sum(dim=0),
+                           A.amax(dim=1), A.amin(dim=1), features)
+    points = torch.cat([units.seen_a[:, None] * A, units.seen_b[:, None] * B.T], dim=1)
     return units, points
 
 
@@ -142,14 +186,20 @@ def canonical_order(gram: torch.Tensor | None = None, points: torch.Tensor | Non
     permutation-equivariant — makes the whole merge permutation-invariant. From the Gram matrix,
     or from the points themselves (``x_i · Σ_j x_j``) when there are too many for one.
     """
-    if gram is not None:
+    if gram is not None:  # (..., n, n): one order per matrix of a batch
         g = gram.double()
-        diag, rowsum = g.diagonal(), g.sum(dim=1)
+        diag, rowsum = g.diagonal(dim1=-2, dim2=-1), g.sum(dim=-1)
     else:
         x = points.double()
         diag, rowsum = x.square().sum(dim=1), x @ x.sum(dim=0)
-    order = torch.argsort(rowsum, stable=True)
-    return order[torch.argsort(diag[order], stable=True)]
+    order = torch.argsort(rowsum, dim=-1, stable=True)
+    return order.gather(-1, torch.argsort(diag.gather(-1, order), dim=-1, stable=True))
+
+
+def _reordered(gram: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """``gram[order][:, order]`` for every matrix of a batch (..., n, n) and its order (..., n)."""
+    rows = gram.gather(-2, order[..., :, None].expand(gram.shape))
+    return rows.gather(-1, order[..., None, :].expand(gram.shape))
 
 
 def _relabel_by_first_member(labels: torch.Tensor, k: int) -> torch.Tensor:
@@ -196,26 +246,82 @@ def _centroids(
     return c_a.mul_(factor), c_b.mul_(factor), coef_a * factor, coef_b * factor
 
 
-def _report_products(units: _Units, coef_a: torch.Tensor, coef_b: torch.Tensor, module: LoraModule) -> ReportProducts:
-    """The report's inner products of a merged module from the Gram matrices (O(k·n²), no pass over the weights).
+def _sources_one_hot(units: _Units, owners: Sequence[list[int]]) -> torch.Tensor:
+    """(m, n, T) float64: which adapter each unit of each module of a batch comes from."""
+    return torch.nn.functional.one_hot(units.adapter_index, max(max(o) for o in owners) + 1).double()
+
+
+def _pair_sums(units: _Units, owners: Sequence[list[int]]) -> tuple[list[float], list[list[float]]]:
+    """‖Σ_t w_t ΔW_t‖² and each ‖w_t ΔW_t‖², per module of a batch, from the Gram matrices (float64).
+
+    ``⟨unit i, unit j⟩ = f_i f_j (G_A)_ij (G_B)_ij`` with ``f = f_a f_b`` the units' folded scales;
+    the first sums every pair, the second the pairs within each adapter.
+    """
+    fold = units.fold_a.double() * units.fold_b.double()  # (m, n)
+    source = _sources_one_hot(units, owners) * fold[..., None]  # (m, n, T)
+    per_source = (units.gram_a.double() * units.gram_b.double()) @ source  # (m, n, T): Σ_{j of t} ⟨unit i, unit j⟩ / f_i
+    reference = (per_source.sum(dim=-1) * fold).sum(dim=-1)  # (m,)
+    source_sq = (per_source * source).sum(dim=-2)  # (m, T)
+    return reference.tolist(), [source_sq[i, present].tolist() for i, present in enumerate(owners)]
+
+
+def _report_products(units: _Units, owners: Sequence[list[int]], coef_a: torch.Tensor, coef_b: torch.Tensor) -> list[tuple]:
+    """The merge's side of the report's inner products, from the Gram matrices (O(k·n²), no pass over the weights).
 
     With ``c_a = coef_a A``, ``c_b = coef_b Bᵀ`` and unit i of the weighted sum ``(f_b,i B[:, i]) (f_a,i A[i])ᵀ``:
-    ``⟨ΔW_merge, unit i⟩ = f_a,i f_b,i (coef_a G_A)[:, i] · (coef_b G_B)[:, i]``, and every other term
-    is a sum of Gram entries the same way. float64 from the float32 Gram matrices.
+    ``⟨ΔW_merge, unit i⟩ = f_a,i f_b,i (coef_a G_A)[:, i] · (coef_b G_B)[:, i]``, and ``‖ΔW_merge‖²``
+    is a sum of Gram entries the same way. float64 from the float32 Gram matrices and coefficients.
+
+    Args:
+        units: a batch of modules (m, n); owners: each module's adapters; coef_a, coef_b: (m, k, n).
+
+    Returns:
+        Per module ``(cross, merged_sq)``: ⟨ΔW_merge, w_t ΔW_t⟩ per adapter of ``owners``, and ‖ΔW_merge‖².
     """
-    gram_a, gram_b = units.gram_a.double(), units.gram_b.double()
     coef_a, coef_b = coef_a.double(), coef_b.double()
-    fold = units.fold_a.double() * units.fold_b.double()  # (n,)
-    proj_a, proj_b = coef_a @ gram_a, coef_b @ gram_b  # (k, n)
-    per_unit = (proj_a * proj_b).sum(dim=0) * fold
-    pairs = fold[:, None] * gram_a * gram_b * fold[None]  # (n, n): ⟨unit i, unit j⟩
-    block = torch.unique_consecutive(units.adapter_index, return_inverse=True)[1]  # source of each unit
-    sources = int(block[-1]) + 1
-    cross = torch.zeros(sources, dtype=torch.float64).index_add_(0, block, per_unit)
-    by_rows = torch.zeros(sources, pairs.shape[1], dtype=torch.float64).index_add_(0, block, pairs)
-    source_sq = torch.zeros(sources, sources, dtype=torch.float64).index_add_(1, block, by_rows).diagonal()
-    merged_sq = float(((proj_a @ coef_a.T) * (proj_b @ coef_b.T)).sum())
-    return ReportProducts(module=module, cross=cross.tolist(), source_sq=source_sq.tolist(), merged_sq=merged_sq)
+    fold = units.fold_a.double() * units.fold_b.double()  # (m, n)
+    proj_a, proj_b = coef_a @ units.gram_a.double(), coef_b @ units.gram_b.double()  # (m, k, n)
+    per_unit = (proj_a * proj_b).sum(dim=-2) * fold  # (m, n): ⟨ΔW_merge, unit i⟩
+    cross = (per_unit[..., None, :] @ _sources_one_hot(units, owners))[..., 0, :]  # (m, T)
+    merged_sq = ((proj_a @ coef_a.transpose(-1, -2)) * (proj_b @ coef_b.transpose(-1, -2))).flatten(-2).sum(-1)
+    return [(cross[i, present].tolist(), float(merged_sq[i])) for i, present in enumerate(owners)]
+
+
+def _gram_coefficients(
+    units: _Units, owners: Sequence[list[int]], labels: torch.Tensor, k: int, reweight: str, output: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, list[tuple]]:
+    """Centroid coefficients of a batch of modules, reweighted from their Gram matrices, before any weight is read.
+
+    The centroid of each cluster is the mean of its (folded, possibly canonical) members, so
+    ``c_a = coef_a A`` and ``c_b = coef_b Bᵀ`` with (k, n) coefficients. ``l2`` rescales it to the
+    members' mean norm, and the norms come from the Gram matrices (``‖c_a‖² = coef_a G_A coef_aᵀ``),
+    so both reweightings fold into the coefficients and the weights are read once more only for
+    the products themselves.
+
+    Args:
+        units: a batch of m modules with n units each; owners: each module's adapters.
+        labels: (m, n) merged rank of each unit; k: the ranks.
+        reweight: ``none`` or ``l2`` (``linf`` needs the centroids' entries: :func:`_centroids`).
+        output: (m,) the output reweighting's factor on each half (1 where off).
+
+    Returns:
+        ``(coef_a, coef_b, products)``: (m, k, n) float32 each, and the report's products of each module.
+    """
+    avg_a, avg_b = units.avg_a.double(), units.avg_b.double()
+    onehot = torch.zeros(*labels.shape, k, dtype=torch.float64).scatter_(-1, labels[..., None], 1.0)
+    mean = onehot / onehot.sum(dim=-2, keepdim=True).clamp_min(1.0)  # (m, n, k)
+    coef_a, coef_b = (mean * avg_a[..., None]).transpose(-1, -2), (mean * avg_b[..., None]).transpose(-1, -2)
+    factor = output.double()[:, None].expand(-1, k)
+    if reweight == "l2":
+        member = (avg_a.square() * units.sq_a.double() + avg_b.square() * units.sq_b.double()).clamp_min(0).sqrt()
+        current_sq = ((coef_a @ units.gram_a.double()) * coef_a).sum(-1) + ((coef_b @ units.gram_b.double()) * coef_b).sum(-1)
+        current = current_sq.clamp_min(0).sqrt()  # (m, k) ‖[c_a; c_b]‖
+        target = (mean.transpose(-1, -2) @ member[..., None])[..., 0]
+        factor = factor * torch.where(current > _TINY, target / current.clamp_min(_TINY), torch.zeros_like(current))
+    elif reweight != "none":
+        raise ValueError(f"reweight {reweight!r} needs the centroids themselves")
+    coef_a, coef_b = (coef_a * factor[..., None]).float(), (coef_b * factor[..., None]).float()
+    return coef_a, coef_b, _report_products(units, owners, coef_a, coef_b)
 
 
 def lsq_scales(
@@ -260,6 +366,16 @@ def _device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
+# Modules batched together hold at most this many Gram entries (float64 temporaries of 32 MiB).
+BATCH_ENTRIES = 1 << 22
+
+
+def _batches(names: list[str], n: int) -> list[list[str]]:
+    """``names`` (modules of n units each) in batches of at most :data:`BATCH_ENTRIES` Gram entries."""
+    size = max(1, BATCH_ENTRIES // (n * n))
+    return [names[i : i + size] for i in range(0, len(names), size)]
+
+
 @dataclass
 class LegoClusters:
     """lego before its centroids: every module's units and clusters (O(n²) kept per module).
@@ -274,6 +390,18 @@ class LegoClusters:
     unit_probes: dict[str, tuple[torch.Tensor, torch.Tensor]]
     details: dict
     timings: dict[str, float]
+    # per module whose centroids need no more than its Gram matrices (reweighting none / l2): the
+    # (k, n) coefficients on the raw stacked A rows and B columns, and the report's products
+    coefficients: dict[str, tuple[torch.Tensor, torch.Tensor, tuple]] = dataclasses.field(default_factory=dict)
+    source_sq: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # per module, each ‖w_t ΔW_t‖²
+
+
+def _output_factor(adapters: Sequence[LoraAdapter], name: str, owners: list[int], rank: int, options: dict) -> float:
+    """The output reweighting, sqrt(r̄/k) on the update, split over both halves (1 where it is off)."""
+    if not options["output_reweight"]:
+        return 1.0
+    ranks = [adapters[t].modules[name].r for t in owners]
+    return (sum(ranks) / len(ranks) / rank) ** 0.25
 
 
 def lego_clusters(
@@ -281,6 +409,9 @@ def lego_clusters(
     summaries: Mapping[str, UnitSummary] | None = None,
 ) -> LegoClusters:
     """lego's first pass and k-means over every module of ``adapters``.
+
+    Modules with as many units run as one batch from their Gram matrices onwards: features,
+    canonical order, k-means and (reweighting none / l2) the centroids' coefficients.
 
     Args:
         adapters, weights, k, options: as :func:`lego` gets them.
@@ -291,18 +422,20 @@ def lego_clusters(
     names = module_order(adapters)
     timings = {"gram": 0.0, "kmeans": 0.0}
     clusters = LegoClusters(units={}, labels={}, reference_sq_norms={}, unit_probes={}, details={}, timings=timings)
-    prepared: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
+    sorted_grams: dict[str, torch.Tensor] = {}
+    orders: dict[str, torch.Tensor] = {}
+    by_size: dict[int, list[str]] = {}
     groups: dict[tuple[int, int], list[str]] = {}
     sorted_labels: dict[str, torch.Tensor] = {}
     kmeans_seconds = 0.0
     start = time.perf_counter()
-    for name in names:  # pass 1: Gram matrices only (O(n²) kept per module)
+    for name in names:
         n = sum(a.modules[name].r for a in adapters if name in a.modules)
         if n > GRAM_UNITS and k[name] < n:
             # An adapter library: n² no longer fits; k-means runs on a sketch of the points instead.
             units, points = _units(adapters, weights, name, options["features"], gram=False)
             order = canonical_order(points=points)
-            clusters.units[name], prepared[name] = units, (None, order)
+            clusters.units[name], orders[name] = units, order
             begin = time.perf_counter()
             sorted_labels[name], _ = sketch_kmeans(
                 points[order].to(device), k[name], n_init=options["n_init"], max_iter=options["max_iter"], tol=options["tol"],
@@ -310,13 +443,23 @@ def lego_clusters(
             sorted_labels[name] = sorted_labels[name].cpu()
             kmeans_seconds += time.perf_counter() - begin
             continue
-        units, _ = _units(adapters, weights, name, options["features"], summary=(summaries or {}).get(name))
-        gram = units.gram()
-        order = canonical_order(gram)
-        clusters.units[name], prepared[name] = units, (gram[order][:, order], order)
-        clusters.reference_sq_norms[name] = units.reference_sq_norm()
-        clusters.unit_probes[name] = span_probes(units.gram_a, units.gram_b)
-        groups.setdefault((gram.shape[0], k[name]), []).append(name)
+        by_size.setdefault(n, []).append(name)
+    # The Gram route (O(n²) kept per module): modules of one size at once.
+    for n, same in by_size.items():
+        for batch in _batches(same, n):
+            units, owners = _gram_units(adapters, weights, batch, options["features"], summaries)
+            gram = units.gram()
+            order = canonical_order(gram)
+            reordered = _reordered(gram, order)
+            references, source_sq = _pair_sums(units, owners)
+            probe_x, probe_z = span_probes(units.gram_a, units.gram_b)
+            for i, name in enumerate(batch):
+                clusters.units[name] = units.module(i, owners[i])
+                sorted_grams[name], orders[name] = reordered[i], order[i]
+                clusters.reference_sq_norms[name] = references[i]
+                clusters.source_sq[name] = source_sq[i]
+                clusters.unit_probes[name] = (probe_x[i], probe_z[i])
+                groups.setdefault((n, k[name]), []).append(name)
     timings["gram"] = time.perf_counter() - start - kmeans_seconds
     # Which k-means ran, in modules: the report says so.
     clusters.details["kmeans"] = {f"gram (n ≤ {GRAM_UNITS} units)": len(names) - len(sorted_labels),
@@ -328,7 +471,7 @@ def lego_clusters(
             for name in group:
                 sorted_labels[name] = torch.arange(n)
             continue
-        grams = torch.stack([prepared[name][0] for name in group]).to(device)
+        grams = torch.stack([sorted_grams[name] for name in group]).to(device)
         # n_features = d makes tol mean what it means in scikit-learn (relative to per-feature variance).
         dims = [sum(_dims(adapters, name)) for name in group]
         km = GramKMeans(rank, n_init=options["n_init"], max_iter=options["max_iter"], tol=options["tol"],
@@ -336,11 +479,25 @@ def lego_clusters(
         for name, lab in zip(group, km.labels_.cpu()):
             sorted_labels[name] = lab
     for name in names:
-        order = prepared[name][1]
+        order = orders[name]
         labels = torch.empty(order.shape[0], dtype=torch.long)
         labels[order] = _relabel_by_first_member(sorted_labels[name], k[name])
         clusters.labels[name] = labels
     timings["kmeans"] = time.perf_counter() - start
+
+    if options["param_reweight"] in ("none", "l2") and options["rescale"] == "none":
+        start = time.perf_counter()
+        for (n, rank), same in groups.items():
+            for group in _batches(same, n):
+                units = _Units.stack([clusters.units[name] for name in group])
+                owners = [clusters.units[name].owners for name in group]
+                output = torch.tensor([_output_factor(adapters, name, o, rank, options) for name, o in zip(group, owners)],
+                                      dtype=torch.float64)
+                labels = torch.stack([clusters.labels[name] for name in group])
+                coef_a, coef_b, products = _gram_coefficients(units, owners, labels, rank, options["param_reweight"], output)
+                for i, name in enumerate(group):
+                    clusters.coefficients[name] = (coef_a[i], coef_b[i], products[i])
+        timings["coefficients"] = time.perf_counter() - start
     return clusters
 
 
@@ -366,20 +523,29 @@ def lego(
     start = time.perf_counter()
     for name in names:  # pass 2: centroids, one product with the stacked factors per side
         units, labels, rank = clusters.units[name], clusters.labels[name], k[name]
-        c_a, c_b, coef_a, coef_b = _centroids(adapters, name, units, labels, rank, options["param_reweight"])
-        if options["output_reweight"]:
-            ranks = [adapters[t].modules[name].r for t in units.owners]
-            factor = (sum(ranks) / len(ranks) / rank) ** 0.25  # sqrt(r̄/k) on the update, split over both halves
-            c_a, c_b, coef_a, coef_b = c_a.mul_(factor), c_b.mul_(factor), coef_a * factor, coef_b * factor
-        if options["rescale"] == "lsq":
-            scales = lsq_scales(adapters, weights, name, units.owners, c_a, c_b)
-            root = scales.abs().sqrt()[:, None]  # split over both halves; the sign goes with b
-            signed = root * torch.sign(scales)[:, None]
-            c_a, c_b, coef_a, coef_b = c_a * root, c_b * signed, coef_a * root, coef_b * signed
-        fan_in_fan_out = adapters[units.owners[0]].modules[name].fan_in_fan_out
-        out.modules[name] = LoraModule(A=c_a.contiguous(), B=c_b.T.contiguous(), scale=1.0, fan_in_fan_out=fan_in_fan_out)
-        if units.gram_a is not None:
-            out.report_products[name] = _report_products(units, coef_a, coef_b, out.modules[name])
+        loras = [adapters[t].modules[name] for t in units.owners]
+        products = None
+        if name in clusters.coefficients:  # reweighted from the Gram matrices already
+            coef_a, coef_b, products = clusters.coefficients[name]
+            A = stacked([lora.A for lora in loras], 0)  # no copy after a streamed read; else one, freed on return
+            B = stacked([lora.B for lora in loras], 1)
+            c_a, c_b = _matmul(coef_a, A), _matmul(B, coef_b.T).T  # (k, d_in), (k, d_out)
+        else:
+            c_a, c_b, coef_a, coef_b = _centroids(adapters, name, units, labels, rank, options["param_reweight"])
+            factor = _output_factor(adapters, name, units.owners, rank, options)
+            if factor != 1.0:
+                c_a, c_b, coef_a, coef_b = c_a.mul_(factor), c_b.mul_(factor), coef_a * factor, coef_b * factor
+            if options["rescale"] == "lsq":
+                scales = lsq_scales(adapters, weights, name, units.owners, c_a, c_b)
+                root = scales.abs().sqrt()[:, None]  # split over both halves; the sign goes with b
+                signed = root * torch.sign(scales)[:, None]
+                c_a, c_b, coef_a, coef_b = c_a * root, c_b * signed, coef_a * root, coef_b * signed
+            if units.gram_a is not None:
+                products = _report_products(_Units.stack([units]), [units.owners], coef_a[None], coef_b[None])[0]
+        out.modules[name] = LoraModule(A=c_a.contiguous(), B=c_b.T.contiguous(), scale=1.0, fan_in_fan_out=loras[0].fan_in_fan_out)
+        if products is not None:
+            cross, merged_sq = products
+            out.report_products[name] = ReportProducts(out.modules[name], cross, clusters.source_sq[name], merged_sq)
             out.reference_sq_norms[name] = clusters.reference_sq_norms[name]
             out.unit_probes[name] = clusters.unit_probes[name]
         out.labels[name] = labels
