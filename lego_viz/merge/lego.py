@@ -94,10 +94,10 @@ class _Units:
 def _sources(adapters: Sequence[LoraAdapter], weights: list[float], name: str) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]:
     """The adapters holding ``name`` and, per stacked unit, its adapter, ``α = √scale`` and ``β = √scale · w``."""
     present = [(t, a.modules[name]) for t, a in enumerate(adapters) if name in a.modules]
-    ranks = torch.tensor([lora.r for _, lora in present])
-    alpha = torch.tensor([lora.scale**0.5 for _, lora in present]).repeat_interleave(ranks)
-    beta = torch.tensor([lora.scale**0.5 * weights[t] for t, lora in present]).repeat_interleave(ranks)
-    owner = torch.tensor([t for t, _ in present]).repeat_interleave(ranks)
+    units = [(t, lora.scale**0.5, weights[t]) for t, lora in present for _ in range(lora.r)]
+    alpha = torch.tensor([root for _, root, _ in units])
+    beta = torch.tensor([root * weight for _, root, weight in units])
+    owner = torch.tensor([t for t, _, _ in units])
     return [t for t, _ in present], owner, alpha, beta
 
 
@@ -265,7 +265,10 @@ def _pair_sums(units: _Units, owners: Sequence[list[int]]) -> tuple[list[float],
     return reference.tolist(), [source_sq[i, present].tolist() for i, present in enumerate(owners)]
 
 
-def _report_products(units: _Units, owners: Sequence[list[int]], coef_a: torch.Tensor, coef_b: torch.Tensor) -> list[tuple]:
+def _report_products(
+    units: _Units, owners: Sequence[list[int]], coef_a: torch.Tensor, coef_b: torch.Tensor,
+    grams: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> list[tuple]:
     """The merge's side of the report's inner products, from the Gram matrices (O(k·n²), no pass over the weights).
 
     With ``c_a = coef_a A``, ``c_b = coef_b Bᵀ`` and unit i of the weighted sum ``(f_b,i B[:, i]) (f_a,i A[i])ᵀ``:
@@ -274,13 +277,15 @@ def _report_products(units: _Units, owners: Sequence[list[int]], coef_a: torch.T
 
     Args:
         units: a batch of modules (m, n); owners: each module's adapters; coef_a, coef_b: (m, k, n).
+        grams: the units' Gram matrices in float64, where the caller has them.
 
     Returns:
         Per module ``(cross, merged_sq)``: ⟨ΔW_merge, w_t ΔW_t⟩ per adapter of ``owners``, and ‖ΔW_merge‖².
     """
     coef_a, coef_b = coef_a.double(), coef_b.double()
     fold = units.fold_a.double() * units.fold_b.double()  # (m, n)
-    proj_a, proj_b = coef_a @ units.gram_a.double(), coef_b @ units.gram_b.double()  # (m, k, n)
+    gram_a, gram_b = grams or (units.gram_a.double(), units.gram_b.double())
+    proj_a, proj_b = coef_a @ gram_a, coef_b @ gram_b  # (m, k, n)
     per_unit = (proj_a * proj_b).sum(dim=-2) * fold  # (m, n): ⟨ΔW_merge, unit i⟩
     cross = (per_unit[..., None, :] @ _sources_one_hot(units, owners))[..., 0, :]  # (m, T)
     merged_sq = ((proj_a @ coef_a.transpose(-1, -2)) * (proj_b @ coef_b.transpose(-1, -2))).flatten(-2).sum(-1)
@@ -308,20 +313,21 @@ def _gram_coefficients(
         ``(coef_a, coef_b, products)``: (m, k, n) float32 each, and the report's products of each module.
     """
     avg_a, avg_b = units.avg_a.double(), units.avg_b.double()
+    gram_a, gram_b = units.gram_a.double(), units.gram_b.double()
     onehot = torch.zeros(*labels.shape, k, dtype=torch.float64).scatter_(-1, labels[..., None], 1.0)
     mean = onehot / onehot.sum(dim=-2, keepdim=True).clamp_min(1.0)  # (m, n, k)
     coef_a, coef_b = (mean * avg_a[..., None]).transpose(-1, -2), (mean * avg_b[..., None]).transpose(-1, -2)
     factor = output.double()[:, None].expand(-1, k)
     if reweight == "l2":
         member = (avg_a.square() * units.sq_a.double() + avg_b.square() * units.sq_b.double()).clamp_min(0).sqrt()
-        current_sq = ((coef_a @ units.gram_a.double()) * coef_a).sum(-1) + ((coef_b @ units.gram_b.double()) * coef_b).sum(-1)
+        current_sq = ((coef_a @ gram_a) * coef_a).sum(-1) + ((coef_b @ gram_b) * coef_b).sum(-1)
         current = current_sq.clamp_min(0).sqrt()  # (m, k) ‖[c_a; c_b]‖
         target = (mean.transpose(-1, -2) @ member[..., None])[..., 0]
         factor = factor * torch.where(current > _TINY, target / current.clamp_min(_TINY), torch.zeros_like(current))
     elif reweight != "none":
         raise ValueError(f"reweight {reweight!r} needs the centroids themselves")
     coef_a, coef_b = (coef_a * factor[..., None]).float(), (coef_b * factor[..., None]).float()
-    return coef_a, coef_b, _report_products(units, owners, coef_a, coef_b)
+    return coef_a, coef_b, _report_products(units, owners, coef_a, coef_b, (gram_a, gram_b))
 
 
 def lsq_scales(
