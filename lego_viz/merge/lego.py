@@ -91,14 +91,16 @@ class _Units:
                                                  for key, values in fields.items()})
 
 
-def _sources(adapters: Sequence[LoraAdapter], weights: list[float], name: str) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]:
+def _sources(adapters: Sequence[LoraAdapter], weights: list[float], name: str) -> tuple[list[int], list[tuple[int, float, float]]]:
     """The adapters holding ``name`` and, per stacked unit, its adapter, ``α = √scale`` and ``β = √scale · w``."""
     present = [(t, a.modules[name]) for t, a in enumerate(adapters) if name in a.modules]
-    units = [(t, lora.scale**0.5, weights[t]) for t, lora in present for _ in range(lora.r)]
-    alpha = torch.tensor([root for _, root, _ in units])
-    beta = torch.tensor([root * weight for _, root, weight in units])
-    owner = torch.tensor([t for t, _, _ in units])
-    return [t for t, _ in present], owner, alpha, beta
+    units = [(t, lora.scale**0.5, lora.scale**0.5 * weights[t]) for t, lora in present for _ in range(lora.r)]
+    return [t for t, _ in present], units
+
+
+def _transposed(modules: list[list[tuple[int, float, float]]]) -> tuple[list[list], list[list], list[list]]:
+    """:func:`_sources`'s units of several modules as ``(owner, alpha, beta)``, each a list per module."""
+    return tuple([[unit[field] for unit in units] for units in modules] for field in range(3))
 
 
 def _with_features(
@@ -134,9 +136,9 @@ def _gram_units(
     Everything comes from the modules' :class:`UnitSummary` (given, or computed here from the
     stacked factors the same way), so a given summary spares the pass over the weights.
     """
-    found, owners, owner, alpha, beta = [], [], [], [], []
+    found, owners, per_unit = [], [], []
     for name in names:
-        present, index, a, b = _sources(adapters, weights, name)
+        present, units = _sources(adapters, weights, name)
         summary = (summaries or {}).get(name)
         if summary is None:
             # float32 whatever the storage (a bf16/fp16 Gram would lose the precision k-means needs); no copy
@@ -146,17 +148,15 @@ def _gram_units(
             summary = summarize_module(A.cpu().numpy(), B.cpu().numpy())
         found.append(summary)
         owners.append(present)
-        owner.append(index)
-        alpha.append(a)
-        beta.append(b)
+        per_unit.append(units)
 
     def batch(field: str) -> torch.Tensor:
         return torch.from_numpy(np.stack([getattr(summary, field) for summary in found]))
 
     gram_a, gram_b = batch("gram_a"), batch("gram_b")
-    units = _with_features(owners[0], torch.stack(owner), gram_a, gram_b, torch.stack(alpha), torch.stack(beta),
-                           gram_a.diagonal(dim1=-2, dim2=-1), gram_b.diagonal(dim1=-2, dim2=-1), batch("row_max"),
-                           batch("row_min"), features)
+    owner, alpha, beta = (torch.tensor(column) for column in _transposed(per_unit))
+    units = _with_features(owners[0], owner, gram_a, gram_b, alpha, beta, gram_a.diagonal(dim1=-2, dim2=-1),
+                           gram_b.diagonal(dim1=-2, dim2=-1), batch("row_max"), batch("row_min"), features)
     return units, owners
 
 
@@ -168,7 +168,8 @@ def _units(
     if gram:
         units, owners = _gram_units(adapters, weights, [name], features, None if summary is None else {name: summary})
         return units.module(0, owners[0]), None
-    present, owner, alpha, beta = _sources(adapters, weights, name)
+    present, per_unit = _sources(adapters, weights, name)
+    owner, alpha, beta = (torch.tensor(column[0]) for column in _transposed([per_unit]))
     loras = [adapters[t].modules[name] for t in present]
     A, B = stacked([lora.A for lora in loras], 0), stacked([lora.B for lora in loras], 1)  # (n, d_in), (d_out, n)
     # amax/amin read A once with no |A| temporary, ~10× faster than abs().argmax() (torch 2.13)
@@ -259,7 +260,9 @@ def _pair_sums(units: _Units, owners: Sequence[list[int]]) -> tuple[list[float],
     """
     fold = units.fold_a.double() * units.fold_b.double()  # (m, n)
     source = _sources_one_hot(units, owners) * fold[..., None]  # (m, n, T)
-    per_source = (units.gram_a.double() * units.gram_b.double()) @ source  # (m, n, T): Σ_{j of t} ⟨unit i, unit j⟩ / f_i
+    # G_A ∘ G_B in float64, converted on the fly (numpy; no float64 copies of the Gram matrices)
+    hadamard = torch.from_numpy(np.multiply(units.gram_a.numpy(), units.gram_b.numpy(), dtype=np.float64))
+    per_source = hadamard @ source  # (m, n, T): Σ_{j of t} ⟨unit i, unit j⟩ / f_i
     reference = (per_source.sum(dim=-1) * fold).sum(dim=-1)  # (m,)
     source_sq = (per_source * source).sum(dim=-2)  # (m, T)
     return reference.tolist(), [source_sq[i, present].tolist() for i, present in enumerate(owners)]
@@ -267,7 +270,7 @@ def _pair_sums(units: _Units, owners: Sequence[list[int]]) -> tuple[list[float],
 
 def _report_products(
     units: _Units, owners: Sequence[list[int]], coef_a: torch.Tensor, coef_b: torch.Tensor,
-    grams: tuple[torch.Tensor, torch.Tensor] | None = None,
+    projections: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> list[tuple]:
     """The merge's side of the report's inner products, from the Gram matrices (O(k·n²), no pass over the weights).
 
@@ -277,15 +280,14 @@ def _report_products(
 
     Args:
         units: a batch of modules (m, n); owners: each module's adapters; coef_a, coef_b: (m, k, n).
-        grams: the units' Gram matrices in float64, where the caller has them.
+        projections: ``coef_a G_A`` and ``coef_b G_B`` in float64, where the caller has them.
 
     Returns:
         Per module ``(cross, merged_sq)``: ⟨ΔW_merge, w_t ΔW_t⟩ per adapter of ``owners``, and ‖ΔW_merge‖².
     """
     coef_a, coef_b = coef_a.double(), coef_b.double()
     fold = units.fold_a.double() * units.fold_b.double()  # (m, n)
-    gram_a, gram_b = grams or (units.gram_a.double(), units.gram_b.double())
-    proj_a, proj_b = coef_a @ gram_a, coef_b @ gram_b  # (m, k, n)
+    proj_a, proj_b = projections or (coef_a @ units.gram_a.double(), coef_b @ units.gram_b.double())  # (m, k, n)
     per_unit = (proj_a * proj_b).sum(dim=-2) * fold  # (m, n): ⟨ΔW_merge, unit i⟩
     cross = (per_unit[..., None, :] @ _sources_one_hot(units, owners))[..., 0, :]  # (m, T)
     merged_sq = ((proj_a @ coef_a.transpose(-1, -2)) * (proj_b @ coef_b.transpose(-1, -2))).flatten(-2).sum(-1)
@@ -317,17 +319,21 @@ def _gram_coefficients(
     onehot = torch.zeros(*labels.shape, k, dtype=torch.float64).scatter_(-1, labels[..., None], 1.0)
     mean = onehot / onehot.sum(dim=-2, keepdim=True).clamp_min(1.0)  # (m, n, k)
     coef_a, coef_b = (mean * avg_a[..., None]).transpose(-1, -2), (mean * avg_b[..., None]).transpose(-1, -2)
+    proj_a, proj_b = coef_a @ gram_a, coef_b @ gram_b  # (m, k, n)
     factor = output.double()[:, None].expand(-1, k)
     if reweight == "l2":
         member = (avg_a.square() * units.sq_a.double() + avg_b.square() * units.sq_b.double()).clamp_min(0).sqrt()
-        current_sq = ((coef_a @ gram_a) * coef_a).sum(-1) + ((coef_b @ gram_b) * coef_b).sum(-1)
-        current = current_sq.clamp_min(0).sqrt()  # (m, k) ‖[c_a; c_b]‖
+        current = ((proj_a * coef_a).sum(-1) + (proj_b * coef_b).sum(-1)).clamp_min(0).sqrt()  # (m, k) ‖[c_a; c_b]‖
         target = (mean.transpose(-1, -2) @ member[..., None])[..., 0]
         factor = factor * torch.where(current > _TINY, target / current.clamp_min(_TINY), torch.zeros_like(current))
     elif reweight != "none":
         raise ValueError(f"reweight {reweight!r} needs the centroids themselves")
-    coef_a, coef_b = (coef_a * factor[..., None]).float(), (coef_b * factor[..., None]).float()
-    return coef_a, coef_b, _report_products(units, owners, coef_a, coef_b, (gram_a, gram_b))
+    scale = factor[..., None]
+    coef_a, coef_b, proj_a, proj_b = coef_a * scale, coef_b * scale, proj_a * scale, proj_b * scale
+    # The report describes these float64 coefficients: within float32 rounding of the float32 ones the
+    # centroids are made with, as the centroids' own float32 products are.
+    products = _report_products(units, owners, coef_a, coef_b, (proj_a, proj_b))
+    return coef_a.float(), coef_b.float(), products
 
 
 def lsq_scales(
