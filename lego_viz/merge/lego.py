@@ -76,7 +76,8 @@ class _Units:
     def gram(self) -> torch.Tensor:
         """Gram matrix of the features k-means sees, (n, n)."""
         sa, sb = self.seen_a, self.seen_b
-        return sa[..., :, None] * self.gram_a * sa[..., None, :] + sb[..., :, None] * self.gram_b * sb[..., None, :]
+        gram = (sa[..., :, None] * self.gram_a).mul_(sa[..., None, :])
+        return gram.add_((sb[..., :, None] * self.gram_b).mul_(sb[..., None, :]))
 
     def module(self, index: int, owners: list[int]) -> _Units:
         """Module ``index`` of a batch (views), whose units come from the adapters ``owners``."""
@@ -199,8 +200,9 @@ def canonical_order(gram: torch.Tensor | None = None, points: torch.Tensor | Non
 
 def _reordered(gram: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """``gram[order][:, order]`` for every matrix of a batch (..., n, n) and its order (..., n)."""
-    rows = gram.gather(-2, order[..., :, None].expand(gram.shape))
-    return rows.gather(-1, order[..., None, :].expand(gram.shape))
+    n = gram.shape[-1]
+    flat = (order[..., :, None] * n + order[..., None, :]).flatten(-2)  # (..., n²): entry (order_i, order_j)
+    return gram.flatten(-2).gather(-1, flat).view(gram.shape)
 
 
 def _relabel_by_first_member(labels: torch.Tensor, k: int) -> torch.Tensor:
@@ -457,9 +459,11 @@ def lego_clusters(
             continue
         by_size.setdefault(n, []).append(name)
     # The Gram route (O(n²) kept per module): modules of one size at once.
+    batches: dict[tuple[str, ...], tuple[_Units, list[list[int]]]] = {}
     for n, same in by_size.items():
         for batch in _batches(same, n):
             units, owners = _gram_units(adapters, weights, batch, options["features"], summaries)
+            batches[tuple(batch)] = units, owners
             gram = units.gram()
             order = canonical_order(gram)
             reordered = _reordered(gram, order)
@@ -501,8 +505,8 @@ def lego_clusters(
         start = time.perf_counter()
         for (n, rank), same in groups.items():
             for group in _batches(same, n):
-                units = _Units.stack([clusters.units[name] for name in group])
-                owners = [clusters.units[name].owners for name in group]
+                units, owners = batches.get(tuple(group)) or (_Units.stack([clusters.units[name] for name in group]),
+                                                              [clusters.units[name].owners for name in group])
                 output = torch.tensor([_output_factor(adapters, name, o, rank, options) for name, o in zip(group, owners)],
                                       dtype=torch.float64)
                 labels = torch.stack([clusters.labels[name] for name in group])
