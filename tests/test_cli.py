@@ -103,3 +103,21 @@ def test_negative_weights_need_no_equals_sign(tmp_path, flag):
     assert main(["merge", *map(str, dirs), "--method", "linear", *weights, "--no-checks", "--out", str(tmp_path / "m")]) == 0
     assert json.loads((tmp_path / "m" / "merge_report.json").read_text())["weights"] == [-1.0, 0.5]
     assert main(["check", *map(str, dirs), "--weights", "-0.5,2", "--json"]) == 0
+
+
+@pytest.mark.parametrize(("cores", "threads", "expected"), [(2, 2, 1), (1, 1, 1), (16, 16, 14), (16, 4, 4)])
+def test_merge_leaves_cores_to_its_reader_and_hashes(monkeypatch, cores, threads, expected):
+    # On 2 cores, torch's second thread beside the reader and the hashes made the command slower (7.5 s
+    # against 5.5 s at the reference shape); it never asks for more threads than torch had.
+    import torch
+
+    from lego_viz import cli
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        cli._leave_cores_for_helpers()
+        assert torch.get_num_threads() == expected
+    finally:
+        torch.set_num_threads(before)
