@@ -115,8 +115,7 @@ _malloc_trim = None  # glibc's malloc_trim, looked up on first use (False where 
 
 
 def release_freed_memory() -> None:
-    """Give freed memory back to the OS (glibc; elsewhere a no-op): after a group of modules, or
-    after as many bytes of temporary copies.
+    """Give memory freed by the last group back to the OS (glibc; elsewhere a no-op).
 
     glibc keeps freed blocks below its (self-raising) mmap threshold in the heap, so a long run of
     groups whose tensors differ in size fragments it and the resident size creeps up group by group

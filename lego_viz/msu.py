@@ -7,6 +7,7 @@ Every unit is stored *folded*: the module scale ``s`` is split as ``sqrt(s)`` on
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -55,12 +56,13 @@ def canonicalize(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.
     return a_c * sign, b_c * sign
 
 
-def stacked(parts: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
+def stacked(parts: Sequence[torch.Tensor], dim: int, into: StackBuffer | None = None) -> torch.Tensor:
     """``torch.cat(parts, dim)`` in float32, without the copy where the parts already lie side by side.
 
     A streamed merge reads all adapters' factors of a module into one buffer (:mod:`lego_viz.stream`),
     so their ``A`` (and ``B``) are consecutive views of it and their concatenation is the buffer
-    itself: the merge and the checks then read every factor where it was read to, once.
+    itself: the merge and the checks then read every factor where it was read to, once. Where a copy
+    is needed it goes into ``into`` if given (valid until its next use) instead of fresh memory.
     """
     first = parts[0]
     if all(p.dtype == torch.float32 for p in parts):
@@ -76,7 +78,30 @@ def stacked(parts: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
             shape = list(first.shape)
             shape[dim] = sum(p.shape[dim] for p in parts)
             return first.as_strided(shape, first.stride(), first.storage_offset())
-    return torch.cat([p.float() for p in parts], dim=dim)
+    parts = [p.float() for p in parts]
+    if into is None:
+        return torch.cat(parts, dim=dim)
+    shape = list(parts[0].shape)
+    shape[dim] = sum(p.shape[dim] for p in parts)
+    return torch.cat(parts, dim=dim, out=into.take(shape))
+
+
+class StackBuffer:
+    """Reused float32 memory for :func:`stacked`'s copies, module after module.
+
+    Fresh copies for every module of an in-memory merge come and go between results that stay, so
+    glibc keeps their pages: one buffer that grows to the largest copy holds the resident size down
+    (and spares faulting fresh pages in for every module).
+    """
+
+    def __init__(self) -> None:
+        self.buffer = torch.empty(0)
+
+    def take(self, shape: Sequence[int]) -> torch.Tensor:
+        size = math.prod(shape)
+        if self.buffer.numel() < size:
+            self.buffer = torch.empty(size)
+        return self.buffer[:size].view(shape)
 
 
 @dataclass

@@ -13,16 +13,14 @@ import torch
 from lego_viz.adapters import LoraAdapter, LoraModule, module_order
 from lego_viz.first_pass import (
     GRAM_UNITS,
-    GROUP_BYTES,
     UnitSummary,
     one_blas_thread,
-    release_freed_memory,
     summarize_module,
 )
 from lego_viz.invariance import span_probes
 from lego_viz.kmeans import GramKMeans, sketch_kmeans
 from lego_viz.merge.base import MethodOutput, Option, register
-from lego_viz.msu import FEATURE_MODES, stacked
+from lego_viz.msu import FEATURE_MODES, StackBuffer, stacked
 from lego_viz.retention import ReportProducts
 
 PRESETS = {
@@ -144,7 +142,7 @@ def _gram_units(
     Everything comes from the modules' :class:`UnitSummary` (given, or computed here from the
     stacked factors the same way), so a given summary spares the pass over the weights.
     """
-    found, owners, per_unit = [], [], []
+    found, owners, per_unit, buffers = [], [], [], (StackBuffer(), StackBuffer())
     for name in names:
         present, units = _sources(adapters, weights, name)
         summary = (summaries or {}).get(name)
@@ -152,7 +150,7 @@ def _gram_units(
             # float32 whatever the storage (a bf16/fp16 Gram would lose the precision k-means needs); no copy
             # when a streamed merge read the factors side by side already.
             loras = [adapters[t].modules[name] for t in present]
-            A, B = stacked([lora.A for lora in loras], 0), stacked([lora.B for lora in loras], 1)
+            A, B = stacked([lora.A for lora in loras], 0, buffers[0]), stacked([lora.B for lora in loras], 1, buffers[1])
             summary = summarize_module(A.cpu().numpy(), B.cpu().numpy())
         found.append(summary)
         owners.append(present)
@@ -543,25 +541,16 @@ def lego(
         out = MethodOutput(modules={}, timings=dict(clusters.timings), details=clusters.details)
     else:  # a streamed merge: the clusters' own cost and details are counted once, by the caller
         out = MethodOutput(modules={})
-    start, copied = time.perf_counter(), 0
+    start, buffers = time.perf_counter(), (StackBuffer(), StackBuffer())
     for name in names:  # pass 2: centroids, one product with the stacked factors per side
         units, labels, rank = clusters.units[name], clusters.labels[name], k[name]
         loras = [adapters[t].modules[name] for t in units.owners]
         products = None
         if name in clusters.coefficients:  # reweighted from the Gram matrices already
             coef_a, coef_b, products = clusters.coefficients[name]
-            A = stacked([lora.A for lora in loras], 0)  # no copy after a streamed read; else one, freed below
-            B = stacked([lora.B for lora in loras], 1)
+            A = stacked([lora.A for lora in loras], 0, buffers[0])  # no copy after a streamed read
+            B = stacked([lora.B for lora in loras], 1, buffers[1])
             c_a, c_b = _matmul(coef_a, A), _matmul(B, coef_b.T).T  # (k, d_in), (k, d_out)
-            if A.data_ptr() != loras[0].A.data_ptr() or B.data_ptr() != loras[0].B.data_ptr():
-                copied += 4 * (A.numel() + B.numel())
-                del A, B
-                # The copies come and go between merged ranks that stay: glibc would keep their pages
-                # (peak RSS of an in-memory merge at the reference shape: 718 MiB over the input, 279 MiB
-                # with this).
-                if copied >= GROUP_BYTES:
-                    release_freed_memory()
-                    copied = 0
         else:
             c_a, c_b, coef_a, coef_b = _centroids(adapters, name, units, labels, rank, options["param_reweight"])
             factor = _output_factor(adapters, name, units.owners, rank, options)
