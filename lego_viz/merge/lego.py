@@ -11,12 +11,7 @@ import numpy as np
 import torch
 
 from lego_viz.adapters import LoraAdapter, LoraModule, module_order
-from lego_viz.first_pass import (
-    GRAM_UNITS,
-    UnitSummary,
-    one_blas_thread,
-    summarize_module,
-)
+from lego_viz.first_pass import GRAM_UNITS, UnitSummary, one_blas_thread, summarize_module
 from lego_viz.invariance import span_probes
 from lego_viz.kmeans import GramKMeans, sketch_kmeans
 from lego_viz.merge.base import MethodOutput, Option, register
@@ -79,7 +74,7 @@ class _Units:
     sq_b: torch.Tensor  # (n,)
 
     def gram(self) -> torch.Tensor:
-        """Gram matrix of the features k-means sees, (n, n)."""
+        """Gram matrix of the features k-means sees, (n, n) (a batch: (m, n, n))."""
         sa, sb = self.seen_a, self.seen_b
         gram = (sa[..., :, None] * self.gram_a).mul_(sa[..., None, :])
         return gram.add_((sb[..., :, None] * self.gram_b).mul_(sb[..., None, :]))
