@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from lego_viz.adapters import LoraAdapter, LoraModule
+from lego_viz.adapters import LoraAdapter, LoraModule, module_order
 from lego_viz.msu import module_msus, permute_adapter
 
 DEFAULT_TOLERANCE = 1e-5  # float32 factors: observed errors are ~1e-7, so 1e-5 leaves margin without hiding bugs
@@ -307,7 +307,7 @@ def check_concat_sum(
     ``exact`` as in :func:`check_permutation`.
     """
     weights = list(weights) if weights is not None else [1.0] * len(adapters)
-    modules = list(dict.fromkeys(m for a in adapters for m in a.modules))
+    modules = module_order(adapters)
 
     def pairs():
         for name in modules:
@@ -401,7 +401,7 @@ def probe_checks(
     # Modules with the same adapters, ranks, scales and probe count are checked together, as one batch.
     batches: dict[tuple, list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
     probes: dict[tuple[str, int], torch.Tensor] = {}
-    for name in dict.fromkeys(m for a in adapters for m in a.modules):
+    for name in module_order(adapters):
         present = [(t, a.modules[name], w) for t, (a, w) in enumerate(zip(adapters, weights)) if name in a.modules]
         if unit_probes and name in unit_probes:
             u, v = unit_probes[name]
@@ -438,7 +438,7 @@ def probe_checks(
         concat.per_module.update(zip(names, _sketch_errors(summed, concatenated)))
     # in the order the other checks report them: adapter by adapter, module by module
     permutation.per_module = {key: permutation.per_module[key] for key in (f"{a.name}:{m}" for a in adapters for m in a.modules)}
-    concat.per_module = {name: concat.per_module[name] for name in dict.fromkeys(m for a in adapters for m in a.modules)}
+    concat.per_module = {name: concat.per_module[name] for name in module_order(adapters)}
     permutation.probe_max_rel_error = max(permutation.per_module.values(), default=0.0)
     concat.probe_max_rel_error = max(concat.per_module.values(), default=0.0)
     permutation.seconds = concat.seconds = (time.perf_counter() - start) / 2

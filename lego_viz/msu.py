@@ -65,6 +65,8 @@ def stacked(parts: Sequence[torch.Tensor], dim: int, into: StackBuffer | None = 
     is needed it goes into ``into`` if given (valid until its next use) instead of fresh memory.
     """
     first = parts[0]
+    shape = list(first.shape)
+    shape[dim] = sum(p.shape[dim] for p in parts)
     if all(p.dtype == torch.float32 for p in parts):
         if len(parts) == 1:
             return first
@@ -75,15 +77,9 @@ def stacked(parts: Sequence[torch.Tensor], dim: int, into: StackBuffer | None = 
                     or part.storage_offset() != offset or part.shape[1 - dim] != first.shape[1 - dim]):
                 break
         else:
-            shape = list(first.shape)
-            shape[dim] = sum(p.shape[dim] for p in parts)
             return first.as_strided(shape, first.stride(), first.storage_offset())
     parts = [p.float() for p in parts]
-    if into is None:
-        return torch.cat(parts, dim=dim)
-    shape = list(parts[0].shape)
-    shape[dim] = sum(p.shape[dim] for p in parts)
-    return torch.cat(parts, dim=dim, out=into.take(shape))
+    return torch.cat(parts, dim=dim) if into is None else torch.cat(parts, dim=dim, out=into.take(shape))
 
 
 class StackBuffer:

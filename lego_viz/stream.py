@@ -33,7 +33,6 @@ from lego_viz.first_pass import (
     UnitSummary,
     module_groups,
     read_stacked,
-    release_freed_memory,
     stacked_floats,
 )
 from lego_viz.invariance import (
@@ -93,6 +92,29 @@ def _loaded(
     return [LoraAdapter(name=a.name, source=a.source, config=a.config, modules=found, sha256=a.sha256,
                         weights_file=a.weights_file, config_sha256=a.config_sha256)
             for a, found in zip(adapters, modules)]
+
+
+_malloc_trim = None  # glibc's malloc_trim, looked up on first use (False where there is none)
+
+
+def _release_freed_memory() -> None:
+    """Give memory freed by the last group back to the OS (glibc; elsewhere a no-op).
+
+    glibc keeps freed blocks below its (self-raising) mmap threshold in the heap, so a long run of
+    groups whose tensors differ in size fragments it and the resident size creeps up group by group
+    (2.1 GiB after 32 layers of 64 adapters where one group needs ~0.6 GiB). ``malloc_trim`` hands the
+    free pages back.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
 
 
 def _add_counts(total: dict, part: dict) -> None:
@@ -222,7 +244,7 @@ def merge_streaming(
             del block, part
             trimmed += stacked_floats(adapters, names)
             if 4 * trimmed >= GROUP_BYTES or index + 1 == len(groups):
-                release_freed_memory()
+                _release_freed_memory()
                 trimmed = 0
             done += len(names)
             if progress is not None:

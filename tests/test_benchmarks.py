@@ -89,9 +89,9 @@ def test_gram_and_factored_norms_match_dense(d_out: int, n: int, d_in: int) -> N
 def test_peak_rss_sees_an_allocation() -> None:
     # Earlier tests can leave freed memory resident in the heap, which a new block would reuse without
     # raising the peak: hand it back first, so the block below needs fresh pages.
-    from lego_viz.first_pass import release_freed_memory
+    from lego_viz.stream import _release_freed_memory
 
-    release_freed_memory()
+    _release_freed_memory()
     with PeakRss() as rss:
         block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
         del block

@@ -99,9 +99,10 @@ def _sources(adapters: Sequence[LoraAdapter], weights: list[float], name: str) -
     return [t for t, _ in present], units
 
 
-def _transposed(modules: list[list[tuple[int, float, float]]]) -> tuple[list[list], list[list], list[list]]:
-    """:func:`_sources`'s units of several modules as ``(owner, alpha, beta)``, each a list per module."""
-    return tuple([[unit[field] for unit in units] for units in modules] for field in range(3))
+def _unit_table(units: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_sources`'s units (of one module, or a list of modules) as ``(owner, alpha, beta)`` tensors."""
+    table = torch.tensor(units, dtype=torch.float64)  # (..., n, 3)
+    return table[..., 0].long(), table[..., 1].float(), table[..., 2].float()
 
 
 def _with_features(
@@ -155,7 +156,7 @@ def _gram_units(
         return torch.from_numpy(np.stack([getattr(summary, field) for summary in found]))
 
     gram_a, gram_b = batch("gram_a"), batch("gram_b")
-    owner, alpha, beta = (torch.tensor(column) for column in _transposed(per_unit))
+    owner, alpha, beta = _unit_table(per_unit)
     units = _with_features(owners[0], owner, gram_a, gram_b, alpha, beta, gram_a.diagonal(dim1=-2, dim2=-1),
                            gram_b.diagonal(dim1=-2, dim2=-1), batch("row_max"), batch("row_min"), features)
     return units, owners
@@ -170,7 +171,7 @@ def _units(
         units, owners = _gram_units(adapters, weights, [name], features, None if summary is None else {name: summary})
         return units.module(0, owners[0]), None
     present, per_unit = _sources(adapters, weights, name)
-    owner, alpha, beta = (torch.tensor(column[0]) for column in _transposed([per_unit]))
+    owner, alpha, beta = _unit_table(per_unit)
     loras = [adapters[t].modules[name] for t in present]
     A, B = stacked([lora.A for lora in loras], 0), stacked([lora.B for lora in loras], 1)  # (n, d_in), (d_out, n)
     # amax/amin read A once with no |A| temporary, ~10× faster than abs().argmax() (torch 2.13)
