@@ -165,13 +165,22 @@ class _ProgressBar:
 
 
 def _leave_cores_for_helpers(helpers: int = 2) -> None:
-    """Give torch the cores this process may use less ``helpers`` (at least one)."""
+    """Give torch the cores this process may use less ``helpers`` (at least one).
+
+    Where torch is not imported (the lego route runs on numpy alone), the limit goes to
+    ``OMP_NUM_THREADS`` for a later step that imports it; numpy's BLAS, loaded already, keeps its own.
+    """
     import os
 
-    import torch
-
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), cores - helpers)))
+    if "torch" in sys.modules:
+        import torch
+
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), cores - helpers)))
+        return
+    given = os.environ.get("OMP_NUM_THREADS", "")
+    limit = max(1, cores - helpers)
+    os.environ["OMP_NUM_THREADS"] = str(min(int(given), limit) if given.isdigit() and int(given) > 0 else limit)
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -204,8 +213,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
         adapters = _load(args.adapters, defer_checks=True, hash_weights=False)
         method, k, weights, allow = args.method or "lego", args.k, args.weights, args.allow_base_mismatch
         if method == "lego":
-            # lego's first pass over the weights (numpy only) starts in a forked process while this one
-            # imports torch (~2 s that would otherwise come first); this one joins in once it is done.
+            # lego's first pass over the weights (numpy only) starts in a forked process now, and this one
+            # joins in once it has set up the merge.
             from lego_viz.first_pass import SharedFirstPass
 
             first_pass = SharedFirstPass.start(adapters)
@@ -223,15 +232,16 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if first_pass is not None:
         summaries = first_pass.result()
         # From here on a reader thread and the input hashes each keep a core busy beside the merge: torch's
-        # own threads on those cores would only contend (2 cores, 8 adapters of the reference shape: 7.5 s
-        # with torch's default 2 threads, 5.5 s with one).
+        # own threads on those cores, where a step needs torch, would only contend (2 cores, 8 adapters of
+        # the reference shape: 7.5 s with torch's default 2 threads, 5.5 s with one).
         _leave_cores_for_helpers()
     # Module group by group: memory stays at one group, and the checks and the report's errors and
     # retention use the tensors the merge just read (lego_viz.stream).
     progress = _ProgressBar()
     try:
         result = merge_streaming(adapters, method=method, k=k, weights=weights, allow_base_mismatch=allow,
-                                 checks=not args.no_checks, progress=progress, summaries=summaries, **options)
+                                 checks=not args.no_checks, progress=progress, summaries=summaries, arrays=True,
+                                 **options)
     finally:
         progress.close()
     merged = result.merged

@@ -1,7 +1,8 @@
 """Write a merged adapter as a PEFT folder, with ``merge_report.json``, ``recipe.yaml`` and a model card (DESIGN §7).
 
 Writes are atomic: everything goes to a temporary sibling folder that is renamed into place at the
-end, so an interrupted export leaves neither a half-written adapter nor stray temp files.
+end, so an interrupted export leaves neither a half-written adapter nor stray temp files. A merge whose
+factors are numpy arrays exports without importing torch (:mod:`lego_viz.safetensors_io`), to the same bytes.
 """
 
 from __future__ import annotations
@@ -14,17 +15,19 @@ import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 import yaml
-from safetensors.torch import save_file
 
+from lego_viz import safetensors_io
 from lego_viz.adapters import CONFIG_NAME, KEY_PREFIX, AdapterError, LoraAdapter
-from lego_viz.merge import MergedAdapter
 from lego_viz.mergekit_config import recipe_config
 from lego_viz.model_card import CARD_NAME, model_card
-from lego_viz.retention import report_scores
 from lego_viz.serving import cast_factor, check_max_rank, resolve_dtype
+
+if TYPE_CHECKING:
+    from lego_viz.merge import MergedAdapter
 
 REPORT_NAME = "merge_report.json"
 RECIPE_NAME = "recipe.yaml"
@@ -90,6 +93,8 @@ def reconstruction_errors(merged: MergedAdapter, adapters: list[LoraAdapter]) ->
 
     Exact (float32 products, float64 sums); ``‖Σ w_t ΔW_t‖²`` comes from the merge where it had it.
     """
+    from lego_viz.retention import report_scores
+
     return report_scores(merged.modules, adapters, merged.weights, merged.reference_sq_norms,
                          merged.report_products)[0]
 
@@ -120,6 +125,8 @@ def build_report(
     if adapters is not None and (errors is None or retained is None):
         # ⟨ΔW_merge, w_t ΔW_t⟩ / ‖w_t ΔW_t‖² per source adapter (how much of each the merge keeps) and
         # the errors share their products
+        from lego_viz.retention import report_scores
+
         found_errors, found_retained = report_scores(merged.modules, adapters, merged.weights, merged.reference_sq_norms,
                          merged.report_products)
         errors = found_errors if errors is None else errors
@@ -150,20 +157,29 @@ def recipe(merged: MergedAdapter, dtype: str = "float32") -> dict:
     return recipe_config(merged, sources, dtype)
 
 
-def _write(folder: Path, merged: MergedAdapter, report: dict, dtype: torch.dtype) -> None:
-    tensors = {}
-    for name, lora in merged.modules.items():
-        for side, factor in (("A", lora.A), ("B", lora.B)):
-            key = f"{KEY_PREFIX}{name}.lora_{side}.weight"
-            tensors[key] = cast_factor(factor, dtype, key)
-    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+def _write_weights(path: Path, merged: MergedAdapter, dtype: str) -> None:
+    factors = {f"{KEY_PREFIX}{name}.lora_{side}.weight": factor
+               for name, lora in merged.modules.items() for side, factor in (("A", lora.A), ("B", lora.B))}
+    if all(isinstance(factor, np.ndarray) for factor in factors.values()):
+        tensors = {key: cast_factor(factor, dtype, key) for key, factor in factors.items()}
+        safetensors_io.save_file(tensors, path, dtype, metadata={"format": "pt"})
+        return
+    import torch
+    from safetensors.torch import save_file
+
+    # tensors, or a mix: arrays join the tensors (as_tensor leaves a tensor as it is)
+    tensors = {key: cast_factor(torch.as_tensor(factor), dtype, key) for key, factor in factors.items()}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def _write(folder: Path, merged: MergedAdapter, report: dict, dtype: str) -> None:
+    _write_weights(folder / WEIGHTS_NAME, merged, dtype)
     config = peft_config(merged)
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     (folder / REPORT_NAME).write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
-    dtype_name = str(dtype).removeprefix("torch.")
-    steps = recipe(merged, dtype_name)
+    steps = recipe(merged, dtype)
     (folder / RECIPE_NAME).write_text(yaml.safe_dump(steps, sort_keys=False), encoding="utf-8")
-    (folder / CARD_NAME).write_text(model_card(merged, steps, dtype_name, config["task_type"]), encoding="utf-8")
+    (folder / CARD_NAME).write_text(model_card(merged, steps, dtype, config["task_type"]), encoding="utf-8")
 
 
 def export_adapter(

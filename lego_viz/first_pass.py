@@ -3,9 +3,9 @@
 A lego merge needs of each module's weights only its units' Gram matrices ``A Aᵀ`` and ``Bᵀ B``
 and each unit's largest and smallest ``A`` entry (for the canonical sign) until the clusters are
 known; the centroids read the weights a second time. That first pass is most of the arithmetic
-and needs only numpy, so the ``merge`` command starts it in a forked process while it imports
-torch, and joins in once torch is loaded (:class:`SharedFirstPass`); the merge then starts from the
-summaries (:func:`lego_viz.merge.lego.lego_clusters`). A merge without them computes the same
+and needs only numpy, so the ``merge`` command starts it in a forked process at once, and joins
+in once it has set up the merge (:class:`SharedFirstPass`): two cores on it. The merge then starts
+from the summaries (:func:`lego_viz.merge.lego.lego_clusters`). A merge without them computes the same
 summaries the same way, module by module (:func:`summarize` does it for all modules in one
 process), so the result is identical either way.
 
@@ -226,7 +226,7 @@ def summarize(adapters: Sequence[LoraAdapter]) -> Mapping[str, UnitSummary]:
 
 class SharedFirstPass:
     """:func:`summarize` by two processes at once: a forked one starts now, and this one joins in when
-    it is free (the merge command: once torch is imported).
+    it is free (the merge command: once it has set up the merge).
 
     Modules are claimed one at a time from a shared counter, and each summary is written into
     memory both processes share, so whichever process is free works and nothing is copied between

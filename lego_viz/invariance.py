@@ -13,11 +13,17 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from lego_viz.adapters import LoraAdapter, LoraModule, module_order
 from lego_viz.msu import module_msus, permute_adapter
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from lego_viz.lazy import torch
 
 DEFAULT_TOLERANCE = 1e-5  # float32 factors: observed errors are ~1e-7, so 1e-5 leaves margin without hiding bugs
 # Above this many multiply-adds (Σ over modules of (d_in + d_out)·m²) the exact QR route gives way to
@@ -46,7 +52,8 @@ class Factored:
 
     @staticmethod
     def of(module: LoraModule, weight: float = 1.0) -> Factored:
-        return Factored(module.B, module.A, module.scale * weight)
+        """The module's update; factors held as numpy arrays (the merge command's) are viewed as tensors."""
+        return Factored(torch.as_tensor(module.B), torch.as_tensor(module.A), module.scale * weight)
 
     @staticmethod
     def concat(parts: Sequence[Factored]) -> Factored:
@@ -141,13 +148,21 @@ def low_rank_relative_error(
     expansion cancels, and the exact QR route answers instead.
     """
     ref_sq = _sq_norm(reference) if reference_sq is None else reference_sq
-    if ref_sq <= 0.0:
-        return relative_error(reference, candidate)
-    cross = _inner(reference, candidate) if cross is None else cross
-    error_sq = ref_sq - 2 * cross + (_sq_norm(candidate) if candidate_sq is None else candidate_sq)
-    if error_sq < EXPANSION_FLOOR**2 * ref_sq:
-        return relative_error(reference, candidate)
-    return (error_sq / ref_sq) ** 0.5
+    if ref_sq > 0.0:
+        cross = _inner(reference, candidate) if cross is None else cross
+        error = expanded_relative_error(ref_sq, cross, _sq_norm(candidate) if candidate_sq is None else candidate_sq)
+        if error is not None:
+            return error
+    return relative_error(reference, candidate)
+
+
+def expanded_relative_error(reference_sq: float, cross: float, candidate_sq: float) -> float | None:
+    """``‖ref − cand‖ / ‖ref‖`` from ``‖ref‖²``, ``⟨ref, cand⟩`` and ``‖cand‖²``; None where the expansion
+    cancels (below :data:`EXPANSION_FLOOR`, or a zero reference) and the exact route must answer."""
+    error_sq = reference_sq - 2 * cross + candidate_sq
+    if reference_sq <= 0.0 or error_sq < EXPANSION_FLOOR**2 * reference_sq:
+        return None
+    return (error_sq / reference_sq) ** 0.5
 
 
 def probe_vectors(d_in: int, n_probes: int = 4, seed: int = 0) -> torch.Tensor:
@@ -168,14 +183,16 @@ def _probe_pair(
 
 
 def _sketch_error(reference: torch.Tensor, candidate: torch.Tensor) -> float:
-    return _sketch_errors(reference[None], candidate[None])[0]
+    return _sketch_errors(reference[None].cpu().numpy(), candidate[None].cpu().numpy())[0]
 
 
-def _sketch_errors(reference: torch.Tensor, candidate: torch.Tensor) -> list[float]:
+def _sketch_errors(reference: np.ndarray, candidate: np.ndarray) -> list[float]:
     """``‖ref − cand‖ / ‖ref‖`` of each of a batch of sketches (b, p, p); 0 where both are zero."""
-    denom = reference.double().flatten(1).norm(dim=1)
-    diff = (reference.double() - candidate.double()).flatten(1).norm(dim=1)
-    ratio = torch.where(denom > 0, diff / denom.clamp_min(1e-300), torch.where(diff > 0, float("inf"), 0.0))
+    reference = reference.astype(np.float64).reshape(len(reference), -1)
+    denom = np.linalg.norm(reference, axis=1)
+    diff = np.linalg.norm(reference - candidate.astype(np.float64).reshape(len(candidate), -1), axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(denom > 0, diff / np.maximum(denom, 1e-300), np.where(diff > 0, np.inf, 0.0))
     return ratio.tolist()
 
 
@@ -277,13 +294,13 @@ def check_permutation(
     """
     if shuffle not in ("both", "a_only"):
         raise ValueError(f"shuffle must be 'both' or 'a_only', got {shuffle!r}.")
-    gen = torch.Generator().manual_seed(seed)
+    perms = _permutations(adapters, seed)
 
     def pairs():
         # One module at a time: the shuffled copy of a module lives only while it is checked.
-        for adapter in adapters:
+        for t, adapter in enumerate(adapters):
             for name, lora in adapter.modules.items():
-                perm = torch.randperm(lora.r, generator=gen)
+                perm = torch.from_numpy(perms[t, name])
                 # index_select: ~6× faster than advanced indexing for B's column gather on CPU.
                 moved_b = lora.B if shuffle == "a_only" else lora.B.index_select(1, perm)
                 moved = LoraModule(A=lora.A.index_select(0, perm), B=moved_b, scale=lora.scale, fan_in_fan_out=lora.fan_in_fan_out)
@@ -331,17 +348,23 @@ def _timed(checks: Callable[..., tuple[CheckResult, ...]], *args, **kwargs) -> t
     return results
 
 
-def span_probes(gram_a: torch.Tensor, gram_b: torch.Tensor, n_probes: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def span_probes(gram_a: np.ndarray, gram_b: np.ndarray, n_probes: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Probe products of units from their Gram matrices: ``u = c_x (A Aᵀ)``, ``v = c_z (Bᵀ B)`` (p, n).
 
     They are the products of every unit with the probes ``x = c_x A`` and ``z = c_z Bᵀ``, for
     Gaussian coefficients ``c`` (p, n) drawn from ``seed``; see :func:`probe_checks`. A batch of
     Gram matrices (m, n, n) gets the same draw for each, (m, p, n).
     """
-    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
     n = gram_a.shape[-1]
-    c_x, c_z = torch.randn(n_probes, n, generator=gen), torch.randn(n_probes, n, generator=gen)
-    return c_x.to(gram_a) @ gram_a, c_z.to(gram_b) @ gram_b
+    c_x, c_z = (rng.standard_normal((n_probes, n), dtype=np.float32) for _ in range(2))
+    return c_x.astype(gram_a.dtype) @ gram_a, c_z.astype(gram_b.dtype) @ gram_b
+
+
+def _permutations(adapters: Sequence[LoraAdapter], seed: int) -> dict[tuple[int, str], np.ndarray]:
+    """The permutation of every module's ranks, adapter by adapter: the same draws for both routes of the checks."""
+    rng = np.random.default_rng(seed)
+    return {(t, name): rng.permutation(lora.r) for t, a in enumerate(adapters) for name, lora in a.modules.items()}
 
 
 def _starts(present: Sequence[tuple]) -> list[int]:
@@ -359,7 +382,7 @@ def probe_checks(
     seed: int = 0,
     tolerance: float = DEFAULT_TOLERANCE,
     shuffle: str = "both",
-    unit_probes: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    unit_probes: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> tuple[CheckResult, CheckResult]:
     """Both checks by random probes, each unit probed once: what a merge of large inputs runs.
 
@@ -387,54 +410,54 @@ def probe_checks(
         ``(permutation, concat_sum)`` results (method ``"probe"``); the time, spent on both at
         once, is split evenly between them.
     """
-    from lego_viz.msu import stacked
-
     if shuffle not in ("both", "a_only"):
         raise ValueError(f"shuffle must be 'both' or 'a_only', got {shuffle!r}.")
     start = time.perf_counter()
     weights = list(weights) if weights is not None else [1.0] * len(adapters)
-    gen = torch.Generator().manual_seed(seed)
-    perms = {(t, name): torch.randperm(lora.r, generator=gen) for t, a in enumerate(adapters) for name, lora in a.modules.items()}
+    perms = _permutations(adapters, seed)
     label = "permutation" if shuffle == "both" else "permutation_a_only"
     permutation = CheckResult(name=label, tolerance=tolerance, expect_pass=shuffle == "both", method="probe")
     concat = CheckResult(name="concat_sum", tolerance=tolerance, method="probe")
     # Modules with the same adapters, ranks, scales and probe count are checked together, as one batch.
-    batches: dict[tuple, list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+    batches: dict[tuple, list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]] = {}
     probes: dict[tuple[str, int], torch.Tensor] = {}
     for name in module_order(adapters):
         present = [(t, a.modules[name], w) for t, (a, w) in enumerate(zip(adapters, weights)) if name in a.modules]
         if unit_probes and name in unit_probes:
             u, v = unit_probes[name]
         else:
+            from lego_viz.msu import stacked
+
             first = present[0][1]
             z, x = _probe_pair(first.d_in, first.d_out, probes)
-            u = x @ stacked([lora.A for _, lora, _ in present], 0).T  # (p, n)
-            v = z @ stacked([lora.B for _, lora, _ in present], 1)  # (p, n)
+            u = (x @ stacked([lora.A for _, lora, _ in present], 0).T).cpu().numpy()  # (p, n)
+            v = (z @ stacked([lora.B for _, lora, _ in present], 1)).cpu().numpy()  # (p, n)
         key = (tuple((t, lora.r, lora.scale, w) for t, lora, w in present), u.shape[0], u.dtype)
-        moved = torch.cat([perms[(t, name)] + begin for (t, lora, _), begin in zip(present, _starts(present))])
+        moved = np.concatenate([perms[t, name] + begin for (t, lora, _), begin in zip(present, _starts(present))])
         batches.setdefault(key, []).append((name, u, v, moved))
     for (present, _, dtype), members in batches.items():
         names = [name for name, *_ in members]
-        u, v, moved = (torch.stack([member[i] for member in members]) for i in (1, 2, 3))  # (m, p, n) ×2, (m, n)
-        ranks = torch.tensor([r for _, r, _, _ in present])
-        block = torch.repeat_interleave(torch.arange(len(present)), ranks)  # (n,) adapter block of each unit
-        scale = torch.repeat_interleave(torch.tensor([s for _, _, s, _ in present], dtype=dtype), ranks)
-        weight = torch.tensor([w for _, _, _, w in present], dtype=dtype)
+        u, v, moved = (np.stack([member[i] for member in members]) for i in (1, 2, 3))  # (m, p, n) ×2, (m, n)
+        ranks = [r for _, r, _, _ in present]
+        starts = np.cumsum([0, *ranks[:-1]])  # first unit of each adapter's block
+        block = np.repeat(np.arange(len(present)), ranks)  # (n,) adapter block of each unit
+        scale = np.repeat(np.array([s for _, _, s, _ in present], dtype=dtype), ranks)
+        weight = np.array([w for _, _, _, w in present], dtype=dtype)
         # Every unit's rank-one sketch v_i u_iᵀ (m, n, p, p); an adapter's update sums its units' sketches.
-        u, v = u.transpose(1, 2), v.transpose(1, 2)  # (m, n, p)
+        u, v = np.swapaxes(u, 1, 2), np.swapaxes(v, 1, 2)  # (m, n, p)
         sketches = v[..., :, None] * u[..., None, :] * scale[:, None, None]
-        shifted = moved[..., None].expand_as(u)
-        moved_v = v if shuffle == "a_only" else torch.gather(v, 1, shifted)
-        moved_sketches = moved_v[..., :, None] * torch.gather(u, 1, shifted)[..., None, :] * scale[:, None, None]
-        own = torch.zeros(len(names), len(present), *sketches.shape[2:], dtype=dtype).index_add_(1, block, sketches)
-        shuffled = torch.zeros_like(own).index_add_(1, block, moved_sketches)
-        errors = _sketch_errors(own.flatten(0, 1), shuffled.flatten(0, 1))
+        moved_v = v if shuffle == "a_only" else np.take_along_axis(v, moved[..., None], 1)
+        moved_sketches = moved_v[..., :, None] * np.take_along_axis(u, moved[..., None], 1)[..., None, :] * scale[:, None, None]
+        own = np.add.reduceat(sketches, starts, axis=1)  # (m, T, p, p)
+        shuffled = np.add.reduceat(moved_sketches, starts, axis=1)
+        p = sketches.shape[-1]
+        errors = _sketch_errors(own.reshape(-1, p, p), shuffled.reshape(-1, p, p))
         for i, name in enumerate(names):
             for (t, *_), error in zip(present, errors[i * len(present) : (i + 1) * len(present)]):
                 permutation.per_module[f"{adapters[t].name}:{name}"] = error
         # the weighted sum of the adapters' updates vs the concatenated LoRA (scale and weight per unit)
-        summed = (own * weight[:, None, None]).sum(dim=1)
-        concatenated = (sketches * weight[block][:, None, None]).sum(dim=1)
+        summed = (own * weight[:, None, None]).sum(axis=1)
+        concatenated = (sketches * weight[block][:, None, None]).sum(axis=1)
         concat.per_module.update(zip(names, _sketch_errors(summed, concatenated)))
     # in the order the other checks report them: adapter by adapter, module by module
     permutation.per_module = {key: permutation.per_module[key] for key in (f"{a.name}:{m}" for a in adapters for m in a.modules)}
@@ -482,10 +505,9 @@ def lora_hooks(model: torch.nn.Module, *module_sets: Mapping[str, LoraModule]) -
             handle.remove()
 
 
-@torch.no_grad()
 def logits_with(model: torch.nn.Module, input_ids: torch.Tensor, *module_sets: Mapping[str, LoraModule]) -> torch.Tensor:
     """Logits of ``model`` on ``input_ids`` with the given LoRA module sets applied."""
-    with lora_hooks(model, *module_sets):
+    with torch.no_grad(), lora_hooks(model, *module_sets):
         out = model(input_ids=input_ids)
     return out.logits if hasattr(out, "logits") else out[0]
 

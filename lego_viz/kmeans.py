@@ -1,35 +1,23 @@
-"""Batched k-means on Gram matrices (torch), with a scikit-learn-like estimator.
+"""k-means with torch tensors in and out, and a scikit-learn-like estimator.
 
-k-means only needs squared distances, and with centroids written as weighted
-sums of points, ``c_j = Σ_i W[j, i] x_i``, those only need the Gram matrix
-``G = X Xᵀ``:
-
-    ‖x_i − c_j‖² = G[i, i] − 2 (W G)[j, i] + (W G Wᵀ)[j, j]
-
-So every seeding step and Lloyd iteration costs ``O(k n²)`` whatever the
-feature dimension, and problems of equal size ``n`` (the modules of a model,
-times the ``n_init`` restarts) run together as one batched matmul. Centroids
-are never formed here; :func:`cluster_means` builds them from the labels.
-
-The algorithm mirrors scikit-learn's ``KMeans(init="k-means++",
-algorithm="lloyd")``: greedy k-means++ with ``2 + ln k`` local trials, Lloyd
-iterations stopped on unchanged labels or a centre shift below ``tol`` times
-the mean per-feature variance, empty clusters re-seeded with the points
-farthest from their centroid, a final assignment step, and the best of
-``n_init`` restarts by inertia.
+Gram k-means (:func:`gram_kmeans`, :class:`GramKMeans`) runs the numpy kernel of
+:mod:`lego_viz.gram_kmeans`, which explains how k-means needs only Gram matrices. It runs on the
+CPU whatever the tensors' device: an iteration costs ``O(k n²)`` on small ``n × n`` matrices, too
+little to gain from an accelerator. The seeding draws come from a torch generator, so a seed gives
+the clusters it gave before the kernel moved to numpy. Point sets too large for an ``n × n``
+matrix go to :func:`sketch_kmeans`, which stays in torch and on the device.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from numbers import Integral, Real
 
 import torch
 
-__all__ = ["GramKMeans", "cluster_means", "gram_kmeans", "pairwise_gram", "sketch_kmeans"]
+from lego_viz.gram_kmeans import _check_gram, _check_params, _n_local_trials
+from lego_viz.gram_kmeans import gram_kmeans as _numpy_gram_kmeans
 
-_CHUNK_ELEMENTS = 1 << 19
+__all__ = ["GramKMeans", "cluster_means", "gram_kmeans", "pairwise_gram", "sketch_kmeans"]
 
 
 def pairwise_gram(x: torch.Tensor) -> torch.Tensor:
@@ -46,61 +34,10 @@ def pairwise_gram(x: torch.Tensor) -> torch.Tensor:
     return centred @ centred.transpose(-1, -2)
 
 
-def _double_centre(gram: torch.Tensor) -> torch.Tensor:
-    # Same as centring the (unknown) points: distances are unchanged, and
-    # G[i,i] no longer carries a large common offset that float32 would cancel.
-    row = gram.mean(dim=-1, keepdim=True)
-    return gram - row - row.transpose(-1, -2) + row.mean(dim=-2, keepdim=True)
-
-
-def _assignment_weights(labels: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
-    # labels (b, r, n) -> centre weights (b, n, r, k) that average each cluster's members.
-    # Points-major so the argmin over k and the matmul with G both run on contiguous memory.
-    share = 1.0 / torch.gather(_cluster_sizes(labels, k), -1, labels).to(dtype)  # 1 / size of own cluster
-    b, r, n = labels.shape
-    members = torch.zeros((b, n, r, k), dtype=dtype, device=labels.device)
-    return members.scatter_(-1, labels.transpose(1, 2)[..., None], share.transpose(1, 2)[..., None])
-
-
 def _cluster_sizes(labels: torch.Tensor, k: int) -> torch.Tensor:
     # (..., n) -> (..., k) long
     sizes = torch.zeros((*labels.shape[:-1], k), dtype=torch.long, device=labels.device)
     return sizes.scatter_add_(-1, labels, torch.ones_like(labels))
-
-
-def _kmeans_plusplus(gram: torch.Tensor, k: int, uniforms: torch.Tensor, n_local_trials: int) -> torch.Tensor:
-    """Greedy k-means++ seeds for every (problem, restart) pair.
-
-    ``gram`` is (b, n, n); ``uniforms`` is (r, k, n_local_trials) in [0, 1) and
-    is shared by all problems so a problem's seeds do not depend on its
-    position in the batch. Returns seed indices (b, r, k).
-    """
-    b, n, _ = gram.shape
-    r = uniforms.shape[0]
-    diag = gram.diagonal(dim1=-2, dim2=-1)  # (b, n)
-
-    flat_gram = gram.reshape(b * n, n)
-    offsets = torch.arange(b, device=gram.device)[:, None, None] * n
-
-    def dist_to(idx: torch.Tensor) -> torch.Tensor:
-        # idx (b, r, m) -> squared distances (b, r, m, n); (g_ii + g_jj) - 2 g_ij is exactly 0 for i == j.
-        rows = flat_gram.index_select(0, (idx + offsets).flatten()).reshape(*idx.shape, n)
-        return (
-            (diag[:, None, None, :] + torch.gather(diag, 1, idx.flatten(1)).reshape(*idx.shape, 1)) - 2 * rows
-        ).clamp(min=0)
-
-    first = (uniforms[None, :, 0, :1] * n).long().clamp(max=n - 1).expand(b, r, 1)
-    seeds = [first]
-    closest = dist_to(first)[:, :, 0]  # (b, r, n)
-    for step in range(1, k):
-        cumulative = closest.cumsum(dim=-1)
-        targets = uniforms[None, :, step, :] * cumulative[..., -1:]  # (b, r, trials)
-        candidates = torch.searchsorted(cumulative, targets.contiguous()).clamp(max=n - 1)
-        with_candidate = torch.minimum(closest[:, :, None, :], dist_to(candidates))  # (b, r, trials, n)
-        best = with_candidate.sum(dim=-1).argmin(dim=-1, keepdim=True)  # (b, r, 1)
-        seeds.append(torch.gather(candidates, 2, best))
-        closest = torch.gather(with_candidate, 2, best[..., None].expand(-1, -1, 1, n))[:, :, 0]
-    return torch.cat(seeds, dim=-1)
 
 
 def _relocate_empty(labels: torch.Tensor, point_dist: torch.Tensor, k: int) -> torch.Tensor:
@@ -145,11 +82,11 @@ def gram_kmeans(
     generator: torch.Generator | None = None,
     n_features: int | Sequence[int] | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """k-means with k-means++ seeding on a batch of Gram matrices.
+    """k-means with k-means++ seeding on a batch of Gram matrices, computed on the CPU.
 
     Args:
         gram: Gram matrices ``X Xᵀ`` of equal-size problems, shape ``(batch, n, n)``,
-            float32 or float64 (other dtypes are computed in float32).
+            float32 or float64 (other dtypes are computed in float32), on any device.
         n_clusters: Number of clusters ``k``, ``1 ≤ k ≤ n``.
         n_init: Restarts per problem; the lowest inertia wins.
         max_iter: Maximum Lloyd iterations per restart.
@@ -163,127 +100,28 @@ def gram_kmeans(
             the centred points, plus one).
 
     Returns:
-        ``(labels, inertia, n_iter)``: labels ``(batch, n)`` long, inertia ``(batch,)`` —
-        the sum of squared distances of points to the mean of their cluster — and the
-        Lloyd iterations of the winning restart ``(batch,)`` long.
+        ``(labels, inertia, n_iter)`` on the device of ``gram``: labels ``(batch, n)`` long,
+        inertia ``(batch,)`` — the sum of squared distances of points to the mean of their
+        cluster — and the Lloyd iterations of the winning restart ``(batch,)`` long.
     """
-    if gram.dim() != 3 or gram.shape[-1] != gram.shape[-2]:
-        raise ValueError(f"gram must have shape (batch, n, n), got {tuple(gram.shape)}")
+    _check_gram(tuple(gram.shape))
     _check_params(n_clusters, gram.shape[-1], n_init, max_iter, tol)
-    if gram.dtype not in (torch.float32, torch.float64):
-        gram = gram.float()
-    b, n, _ = gram.shape
-    dims = torch.as_tensor(n if n_features is None else n_features, dtype=gram.dtype).to(gram.device)
-    if dims.dim() > 1 or (dims.dim() == 1 and dims.shape[0] != b) or not bool((dims >= 1).all()):
-        raise ValueError(f"n_features must be one number >= 1 or one per problem ({b}), got {n_features!r}")
-    dims = dims.expand(b)
-    n_local_trials = 2 + int(math.log(n_clusters))
-    uniforms = torch.rand((n_init, n_clusters, n_local_trials), generator=generator, dtype=torch.float64)
-    uniforms = uniforms.to(gram.device, gram.dtype)
-    # Chunks of problems keep the (chunk, n_init, k, n) work tensors near cache size; one big batch
-    # spends more time faulting in fresh memory than computing.
-    chunk = max(1, _CHUNK_ELEMENTS // (n_init * n_clusters * n))
-    results = [
-        _kmeans_chunk(
-            gram[start : start + chunk], n_clusters, uniforms, max_iter, tol, dims[start : start + chunk]
-        )
-        for start in range(0, b, chunk)
-    ]
-    labels, inertia, n_iter = (torch.cat(parts) for parts in zip(*results))
-    return labels, inertia, n_iter
-
-
-def _kmeans_chunk(
-    gram: torch.Tensor, k: int, uniforms: torch.Tensor, max_iter: int, tol: float, n_features: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    b, n, _ = gram.shape
-    gram = _double_centre(gram)
-    tol_abs = tol * gram.diagonal(dim1=-2, dim2=-1).sum(dim=-1) / (n * n_features)  # (b,)
-    seeds = _kmeans_plusplus(gram, k, uniforms, uniforms.shape[-1])  # (b, r, k)
-    # Centre weights (b, n, r, k): each centre starts as its seed point.
-    weights = torch.zeros((b, n, *seeds.shape[1:]), dtype=gram.dtype, device=gram.device)
-    weights.scatter_(1, seeds[:, None], 1.0)
-    labels, n_iter = _lloyd(gram, weights, max_iter, tol_abs)
-    inertia = _inertia(gram, labels, k)  # (b, r)
-    best = inertia.argmin(dim=-1, keepdim=True)  # first restart on ties, like scikit-learn
-    return (
-        torch.gather(labels, 1, best[..., None].expand(-1, -1, n))[:, 0],
-        torch.gather(inertia, 1, best)[:, 0],
-        torch.gather(n_iter, 1, best)[:, 0],
+    shape = (n_init, n_clusters, _n_local_trials(n_clusters))
+    uniforms = torch.rand(shape, generator=generator, dtype=torch.float64)
+    dtype = gram.dtype if gram.dtype in (torch.float32, torch.float64) else torch.float32
+    if isinstance(n_features, torch.Tensor):
+        n_features = n_features.detach().cpu().numpy()
+    results = _numpy_gram_kmeans(
+        gram.detach().to(device="cpu", dtype=dtype).numpy(),
+        n_clusters,
+        n_init=n_init,
+        max_iter=max_iter,
+        tol=tol,
+        n_features=n_features,
+        uniforms=uniforms.numpy(),
     )
-
-
-def _centre_products(gram: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # weights (b, n, r, k) -> G W = (W G)ᵀ (b, n, r, k) and ‖c‖² = diag(W G Wᵀ) (b, r, k); one bmm for all restarts.
-    b, n, r, k = weights.shape
-    gw = torch.bmm(gram, weights.reshape(b, n, r * k)).reshape(b, n, r, k)
-    return gw, (gw * weights).sum(dim=1)
-
-
-def _lloyd(
-    gram: torch.Tensor, weights: torch.Tensor, max_iter: int, tol_abs: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lloyd iterations for all (problem, restart) pairs from initial centre weights (b, n, r, k).
-
-    Returns labels (b, r, n) and iterations (b, r). Problems whose restarts have
-    all converged leave the working batch, so the cost follows the iterations
-    each problem needs rather than the slowest one.
-    """
-    b, n, r, k = weights.shape
-    diag = gram.diagonal(dim1=-2, dim2=-1)[:, None, :]  # (b, 1, n)
-    labels = torch.full((b, r, n), -1, dtype=torch.long, device=gram.device)
-    n_iter = torch.zeros((b, r), dtype=torch.long, device=gram.device)
-    # Restarts stopped by the shift threshold (labels still moving) get a last assignment step.
-    needs_final = torch.zeros((b, r), dtype=torch.bool, device=gram.device)
-    active = torch.ones((b, r), dtype=torch.bool, device=gram.device)
-    idx = torch.arange(b, device=gram.device)  # problems still in the working batch
-    g = gram
-    gw, norms = _centre_products(g, weights)
-    for _ in range(max_iter):
-        lab_old, act = labels[idx], active[idx]
-        best_score, lab = (norms[:, None] - 2 * gw).min(dim=-1)  # (m, n, r): distance minus G[i,i]
-        all_active = bool(act.all())
-        lab = lab.transpose(1, 2) if all_active else torch.where(act[..., None], lab.transpose(1, 2), lab_old)
-        stable = (lab == lab_old).all(dim=-1)
-        lab = _relocate_empty(lab, (diag[idx] + best_score.transpose(1, 2)).clamp(min=0), k)
-        if (
-            not all_active
-        ):  # a converged restart keeps its labels and centres while its problem's others go on
-            lab = torch.where(act[..., None], lab, lab_old)
-        w_new = _assignment_weights(lab, k, g.dtype)
-        if not all_active:
-            w_new = torch.where(act[:, None, :, None], w_new, weights)
-        gw, new_norms = _centre_products(g, w_new)
-        shift = (new_norms - 2 * (gw * weights).sum(dim=1) + norms).sum(dim=-1)  # Σ_j ‖c_j − c_j_old‖²
-        n_iter[idx] += act.long()
-        done = act & (stable | (shift <= tol_abs[idx, None]))
-        needs_final[idx] |= done & ~stable
-        active[idx] = act & ~done
-        labels[idx] = lab
-        weights, norms = w_new, new_norms
-        keep = active[idx].any(dim=-1)
-        if not bool(keep.any()):
-            break
-        if not bool(keep.all()):
-            idx, g, weights, gw, norms = idx[keep], g[keep], weights[keep], gw[keep], norms[keep]
-    needs_final |= active  # max_iter reached
-    if bool(needs_final.any()):
-        gw, norms = _centre_products(gram, _assignment_weights(labels, k, gram.dtype))
-        best_score, reassigned = (norms[:, None] - 2 * gw).min(dim=-1)
-        # Moving a far point into an emptied cluster only lowers the inertia, and the merge needs k units.
-        reassigned = _relocate_empty(
-            reassigned.transpose(1, 2), (diag + best_score.transpose(1, 2)).clamp(min=0), k
-        )
-        labels = torch.where(needs_final[..., None], reassigned, labels)
-    return labels, n_iter
-
-
-def _inertia(gram: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
-    # Σ_i ‖x_i − mean of its cluster‖², labels (b, r, n) -> (b, r); per-point terms are exactly 0 for singletons.
-    gw, norms = _centre_products(gram, _assignment_weights(labels, k, gram.dtype))
-    scores = norms[:, None] - 2 * gw  # (b, n, r, k)
-    own = torch.gather(scores, -1, labels.transpose(1, 2)[..., None])[..., 0]  # (b, n, r)
-    return (gram.diagonal(dim1=-2, dim2=-1)[..., None] + own).clamp(min=0).sum(dim=1)
+    labels, inertia, n_iter = (torch.from_numpy(result).to(gram.device) for result in results)
+    return labels, inertia, n_iter
 
 
 def sketch_kmeans(
@@ -330,8 +168,8 @@ def sketch_kmeans(
     omega = torch.randn(n, sketch_dim, generator=generator).to(x.device)  # (n, m)
     basis = torch.linalg.qr(x.T @ omega).Q  # (d, m)
     sketch = x @ basis  # (n, m)
-    n_local_trials = 2 + int(math.log(n_clusters))
-    uniforms = torch.rand((n_init, n_clusters, n_local_trials), generator=generator, dtype=torch.float64).to(x.device, x.dtype)
+    shape = (n_init, n_clusters, _n_local_trials(n_clusters))
+    uniforms = torch.rand(shape, generator=generator, dtype=torch.float64).to(x.device, x.dtype)
     tol_abs = tol * float(sketch.var(dim=0, unbiased=False).mean())
     labels, inertia = _points_lloyd(sketch, _points_plusplus(sketch, n_clusters, uniforms), max_iter, tol_abs)
     # The sketch ranks restarts only roughly: the best few are polished and judged on the full points.
@@ -342,7 +180,7 @@ def sketch_kmeans(
 
 
 def _points_plusplus(points: torch.Tensor, k: int, uniforms: torch.Tensor) -> torch.Tensor:
-    """Greedy k-means++ centres (r, k, m) in feature space, one set per restart (as _kmeans_plusplus)."""
+    """Greedy k-means++ centres (r, k, m) in feature space, one set per restart (as the Gram kernel's)."""
     n = points.shape[0]
     sq = points.square().sum(dim=1)
 
@@ -401,25 +239,8 @@ def cluster_means(x: torch.Tensor, labels: torch.Tensor, n_clusters: int) -> tor
     return (members @ x) / members.sum(dim=-1, keepdim=True).clamp(min=1)
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, Integral) and not isinstance(value, bool)
-
-
-def _check_params(n_clusters: int, n: int, n_init: int, max_iter: int, tol: float) -> None:
-    if not _is_int(n_clusters) or not 1 <= n_clusters <= n:
-        raise ValueError(
-            f"n_clusters must be an integer with 1 <= n_clusters <= n_samples = {n}, got {n_clusters!r}"
-        )
-    if not _is_int(n_init) or n_init < 1:
-        raise ValueError(f"n_init must be a positive integer, got {n_init!r}")
-    if not _is_int(max_iter) or max_iter < 1:
-        raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
-    if isinstance(tol, bool) or not isinstance(tol, Real) or not math.isfinite(tol) or tol < 0:
-        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
-
-
 class GramKMeans:
-    """k-means (k-means++ seeding, Lloyd) that runs on Gram matrices, batched.
+    """k-means (k-means++ seeding, Lloyd) that runs on Gram matrices, batched, on the CPU (:func:`gram_kmeans`).
 
     Args:
         n_clusters: Number of clusters ``k``, checked at fit time against ``n``: ``1 ≤ k ≤ n``.
@@ -427,7 +248,8 @@ class GramKMeans:
         max_iter: Maximum Lloyd iterations per restart.
         tol: Relative tolerance on the centre shift (scikit-learn's definition).
         random_state: Seed of the k-means++ draws; ``None`` draws a fresh seed.
-        device: Where to compute; defaults to the input's device.
+        device: Where the Gram matrices of points are formed and the fitted attributes live;
+            defaults to the input's device. The k-means itself runs on the CPU.
 
     Attributes after :meth:`fit`: ``labels_`` (long, ``(n,)`` or ``(batch, n)``),
     ``inertia_`` (``()`` or ``(batch,)``), ``n_iter_`` (like ``inertia_``, long).

@@ -10,10 +10,14 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from lego_viz.adapters import AdapterError, LoraAdapter, LoraModule
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from lego_viz.lazy import torch
 
 FEATURE_MODES = ("raw", "canonical", "normalized")
 # Below this a vector counts as zero: an untrained lora_B is exactly zero, and we must not divide by it.
@@ -91,11 +95,11 @@ class StackBuffer:
     """
 
     def __init__(self) -> None:
-        self.buffer = torch.empty(0)
+        self.buffer: torch.Tensor | None = None  # made on first use (a merge from summaries needs none)
 
     def take(self, shape: Sequence[int]) -> torch.Tensor:
         size = math.prod(shape)
-        if self.buffer.numel() < size:
+        if self.buffer is None or self.buffer.numel() < size:
             self.buffer = torch.empty(size)
         return self.buffer[:size].view(shape)
 

@@ -13,10 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from lego_viz.adapters import LoraAdapter, LoraModule
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from lego_viz.lazy import torch
 
 
 def factored_inner(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: torch.Tensor) -> float:
@@ -102,7 +106,7 @@ def report_scores(
         ``(errors, retention)``: errors as in :func:`lego_viz.export.reconstruction_errors`,
         retention as in :func:`retention`.
     """
-    from lego_viz.invariance import Factored, low_rank_relative_error
+    from lego_viz.invariance import Factored, expanded_relative_error, low_rank_relative_error
 
     reference_sq_norms, products = reference_sq_norms or {}, products or {}
     result_errors: dict[str, float] = {}
@@ -119,9 +123,13 @@ def report_scores(
         for (t, _, _), inner, norm in zip(present, cross, source_sq):
             per_adapter[t][name] = inner / norm if norm > 0.0 else 0.0
         if errors:
-            reference = Factored.concat([Factored.of(lora, w) for _, lora, w in present])
-            result_errors[name] = low_rank_relative_error(reference, Factored.of(merged), reference_sq_norms.get(name),
-                                                          cross=sum(cross), candidate_sq=merged_sq)
+            reference_sq = reference_sq_norms.get(name)
+            error = None if reference_sq is None else expanded_relative_error(reference_sq, sum(cross), merged_sq)
+            if error is None:  # the factors themselves (torch) only where the expansion cannot answer
+                reference = Factored.concat([Factored.of(lora, w) for _, lora, w in present])
+                error = low_rank_relative_error(reference, Factored.of(merged), reference_sq, cross=sum(cross),
+                                                candidate_sq=merged_sq)
+            result_errors[name] = error
     kept = {}
     for adapter, per_module in zip(adapters, per_adapter):
         mean = sum(per_module.values()) / len(per_module) if per_module else 0.0

@@ -12,11 +12,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
+from lego_viz import safetensors_io
 from lego_viz.adapters import AdapterError
 
 if TYPE_CHECKING:
+    import torch
+
     from lego_viz.merge import MergedAdapter
 
 # Names users type (CLI, mergekit configs) → the torch dtype name written to the safetensors file.
@@ -28,7 +31,7 @@ class ServingError(AdapterError):
     """The export does not fit the serving constraints asked for; the message says what to lower or change."""
 
 
-def resolve_dtype(requested: str | None, source_dtypes: Iterable[str]) -> torch.dtype:
+def resolve_dtype(requested: str | None, source_dtypes: Iterable[str]) -> str:
     """The dtype to save the merged factors in.
 
     Args:
@@ -36,25 +39,43 @@ def resolve_dtype(requested: str | None, source_dtypes: Iterable[str]) -> torch.
         source_dtypes: how each source adapter stored its factors.
 
     Returns:
-        The torch dtype: the requested one, else the inputs' common dtype, else float32 (inputs differ).
+        The dtype's torch name (``float32``, ``bfloat16``, ``float16``): the requested one, else the
+        inputs' common dtype, else float32 (inputs differ).
     """
     if requested is None:
         found = {DTYPES.get(str(d), "float32") for d in source_dtypes}
-        name = found.pop() if len(found) == 1 else "float32"
+        return found.pop() if len(found) == 1 else "float32"
+    name = DTYPES.get(str(requested).lower())
+    if name is None:
+        raise ServingError(f"unknown dtype {requested!r}; valid: fp32, bf16, fp16 (or float32, bfloat16, float16).")
+    return name
+
+
+def cast_factor(factor: torch.Tensor | np.ndarray, dtype: str | torch.dtype, key: str) -> torch.Tensor | np.ndarray:
+    """``factor`` in ``dtype``; refuses a cast that overflows (fp16 tops out at 65504).
+
+    Args:
+        factor: a torch tensor, or a float32 numpy array (a merge run without torch; torch is not imported).
+        dtype: the dtype's name as :func:`resolve_dtype` gives it (or a torch dtype).
+        key: the tensor's name in the file, for the message.
+
+    Returns:
+        A contiguous CPU tensor in ``dtype``; for an array, the array in ``dtype``'s storage
+        (bfloat16 as uint16 bit patterns, see :func:`lego_viz.safetensors_io.cast`).
+    """
+    name = str(dtype).removeprefix("torch.")
+    if isinstance(factor, np.ndarray):
+        out = safetensors_io.cast(factor, name)
+        finite = safetensors_io.all_finite(out, name)
     else:
-        name = DTYPES.get(str(requested).lower())
-        if name is None:
-            raise ServingError(f"unknown dtype {requested!r}; valid: fp32, bf16, fp16 (or float32, bfloat16, float16).")
-    return getattr(torch, name)
+        import torch
 
-
-def cast_factor(tensor: torch.Tensor, dtype: torch.dtype, key: str) -> torch.Tensor:
-    """``tensor`` in ``dtype``; refuses a cast that overflows (fp16 tops out at 65504)."""
-    out = tensor.detach().to(dtype).contiguous().cpu()
-    # A finite sum proves every value finite (one pass, no mask); only a non-finite one is looked at.
-    if not torch.isfinite(out.sum(dtype=torch.float64)) and not torch.isfinite(out).all():
-        raise ServingError(f"{key} overflows in {str(dtype).removeprefix('torch.')} (largest |value| "
-                           f"{tensor.abs().max().item():.3g}); export in bf16 or fp32 instead.")
+        out = factor.detach().to(getattr(torch, name)).contiguous().cpu()
+        # A finite sum proves every value finite (one pass, no mask); only a non-finite one is looked at.
+        finite = torch.isfinite(out.sum(dtype=torch.float64)) or torch.isfinite(out).all()
+    if not finite:
+        raise ServingError(f"{key} overflows in {name} (largest |value| {float(abs(factor).max()):.3g}); "
+                           "export in bf16 or fp32 instead.")
     return out
 
 

@@ -7,9 +7,10 @@ merge them, run the invariance checks and the report's reconstruction errors on 
 while they are in memory, then drop them. The next group is read on another thread meanwhile.
 Peak memory is about two groups, not the input; each tensor is read once.
 
-Given lego's first pass (:mod:`lego_viz.first_pass`, which the ``merge`` command makes while it
-imports torch), the clusters and the probe checks come from it without reading a weight, and
-the weights are read once more, in small groups, only for the centroids.
+Given lego's first pass (:mod:`lego_viz.first_pass`, which the ``merge`` command makes in two
+processes at once), the clusters and the probe checks come from it without reading a weight, and
+the weights are read once more, in small groups, only for the centroids. Asked for arrays, that
+route runs on numpy alone: the command never imports torch (2 s of CPU, more than the merge).
 
 The result is the one :func:`lego_viz.merge.merge` gives on the same adapters in memory, bit for
 bit: methods treat modules independently, and lego's batched k-means does not depend on which
@@ -22,8 +23,9 @@ import time
 from collections.abc import Callable, Container, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from lego_viz.adapters import LoraAdapter, LoraModule, hash_in_background, module_order
 from lego_viz.first_pass import (
@@ -45,7 +47,13 @@ from lego_viz.invariance import (
 )
 from lego_viz.merge import MergedAdapter, plan, wrap
 from lego_viz.merge.base import MethodOutput
+from lego_viz.merge.lego import LegoClusters
 from lego_viz.stored import StoredLoraModule
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from lego_viz.lazy import torch
 
 # Methods whose result depends on which modules run together: dare_linear draws every module's drop
 # mask from one random stream, so it runs as one group.
@@ -64,22 +72,29 @@ class StreamedMerge:
     retained: dict[str, dict] = field(default_factory=dict)  # per adapter, as lego_viz.retention.retention
 
 
-def _loaded(
-    adapters: Sequence[LoraAdapter], names: Sequence[str], arena: Arena | None = None, checked: Container[str] = ()
-) -> list[LoraAdapter]:
-    """The adapters restricted to ``names``, factors in memory (read now if they were on disk).
+Group = dict[str, tuple[np.ndarray, np.ndarray, list] | None]  # per module: read_stacked's (A, B, blocks), or None
 
-    Each module's stored factors of all adapters are read side by side into one ``A`` (n, d_in)
-    and one ``B`` (d_out, n) buffer (:func:`lego_viz.first_pass.read_stacked`), and every adapter's
-    module is a view of its block: the merge and the checks then take the concatenation without
-    copying it (:func:`lego_viz.msu.stacked`). The buffers come from ``arena`` (emptied first).
-    Modules in ``checked`` skip the NaN/inf scan (the first pass made it on the same files).
+
+def _read(adapters: Sequence[LoraAdapter], names: Sequence[str], arena: Arena | None = None, checked: Container[str] = ()) -> Group:
+    """The stored factors of ``names``, each module's of all adapters read side by side into one ``A``
+    (n, d_in) and one ``B`` (d_out, n) float32 buffer from ``arena`` (emptied first;
+    :func:`lego_viz.first_pass.read_stacked`); None for a module that is not stored that way (in
+    memory, ``.bin``). Modules in ``checked`` skip the NaN/inf scan (the first pass made it on the same files).
     """
     if arena is not None:
         arena.used = 0
+    return {name: read_stacked(adapters, name, arena, check=name not in checked) for name in names}
+
+
+def _as_adapters(adapters: Sequence[LoraAdapter], group: Group) -> list[LoraAdapter]:
+    """The adapters restricted to a group's modules, factors in memory as tensors.
+
+    Every adapter's module is a view of its block of the stacked buffers, so the merge and the
+    checks take the concatenation without copying it (:func:`lego_viz.msu.stacked`); modules that
+    were not read stacked are loaded here.
+    """
     modules: list[dict[str, LoraModule]] = [{} for _ in adapters]
-    for name in names:
-        found = read_stacked(adapters, name, arena, check=name not in checked)
+    for name, found in group.items():
         if found is None:
             for t, adapter in enumerate(adapters):
                 if (module := adapter.modules.get(name)) is not None:
@@ -92,6 +107,17 @@ def _loaded(
     return [LoraAdapter(name=a.name, source=a.source, config=a.config, modules=found, sha256=a.sha256,
                         weights_file=a.weights_file, config_sha256=a.config_sha256)
             for a, found in zip(adapters, modules)]
+
+
+def _centroids_of(clusters: LegoClusters, group: Group) -> MethodOutput:
+    """lego's centroids of a group read stacked, as numpy arrays (no torch): what :func:`lego_viz.merge.lego.lego`
+    makes of the same factors, bit for bit."""
+    out = MethodOutput(modules={})
+    for name, (A, B, blocks) in group.items():
+        out.modules[name], out.report_products[name] = clusters.centroids(name, A, B, blocks[0][1].fan_in_fan_out)
+        out.reference_sq_norms[name] = clusters.reference_sq_norms[name]
+        out.labels[name], out.unit_owner[name] = clusters.labels[name], clusters.units[name].adapter_index
+    return out
 
 
 _malloc_trim = None  # glibc's malloc_trim, looked up on first use (False where there is none)
@@ -149,6 +175,7 @@ def merge_streaming(
     progress: Progress | None = None,
     group_bytes: int = GROUP_BYTES,
     summaries: Mapping[str, UnitSummary] | None = None,
+    arrays: bool = False,
     **options,
 ) -> StreamedMerge:
     """:func:`lego_viz.merge.merge` plus the checks and report errors, one group of modules at a time.
@@ -162,7 +189,11 @@ def merge_streaming(
         progress: called with (modules done, modules in all) after each group.
         group_bytes: float32 bytes of input factors held at once.
         summaries: the first pass over the weights, made beforehand (:func:`lego_viz.first_pass.summarize`;
-            the ``merge`` command makes it while torch is imported), for methods that take it (lego).
+            the ``merge`` command makes it beside its own start-up), for methods that take it (lego).
+        arrays: where lego's centroids come from the first pass's coefficients (reweighting none /
+            l2, every module summarized), keep the merged factors and labels as numpy arrays and
+            run without torch: what the ``merge`` command exports. Checks that need the exact route
+            (small inputs) still import it.
 
     Returns:
         A :class:`StreamedMerge`: the merged adapter, the check results and the errors.
@@ -181,7 +212,7 @@ def merge_streaming(
     result_errors: dict[str, float] = {}
     retained: dict[str, dict] = {a.name: {"per_module": {}} for a in adapters}
     elapsed, done, trimmed = 0.0, 0, 0
-    # The first pass is known (the merge command makes it while torch imports): the clusters come from it
+    # The first pass is known (the merge command makes it first, in two processes): the clusters come from it
     # without reading a weight, and the groups need only feed the centroids, so they are made small
     # enough to stay in the CPU cache from their read to their use.
     prepared = bool(summaries) and spec.prepare is not None
@@ -193,13 +224,17 @@ def merge_streaming(
     # The next group is read on another thread while this one is merged (file reads, dtype conversion
     # and the NaN/inf scan; all the arithmetic stays on this one), so reading costs the merge no time.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read") as reader:
-        pending = reader.submit(_loaded, adapters, groups[0], arenas[0], summaries or ())
+        pending = reader.submit(_read, adapters, groups[0], arenas[0], summaries or ())
         if prepared:
             start = time.perf_counter()
             clusters = spec.prepare(adapters, weights, ranks, resolved, summaries)
             elapsed += time.perf_counter() - start
             output.timings.update(clusters.timings)
             _add_counts(output.details, clusters.details)
+        # lego's centroids made straight from the stacked arrays: every module read stacked and its
+        # coefficients known (reweighting none / l2), so the merge itself needs no torch.
+        on_arrays = (arrays and clusters is not None and summaries is not None
+                     and set(clusters.coefficients) == set(summaries) == set(module_order(adapters)))
         # Large inputs whose every module has its probe products from the clusters: both checks at once,
         # for all modules, with no weight read.
         probed = (checks and clusters is not None and not any(exact.values())
@@ -208,17 +243,24 @@ def merge_streaming(
             for key, result in zip(("permutation", "concat_sum"), probe_checks(adapters, weights, unit_probes=clusters.unit_probes)):
                 found[key].append(result)
         for index, names in enumerate(groups):
-            block = pending.result()
+            group = pending.result()
             if index + 1 < len(groups):
-                pending = reader.submit(_loaded, adapters, groups[index + 1], arenas[(index + 1) % 2], summaries or ())
+                pending = reader.submit(_read, adapters, groups[index + 1], arenas[(index + 1) % 2], summaries or ())
             start = time.perf_counter()
-            part = (spec.fn(block, weights, ranks, resolved) if clusters is None
-                    else spec.fn(block, weights, ranks, resolved, clusters=clusters))
-            elapsed += time.perf_counter() - start
-            for name, module in part.modules.items():  # the arena is refilled two groups on
-                if arenas[index % 2].owns(module.A.data_ptr()) or arenas[index % 2].owns(module.B.data_ptr()):
-                    part.modules[name] = LoraModule(A=module.A.clone(), B=module.B.clone(), scale=module.scale,
-                                                    fan_in_fan_out=module.fan_in_fan_out)
+            block = None if on_arrays else _as_adapters(adapters, group)
+            if on_arrays:
+                part = _centroids_of(clusters, group)
+            else:
+                part = (spec.fn(block, weights, ranks, resolved) if clusters is None
+                        else spec.fn(block, weights, ranks, resolved, clusters=clusters))
+                for name, module in part.modules.items():  # the arena is refilled two groups on
+                    if arenas[index % 2].owns(module.A.data_ptr()) or arenas[index % 2].owns(module.B.data_ptr()):
+                        part.modules[name] = LoraModule(A=module.A.clone(), B=module.B.clone(), scale=module.scale,
+                                                        fan_in_fan_out=module.fan_in_fan_out)
+            seconds = time.perf_counter() - start
+            elapsed += seconds
+            if on_arrays:
+                part.timings["centroids"] = seconds
             output.modules.update(part.modules)
             output.labels.update(part.labels)
             output.unit_owner.update(part.unit_owner)
@@ -229,6 +271,7 @@ def merge_streaming(
                 output.timings[key] = output.timings.get(key, 0.0) + value
             _add_counts(output.details, part.details)
             if checks and not probed:
+                block = block or _as_adapters(adapters, group)  # the exact checks work on tensors
                 if exact["permutation"] or exact["concat_sum"]:
                     found["permutation"].append(check_permutation(block, exact=exact["permutation"]))
                     found["concat_sum"].append(check_concat_sum(block, weights, exact=exact["concat_sum"]))
@@ -236,12 +279,12 @@ def merge_streaming(
                     for key, result in zip(("permutation", "concat_sum"), probe_checks(block, weights, unit_probes=part.unit_probes)):
                         found[key].append(result)
             if errors:
-                part_errors, part_retained = report_scores(part.modules, block, weights, part.reference_sq_norms,
+                part_errors, part_retained = report_scores(part.modules, block or adapters, weights, part.reference_sq_norms,
                                                            part.report_products)
                 result_errors.update(part_errors)
                 for adapter_name, entry in part_retained.items():
                     retained[adapter_name]["per_module"].update(entry["per_module"])
-            del block, part
+            del group, block, part
             trimmed += stacked_floats(adapters, names)
             if 4 * trimmed >= GROUP_BYTES or index + 1 == len(groups):
                 _release_freed_memory()

@@ -77,7 +77,7 @@ def test_batched_equals_unbatched() -> None:
 def test_batch_chunking_does_not_change_results(monkeypatch: pytest.MonkeyPatch) -> None:
     x = torch.stack([_gaussian(40, 6, seed) for seed in range(7)])
     whole = GramKMeans(5, n_init=3, random_state=0).fit(x)
-    monkeypatch.setattr("lego_viz.kmeans._CHUNK_ELEMENTS", 1)  # one problem per chunk
+    monkeypatch.setattr("lego_viz.gram_kmeans._CHUNK_ELEMENTS", 1)  # one problem per chunk
     chunked = GramKMeans(5, n_init=3, random_state=0).fit(x)
     assert torch.equal(whole.labels_, chunked.labels_)
     assert torch.allclose(whole.inertia_, chunked.inertia_, rtol=1e-5)  # float32 rounding only

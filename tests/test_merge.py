@@ -238,7 +238,7 @@ def test_gram_from_raw_factors_equals_gram_of_explicit_features(toy_adapters, fe
     toy_adapters[1].modules["model.layers.0.self_attn.q_proj"].B[:, 0] = 0.0  # an untrained unit
     name = "model.layers.0.self_attn.q_proj"
     explicit = module_msus(toy_adapters, name, weights).features(features)
-    fast = _units(toy_adapters, weights, name, features)[0].gram()
+    fast = torch.from_numpy(_units(toy_adapters, weights, name, features)[0].gram())
     # float32 products summed in another order: 1e-5 relative
     assert torch.allclose(fast, explicit @ explicit.T, rtol=1e-4, atol=1e-5)
     # The sketch path (adapter libraries) clusters the points themselves: the same features.
@@ -259,7 +259,7 @@ def test_sign_ties_break_the_same_way_in_the_map_and_the_merge(toy_adapters, fea
     A[1, 0], A[1, 5] = -peak, peak  # negative first
     A[2, 3], A[2, 7] = peak, -peak  # positive first
     explicit = module_msus(toy_adapters, name).features(features)
-    fast = _units(toy_adapters, [1.0] * 3, name, features)[0].gram()
+    fast = torch.from_numpy(_units(toy_adapters, [1.0] * 3, name, features)[0].gram())
     assert torch.allclose(fast, explicit @ explicit.T, rtol=1e-4, atol=1e-5)
 
 

@@ -4,6 +4,9 @@ The streamed merge must give the in-memory merge's result bit for bit; the repor
 match the exact QR route; progress must count every module.
 """
 
+import json
+
+import numpy as np
 import pytest
 import torch
 from conftest import make_adapter, save_peft_folder
@@ -74,10 +77,11 @@ def test_streamed_merge_is_bit_identical_to_in_memory(bf16_folders, method, opti
 
 
 @pytest.mark.parametrize("options", [{}, {"features": "raw", "param_reweight": "linf"}, {"rescale": "lsq"}])
-@pytest.mark.parametrize("probed", [False, True])
-def test_merge_from_the_first_pass_is_bit_identical_to_in_memory(bf16_folders, options, probed, monkeypatch) -> None:
+@pytest.mark.parametrize(("probed", "arrays"), [(False, False), (True, False), (False, True), (True, True)])
+def test_merge_from_the_first_pass_is_bit_identical_to_in_memory(bf16_folders, options, probed, arrays, monkeypatch) -> None:
     # What the merge command does: the first pass (numpy) first, then clusters without a weight read and
     # the centroids from small groups. probed: checks by probes (large inputs), all modules at once.
+    # arrays: the command's torch-free route (numpy factors out) where the options allow it.
     if probed:
         monkeypatch.setattr("lego_viz.stream.EXACT_BUDGET", 0)
     weights = [1.0, 0.5, -1.0, 2.0]
@@ -85,11 +89,14 @@ def test_merge_from_the_first_pass_is_bit_identical_to_in_memory(bf16_folders, o
     lazy = load_adapters(bf16_folders, lazy=True, defer_checks=True, hash_weights=False)
     summaries = summarize(lazy)
     assert set(summaries) == set(expected.modules)
-    result = merge_streaming(lazy, "lego", k=4, weights=weights, summaries=summaries, **options)
+    result = merge_streaming(lazy, "lego", k=4, weights=weights, summaries=summaries, arrays=arrays, **options)
+    on_arrays = arrays and not options
     for name, module in expected.modules.items():
-        assert torch.equal(result.merged.modules[name].A, module.A), name
-        assert torch.equal(result.merged.modules[name].B, module.B), name
-        assert torch.equal(result.merged.labels[name], expected.labels[name])
+        merged = result.merged.modules[name]
+        assert isinstance(merged.A, np.ndarray) == on_arrays and isinstance(result.merged.labels[name], np.ndarray) == on_arrays
+        assert torch.equal(torch.as_tensor(merged.A), module.A), name
+        assert torch.equal(torch.as_tensor(merged.B), module.B), name
+        assert torch.equal(torch.as_tensor(result.merged.labels[name]), expected.labels[name])
     assert result.errors == pytest.approx(reconstruction_errors(expected, load_adapters(bf16_folders)), rel=1e-12)
     assert result.merged.details == expected.details
     for key, check in ((key, result.checks[key]) for key in ("permutation", "concat_sum")):
@@ -191,6 +198,34 @@ def test_lego_switches_to_the_sketch_for_many_units(monkeypatch) -> None:
     for name, module in sketched.modules.items():
         assert module.A.shape == gram.modules[name].A.shape and torch.isfinite(module.A).all()
         assert sorted(set(sketched.labels[name].tolist())) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("checks", ["--no-checks", "probe"])
+def test_merge_command_runs_lego_without_torch(bf16_folders, tmp_path, checks) -> None:
+    # torch's import costs the command more than the merge: the lego route must not import it, with the
+    # checks off or by probes (large inputs; forced here), and its export must be the library's, bit for bit.
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    args = [*bf16_folders, "--k", "4", "--out", str(out), *(["--no-checks"] if checks == "--no-checks" else [])]
+    script = ("import sys; import lego_viz.stream; lego_viz.stream.EXACT_BUDGET = 0; from lego_viz.cli import main; "
+              f"code = main({['merge', *args]!r}); assert 'torch' not in sys.modules, 'torch imported'; sys.exit(code)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    expected = merge(load_adapters(bf16_folders), "lego", k=4)
+    saved = load_file(out / "adapter_model.safetensors")
+    for name, module in expected.modules.items():
+        for side in "AB":
+            assert torch.equal(saved[f"base_model.model.{name}.lora_{side}.weight"], getattr(module, side).bfloat16()), name
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["cluster_sizes"] == expected.cluster_sizes()
+    assert ("invariance" in report) == (checks == "probe")
+    if checks == "probe":
+        assert all(report["invariance"][key]["passed"] and report["invariance"][key]["method"] == "probe"
+                   for key in ("permutation", "concat_sum"))
 
 
 def test_merge_command_in_a_fresh_process_matches_the_library(bf16_folders, tmp_path) -> None:

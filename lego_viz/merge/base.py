@@ -4,12 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
 from lego_viz.adapters import AdapterError, LoraAdapter, LoraModule
 from lego_viz.retention import ReportProducts
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from lego_viz.lazy import torch
 
 
 class MergeError(AdapterError):
@@ -60,7 +65,7 @@ class MethodOutput:
     report_products: dict[str, ReportProducts] = field(default_factory=dict)
     # per module the units' products with the invariance checks' probes, where the method got them for
     # free (lego: from its Gram matrices; lego_viz.invariance.span_probes), so the checks read no weights
-    unit_probes: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    unit_probes: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     details: dict = field(default_factory=dict)  # how the method ran, for the report (lego: which k-means)
 
 
@@ -100,7 +105,12 @@ def register(name: str, description: str, options: Mapping[str, Option], takes_k
 
 @dataclass
 class MergedAdapter:
-    """The result of any merge method: LoRA modules with scale 1 (folded), plus what made them."""
+    """The result of any merge method: LoRA modules with scale 1 (folded), plus what made them.
+
+    Factors and labels are torch tensors, except from the torch-free lego route of a streamed merge
+    (:func:`lego_viz.stream.merge_streaming` with ``arrays=True``, the ``merge`` command), where they
+    are numpy arrays; :func:`lego_viz.export.export_adapter` writes either.
+    """
 
     name: str
     method: str
@@ -124,7 +134,7 @@ class MergedAdapter:
 
     def cluster_sizes(self) -> dict[str, list[int]]:
         """Units per cluster, per module (lego only)."""
-        return {m: torch.bincount(lab, minlength=self.modules[m].r).tolist() for m, lab in self.labels.items()}
+        return {m: np.bincount(np.asarray(lab), minlength=self.modules[m].r).tolist() for m, lab in self.labels.items()}
 
     def cluster_composition(self, module: str) -> torch.Tensor:
         """(k, T) counts: how many units of each source adapter went into each cluster of ``module``."""

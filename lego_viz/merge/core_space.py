@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-
-import torch
+from typing import TYPE_CHECKING
 
 from lego_viz.adapters import LoraAdapter, LoraModule, module_order
 from lego_viz.merge.base import MethodOutput, Option, register
 from lego_viz.merge.lowrank import balanced_truncation, block_slices, svd_basis
 from lego_viz.merge.peft_style import peft_merge_utils
 from lego_viz.msu import module_msus
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from lego_viz.lazy import torch
 
 CORE_MERGES = ("tsv", "ta", "ties")
 

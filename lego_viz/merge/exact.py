@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-
-import torch
+from typing import TYPE_CHECKING
 
 from lego_viz.adapters import LoraAdapter, LoraModule, module_order
 from lego_viz.merge.base import MergeError, MethodOutput, register
 from lego_viz.msu import module_msus, table_to_module
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from lego_viz.lazy import torch
 
 
 @register(

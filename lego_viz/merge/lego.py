@@ -1,4 +1,11 @@
-"""LoRA-LEGO: cluster all units of a module with k-means and turn each cluster into one rank (DESIGN §4)."""
+"""LoRA-LEGO: cluster all units of a module with k-means and turn each cluster into one rank (DESIGN §4).
+
+Up to :data:`~lego_viz.first_pass.GRAM_UNITS` units per module, everything before the centroids
+comes from two n×n Gram matrices per module and runs on numpy — features, canonical order, k-means
+(:mod:`lego_viz.gram_kmeans`), the reweighted centroid coefficients and the report's products — so a
+merge of adapters on disk (the ``merge`` command) never needs torch. torch serves the adapter
+libraries' sketch k-means, the ``linf`` and ``lsq`` rescalings, and in-memory adapters' tensors.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +13,22 @@ import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from lego_viz.adapters import LoraAdapter, LoraModule, module_order
 from lego_viz.first_pass import GRAM_UNITS, UnitSummary, one_blas_thread, summarize_module
+from lego_viz.gram_kmeans import gram_kmeans
 from lego_viz.invariance import span_probes
-from lego_viz.kmeans import GramKMeans, sketch_kmeans
 from lego_viz.merge.base import MethodOutput, Option, register
 from lego_viz.msu import FEATURE_MODES, StackBuffer, stacked
 from lego_viz.retention import ReportProducts
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from lego_viz.lazy import torch
 
 PRESETS = {
     # The published behaviour, kept for comparison with the other presets.
@@ -33,51 +45,63 @@ LEGO_OPTIONS = {
     "n_init": Option(10, "k-means restarts (best inertia kept)", kind=int, minimum=1, maximum=1000),
     "max_iter": Option(100, "Lloyd iterations per restart", kind=int, minimum=1, maximum=10000),
     "tol": Option(1e-4, "k-means convergence tolerance (relative centre shift)", kind=float, minimum=0.0),
-    "device": Option("auto", "where k-means runs: auto (cuda if present), cpu or cuda", choices=("auto", "cpu", "cuda")),
+    "device": Option("auto", "where the sketch k-means of adapter libraries runs: auto (cuda if present), cpu or cuda "
+                     "(Gram k-means, O(k·n²) on n×n matrices, runs on the CPU)", choices=("auto", "cpu", "cuda")),
 }
 
 _TINY = 1e-30
 
 
-def _matmul(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """``left @ right``; on the CPU through numpy's BLAS, ~1.5× faster than torch's for the centroids'
-    thin products ((k, n) × (n, d) with k, n ≤ 128; 0.43 s against 0.65 s at the reference shape)."""
-    if left.device.type != "cpu":
-        return left @ right
+def centroid_products(coef_a: np.ndarray, coef_b: np.ndarray, A, B):
+    """``c_a = coef_a A`` (k, d_in) and ``c_b = coef_b Bᵀ`` (k, d_out) from the stacked factors.
+
+    numpy arrays give numpy arrays; torch tensors give tensors on their device. On the CPU the
+    products go through numpy's BLAS, ~1.5× faster than torch's for these thin products ((k, n) ×
+    (n, d) with k, n ≤ 128; 0.43 s against 0.65 s at the reference shape).
+    """
+    if not isinstance(A, np.ndarray) and A.device.type != "cpu":
+        left_a, left_b = torch.from_numpy(coef_a).to(A.device), torch.from_numpy(coef_b).to(A.device)
+        return left_a @ A, (B @ left_b.T).T
+    arrays = isinstance(A, np.ndarray)
     with one_blas_thread():
-        return torch.from_numpy(left.numpy() @ right.numpy())
+        c_a, c_b = coef_a @ (A if arrays else A.numpy()), ((B if arrays else B.numpy()) @ coef_b.T).T
+    return (c_a, c_b) if arrays else (torch.from_numpy(c_a), torch.from_numpy(c_b))
 
 
 @dataclass
 class _Units:
-    """What a module's merge needs to keep between the passes: O(n²), never O(n·d).
+    """What a module's merge needs to keep between the passes: O(n²), never O(n·d) (numpy).
 
     Unit i of the module is ``ã_i = α_i A[i]``, ``b̃_i = β_i B[:, i]`` (scale folded, weight on b).
     Every feature mode is the raw rows times a per-unit factor, so all Gram matrices come from the
     two raw Gram matrices ``A Aᵀ`` and ``Bᵀ B`` — one matmul pass over the weights.
 
-    The tensors may carry a leading batch dimension (modules with as many units, stacked): the
+    The arrays may carry a leading batch dimension (modules with as many units, stacked): the
     methods below then answer for every module at once, and :meth:`module` takes one out.
     """
 
     owners: list[int]  # adapter index of each block of units (a batch: of its first module)
-    adapter_index: torch.Tensor  # (n,)
-    gram_a: torch.Tensor | None  # (n, n) raw A Aᵀ; None on the sketch path (too many units)
-    gram_b: torch.Tensor | None  # (n, n) raw Bᵀ B
-    avg_a: torch.Tensor  # (n,) factor of A[i] in the vectors averaged into centroids
-    avg_b: torch.Tensor  # (n,)
-    seen_a: torch.Tensor  # (n,) factor of A[i] in what k-means sees
-    seen_b: torch.Tensor  # (n,)
-    fold_a: torch.Tensor  # (n,) factor of A[i] in the folded, weighted unit ã_i
-    fold_b: torch.Tensor  # (n,)
-    sq_a: torch.Tensor  # (n,) ‖A[i]‖² (the Gram diagonal)
-    sq_b: torch.Tensor  # (n,)
+    adapter_index: np.ndarray  # (n,) int64
+    gram_a: np.ndarray | None  # (n, n) raw A Aᵀ; None on the sketch path (too many units)
+    gram_b: np.ndarray | None  # (n, n) raw Bᵀ B
+    avg_a: np.ndarray  # (n,) factor of A[i] in the vectors averaged into centroids
+    avg_b: np.ndarray  # (n,)
+    seen_a: np.ndarray  # (n,) factor of A[i] in what k-means sees
+    seen_b: np.ndarray  # (n,)
+    fold_a: np.ndarray  # (n,) factor of A[i] in the folded, weighted unit ã_i
+    fold_b: np.ndarray  # (n,)
+    sq_a: np.ndarray  # (n,) ‖A[i]‖² (the Gram diagonal)
+    sq_b: np.ndarray  # (n,)
 
-    def gram(self) -> torch.Tensor:
+    def gram(self) -> np.ndarray:
         """Gram matrix of the features k-means sees, (n, n) (a batch: (m, n, n))."""
         sa, sb = self.seen_a, self.seen_b
-        gram = (sa[..., :, None] * self.gram_a).mul_(sa[..., None, :])
-        return gram.add_((sb[..., :, None] * self.gram_b).mul_(sb[..., None, :]))
+        gram = sa[..., :, None] * self.gram_a
+        gram *= sa[..., None, :]
+        part = sb[..., :, None] * self.gram_b
+        part *= sb[..., None, :]
+        gram += part
+        return gram
 
     def module(self, index: int, owners: list[int]) -> _Units:
         """Module ``index`` of a batch (views), whose units come from the adapters ``owners``."""
@@ -88,7 +112,7 @@ class _Units:
     def stack(units: Sequence[_Units]) -> _Units:
         """Modules with as many units as one batch (the ``owners`` of the first)."""
         fields = {f.name: [getattr(u, f.name) for u in units] for f in dataclasses.fields(_Units) if f.name != "owners"}
-        return _Units(owners=units[0].owners, **{key: None if values[0] is None else torch.stack(values)
+        return _Units(owners=units[0].owners, **{key: None if values[0] is None else np.stack(values)
                                                  for key, values in fields.items()})
 
 
@@ -99,33 +123,34 @@ def _sources(adapters: Sequence[LoraAdapter], weights: list[float], name: str) -
     return [t for t, _ in present], units
 
 
-def _unit_table(units: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`_sources`'s units (of one module, or a list of modules) as ``(owner, alpha, beta)`` tensors."""
-    table = torch.tensor(units, dtype=torch.float64)  # (..., n, 3)
-    return table[..., 0].long(), table[..., 1].float(), table[..., 2].float()
+def _unit_table(units: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_sources`'s units (of one module, or a list of modules) as ``(owner, alpha, beta)`` arrays."""
+    table = np.asarray(units, dtype=np.float64)  # (..., n, 3)
+    return table[..., 0].astype(np.int64), table[..., 1].astype(np.float32), table[..., 2].astype(np.float32)
 
 
 def _with_features(
-    owners: list[int], owner: torch.Tensor, gram_a: torch.Tensor | None, gram_b: torch.Tensor | None, alpha: torch.Tensor,
-    beta: torch.Tensor, sq_a: torch.Tensor, sq_b: torch.Tensor, row_max: torch.Tensor, row_min: torch.Tensor, features: str,
+    owners: list[int], owner: np.ndarray, gram_a: np.ndarray | None, gram_b: np.ndarray | None, alpha: np.ndarray,
+    beta: np.ndarray, sq_a: np.ndarray, sq_b: np.ndarray, row_max: np.ndarray, row_min: np.ndarray, features: str,
 ) -> _Units:
-    """The units' factors for ``features`` (element-wise, so the tensors may be batches of modules)."""
+    """The units' factors for ``features`` (element-wise, so the arrays may be batches of modules)."""
     head = (owners, owner, gram_a, gram_b)
     if features == "raw":
         return _Units(*head, alpha, beta, alpha, beta, alpha, beta, sq_a, sq_b)
-    raw_na = sq_a.clamp_min(0).sqrt()  # ‖A[i]‖
-    raw_nb = sq_b.clamp_min(0).sqrt()
-    norm_a, norm_b = alpha * raw_na, beta.abs() * raw_nb  # ‖ã_i‖, ‖b̃_i‖
+    raw_na = np.sqrt(np.maximum(sq_a, 0))  # ‖A[i]‖
+    raw_nb = np.sqrt(np.maximum(sq_b, 0))
+    norm_a, norm_b = alpha * raw_na, np.abs(beta) * raw_nb  # ‖ã_i‖, ‖b̃_i‖
     zero = (norm_a <= _TINY) | (norm_b <= _TINY)
     # canonical: equal halves (c = sqrt(‖b̃‖/‖ã‖)), sign so that the largest |entry| of ã is positive
-    c = torch.exp(0.5 * (torch.log(norm_b.clamp_min(_TINY)) - torch.log(norm_a.clamp_min(_TINY))))
-    sign = torch.where(-row_min > row_max, -1.0, 1.0)  # of the largest |entry| (ties count as +)
-    keep = (~zero).to(torch.float32)
+    c = np.exp(0.5 * (np.log(np.maximum(norm_b, _TINY)) - np.log(np.maximum(norm_a, _TINY))))
+    one = np.float32(1.0)
+    sign = np.where(-row_min > row_max, -one, one)  # of the largest |entry| (ties count as +)
+    keep = (~zero).astype(np.float32)
     avg_a, avg_b = alpha * c * sign * keep, beta / c * sign * keep
     if features == "canonical":
         return _Units(*head, avg_a, avg_b, avg_a, avg_b, alpha, beta, sq_a, sq_b)
-    seen_a = sign * keep / raw_na.clamp_min(_TINY)
-    seen_b = sign * torch.sign(beta) * keep / raw_nb.clamp_min(_TINY)
+    seen_a = sign * keep / np.maximum(raw_na, _TINY)
+    seen_b = sign * np.sign(beta) * keep / np.maximum(raw_nb, _TINY)
     return _Units(*head, avg_a, avg_b, seen_a, seen_b, alpha, beta, sq_a, sq_b)
 
 
@@ -152,13 +177,13 @@ def _gram_units(
         owners.append(present)
         per_unit.append(units)
 
-    def batch(field: str) -> torch.Tensor:
-        return torch.from_numpy(np.stack([getattr(summary, field) for summary in found]))
+    def batch(field: str) -> np.ndarray:
+        return np.stack([getattr(summary, field) for summary in found])
 
     gram_a, gram_b = batch("gram_a"), batch("gram_b")
     owner, alpha, beta = _unit_table(per_unit)
-    units = _with_features(owners[0], owner, gram_a, gram_b, alpha, beta, gram_a.diagonal(dim1=-2, dim2=-1),
-                           gram_b.diagonal(dim1=-2, dim2=-1), batch("row_max"), batch("row_min"), features)
+    units = _with_features(owners[0], owner, gram_a, gram_b, alpha, beta, np.diagonal(gram_a, axis1=-2, axis2=-1).copy(),
+                           np.diagonal(gram_b, axis1=-2, axis2=-1).copy(), batch("row_max"), batch("row_min"), features)
     return units, owners
 
 
@@ -175,13 +200,14 @@ def _units(
     loras = [adapters[t].modules[name] for t in present]
     A, B = stacked([lora.A for lora in loras], 0), stacked([lora.B for lora in loras], 1)  # (n, d_in), (d_out, n)
     # amax/amin read A once with no |A| temporary, ~10× faster than abs().argmax() (torch 2.13)
-    units = _with_features(present, owner, None, None, alpha, beta, A.square().sum(dim=1), B.square().sum(dim=0),
-                           A.amax(dim=1), A.amin(dim=1), features)
-    points = torch.cat([units.seen_a[:, None] * A, units.seen_b[:, None] * B.T], dim=1)
+    units = _with_features(present, owner, None, None, alpha, beta, *(t.cpu().numpy() for t in (
+        A.square().sum(dim=1), B.square().sum(dim=0), A.amax(dim=1), A.amin(dim=1))), features)
+    seen_a, seen_b = (torch.from_numpy(s).to(A.device) for s in (units.seen_a, units.seen_b))
+    points = torch.cat([seen_a[:, None] * A, seen_b[:, None] * B.T], dim=1)
     return units, points
 
 
-def canonical_order(gram: torch.Tensor | None = None, points: torch.Tensor | None = None) -> torch.Tensor:
+def canonical_order(gram: np.ndarray | None = None, points: torch.Tensor | None = None) -> np.ndarray:
     """An order of the points that does not depend on the order they came in.
 
     k-means++ seeding draws indices, so without this a permutation of the input ranks could land
@@ -190,36 +216,37 @@ def canonical_order(gram: torch.Tensor | None = None, points: torch.Tensor | Non
     or from the points themselves (``x_i · Σ_j x_j``) when there are too many for one.
     """
     if gram is not None:  # (..., n, n): one order per matrix of a batch
-        g = gram.double()
-        diag, rowsum = g.diagonal(dim1=-2, dim2=-1), g.sum(dim=-1)
+        g = gram.astype(np.float64)
+        diag, rowsum = np.diagonal(g, axis1=-2, axis2=-1), g.sum(axis=-1)
     else:
         x = points.double()
-        diag, rowsum = x.square().sum(dim=1), x @ x.sum(dim=0)
-    order = torch.argsort(rowsum, dim=-1, stable=True)
-    return order.gather(-1, torch.argsort(diag.gather(-1, order), dim=-1, stable=True))
+        diag, rowsum = x.square().sum(dim=1).cpu().numpy(), (x @ x.sum(dim=0)).cpu().numpy()
+    order = np.argsort(rowsum, axis=-1, kind="stable")
+    return np.take_along_axis(order, np.argsort(np.take_along_axis(diag, order, -1), axis=-1, kind="stable"), -1)
 
 
-def _reordered(gram: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """``gram[order][:, order]`` for every matrix of a batch (..., n, n) and its order (..., n)."""
-    n = gram.shape[-1]
-    flat = (order[..., :, None] * n + order[..., None, :]).flatten(-2)  # (..., n²): entry (order_i, order_j)
-    return gram.flatten(-2).gather(-1, flat).view(gram.shape)
+def _reordered(gram: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """``gram[order][:, order]`` for every matrix of a batch (m, n, n) and its order (m, n)."""
+    batch = np.arange(gram.shape[0])[:, None, None]
+    return gram[batch, order[:, :, None], order[:, None, :]]
 
 
-def _relabel_by_first_member(labels: torch.Tensor, k: int) -> torch.Tensor:
+def _relabel_by_first_member(labels: np.ndarray, k: int) -> np.ndarray:
     """Number clusters in order of their first member, so output ranks come out in a fixed order."""
     n = labels.shape[0]
-    first = torch.full((k,), n, dtype=torch.long).scatter_reduce(0, labels, torch.arange(n), reduce="amin")
-    rank_of = torch.empty(k, dtype=torch.long)
-    rank_of[torch.argsort(first)] = torch.arange(k)
+    first = np.full(k, n, dtype=np.int64)
+    np.minimum.at(first, labels, np.arange(n))
+    rank_of = np.empty(k, dtype=np.int64)
+    rank_of[np.argsort(first, kind="stable")] = np.arange(k)
     return rank_of[labels]
 
 
 def _centroids(
-    adapters: Sequence[LoraAdapter], name: str, units: _Units, labels: torch.Tensor, k: int, reweight: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    adapters: Sequence[LoraAdapter], name: str, units: _Units, labels: np.ndarray, k: int, reweight: str
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
     """Mean of each cluster's (folded, possibly canonical) members, optionally rescaled to the
-    members' mean norm.
+    members' mean norm, from the weights (what ``linf`` and ``lsq`` need; ``l2`` alone is
+    :func:`_gram_coefficients`).
 
     Returns:
         ``(c_a (k, d_in), c_b (k, d_out), coef_a, coef_b)``: the merged rows, and the (k, n)
@@ -227,32 +254,35 @@ def _centroids(
         ``c_b = coef_b Bᵀ`` (what the report's products are computed from).
     """
     n = labels.shape[0]
-    onehot = torch.zeros(n, k, dtype=units.avg_a.dtype)
-    onehot[torch.arange(n), labels] = 1.0
-    mean = onehot / onehot.sum(dim=0).clamp_min(1.0)  # (n, k)
-    coef_a, coef_b = (mean * units.avg_a[:, None]).T, (mean * units.avg_b[:, None]).T  # (k, n)
+    onehot = np.zeros((n, k), dtype=np.float32)
+    onehot[np.arange(n), labels] = 1.0
+    mean = onehot / np.maximum(onehot.sum(axis=0), 1.0)  # (n, k)
+    coef_a, coef_b = (mean * units.avg_a[:, None]).T.copy(), (mean * units.avg_b[:, None]).T.copy()  # (k, n)
     present = [adapters[t].modules[name] for t in units.owners]
     A = stacked([lora.A for lora in present], 0)  # no copy after a streamed read; else one, freed on return
     B = stacked([lora.B for lora in present], 1)
-    c_a, c_b = _matmul(coef_a, A), _matmul(B, coef_b.T).T  # (k, d_in), (k, d_out)
+    c_a, c_b = centroid_products(coef_a, coef_b, A, B)  # (k, d_in), (k, d_out)
     if reweight == "none":
         return c_a, c_b, coef_a, coef_b
+    avg_a, avg_b = (torch.from_numpy(v).to(c_a.device) for v in (units.avg_a, units.avg_b))
     if reweight == "l2":
-        member = (units.avg_a.square() * units.sq_a + units.avg_b.square() * units.sq_b).clamp_min(0).sqrt()
+        sq_a, sq_b = (torch.from_numpy(v).to(c_a.device) for v in (units.sq_a, units.sq_b))
+        member = (avg_a.square() * sq_a + avg_b.square() * sq_b).clamp_min(0).sqrt()
         current = (torch.linalg.vector_norm(c_a, dim=1).square() + torch.linalg.vector_norm(c_b, dim=1).square()).sqrt()
     else:
         peak_a = torch.maximum(A.amax(dim=1), -A.amin(dim=1))  # max |entry| of each unit
         peak_b = torch.maximum(B.amax(dim=0), -B.amin(dim=0))
-        member = torch.maximum(units.avg_a.abs() * peak_a, units.avg_b.abs() * peak_b)
+        member = torch.maximum(avg_a.abs() * peak_a, avg_b.abs() * peak_b)
         current = torch.maximum(c_a.abs().amax(1), c_b.abs().amax(1))
-    target = mean.T @ member
+    target = torch.from_numpy(mean.T).to(member.device) @ member
     factor = torch.where(current > _TINY, target / current.clamp_min(_TINY), torch.zeros_like(current))[:, None]
-    return c_a.mul_(factor), c_b.mul_(factor), coef_a * factor, coef_b * factor
+    scale = factor.cpu().numpy()
+    return c_a.mul_(factor), c_b.mul_(factor), coef_a * scale, coef_b * scale
 
 
-def _sources_one_hot(units: _Units, owners: Sequence[list[int]]) -> torch.Tensor:
+def _sources_one_hot(units: _Units, owners: Sequence[list[int]]) -> np.ndarray:
     """(m, n, T) float64: which adapter each unit of each module of a batch comes from."""
-    return torch.nn.functional.one_hot(units.adapter_index, max(max(o) for o in owners) + 1).double()
+    return np.eye(max(max(o) for o in owners) + 1)[units.adapter_index]
 
 
 def _pair_sums(units: _Units, owners: Sequence[list[int]]) -> tuple[list[float], list[list[float]]]:
@@ -261,19 +291,19 @@ def _pair_sums(units: _Units, owners: Sequence[list[int]]) -> tuple[list[float],
     ``⟨unit i, unit j⟩ = f_i f_j (G_A)_ij (G_B)_ij`` with ``f = f_a f_b`` the units' folded scales;
     the first sums every pair, the second the pairs within each adapter.
     """
-    fold = units.fold_a.double() * units.fold_b.double()  # (m, n)
+    fold = units.fold_a.astype(np.float64) * units.fold_b  # (m, n)
     source = _sources_one_hot(units, owners) * fold[..., None]  # (m, n, T)
-    # G_A ∘ G_B in float64, converted on the fly (numpy; no float64 copies of the Gram matrices)
-    hadamard = torch.from_numpy(np.multiply(units.gram_a.numpy(), units.gram_b.numpy(), dtype=np.float64))
+    # G_A ∘ G_B in float64, converted on the fly (no float64 copies of the Gram matrices)
+    hadamard = np.multiply(units.gram_a, units.gram_b, dtype=np.float64)
     per_source = hadamard @ source  # (m, n, T): Σ_{j of t} ⟨unit i, unit j⟩ / f_i
-    reference = (per_source.sum(dim=-1) * fold).sum(dim=-1)  # (m,)
-    source_sq = (per_source * source).sum(dim=-2)  # (m, T)
+    reference = (per_source.sum(axis=-1) * fold).sum(axis=-1)  # (m,)
+    source_sq = (per_source * source).sum(axis=-2)  # (m, T)
     return reference.tolist(), [source_sq[i, present].tolist() for i, present in enumerate(owners)]
 
 
 def _report_products(
-    units: _Units, owners: Sequence[list[int]], coef_a: torch.Tensor, coef_b: torch.Tensor,
-    projections: tuple[torch.Tensor, torch.Tensor] | None = None,
+    units: _Units, owners: Sequence[list[int]], coef_a: np.ndarray, coef_b: np.ndarray,
+    projections: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> list[tuple]:
     """The merge's side of the report's inner products, from the Gram matrices (O(k·n²), no pass over the weights).
 
@@ -288,18 +318,18 @@ def _report_products(
     Returns:
         Per module ``(cross, merged_sq)``: ⟨ΔW_merge, w_t ΔW_t⟩ per adapter of ``owners``, and ‖ΔW_merge‖².
     """
-    coef_a, coef_b = coef_a.double(), coef_b.double()
-    fold = units.fold_a.double() * units.fold_b.double()  # (m, n)
-    proj_a, proj_b = projections or (coef_a @ units.gram_a.double(), coef_b @ units.gram_b.double())  # (m, k, n)
-    per_unit = (proj_a * proj_b).sum(dim=-2) * fold  # (m, n): ⟨ΔW_merge, unit i⟩
+    coef_a, coef_b = coef_a.astype(np.float64), coef_b.astype(np.float64)
+    fold = units.fold_a.astype(np.float64) * units.fold_b  # (m, n)
+    proj_a, proj_b = projections or (coef_a @ units.gram_a.astype(np.float64), coef_b @ units.gram_b.astype(np.float64))
+    per_unit = (proj_a * proj_b).sum(axis=-2) * fold  # (m, n): ⟨ΔW_merge, unit i⟩
     cross = (per_unit[..., None, :] @ _sources_one_hot(units, owners))[..., 0, :]  # (m, T)
-    merged_sq = ((proj_a @ coef_a.transpose(-1, -2)) * (proj_b @ coef_b.transpose(-1, -2))).flatten(-2).sum(-1)
+    merged_sq = ((proj_a @ np.swapaxes(coef_a, -1, -2)) * (proj_b @ np.swapaxes(coef_b, -1, -2))).sum(axis=(-2, -1))
     return [(cross[i, present].tolist(), float(merged_sq[i])) for i, present in enumerate(owners)]
 
 
 def _gram_coefficients(
-    units: _Units, owners: Sequence[list[int]], labels: torch.Tensor, k: int, reweight: str, output: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, list[tuple]]:
+    units: _Units, owners: Sequence[list[int]], labels: np.ndarray, k: int, reweight: str, output: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, list[tuple]]:
     """Centroid coefficients of a batch of modules, reweighted from their Gram matrices, before any weight is read.
 
     The centroid of each cluster is the mean of its (folded, possibly canonical) members, so
@@ -317,18 +347,17 @@ def _gram_coefficients(
     Returns:
         ``(coef_a, coef_b, products)``: (m, k, n) float32 each, and the report's products of each module.
     """
-    avg_a, avg_b = units.avg_a.double(), units.avg_b.double()
-    gram_a, gram_b = units.gram_a.double(), units.gram_b.double()
-    onehot = torch.zeros(*labels.shape, k, dtype=torch.float64).scatter_(-1, labels[..., None], 1.0)
-    mean = onehot / onehot.sum(dim=-2, keepdim=True).clamp_min(1.0)  # (m, n, k)
-    coef_a, coef_b = (mean * avg_a[..., None]).transpose(-1, -2), (mean * avg_b[..., None]).transpose(-1, -2)
-    proj_a, proj_b = coef_a @ gram_a, coef_b @ gram_b  # (m, k, n)
-    factor = output.double()[:, None].expand(-1, k)
+    avg_a, avg_b = units.avg_a.astype(np.float64), units.avg_b.astype(np.float64)
+    onehot = (labels[..., None] == np.arange(k)).astype(np.float64)  # (m, n, k)
+    mean = onehot / np.maximum(onehot.sum(axis=-2, keepdims=True), 1.0)
+    coef_a, coef_b = np.swapaxes(mean * avg_a[..., None], -1, -2), np.swapaxes(mean * avg_b[..., None], -1, -2)  # (m, k, n)
+    proj_a, proj_b = coef_a @ units.gram_a.astype(np.float64), coef_b @ units.gram_b.astype(np.float64)  # (m, k, n)
+    factor = np.broadcast_to(output.astype(np.float64)[:, None], (len(output), k))
     if reweight == "l2":
-        member = (avg_a.square() * units.sq_a.double() + avg_b.square() * units.sq_b.double()).clamp_min(0).sqrt()
-        current = ((proj_a * coef_a).sum(-1) + (proj_b * coef_b).sum(-1)).clamp_min(0).sqrt()  # (m, k) ‖[c_a; c_b]‖
-        target = (mean.transpose(-1, -2) @ member[..., None])[..., 0]
-        factor = factor * torch.where(current > _TINY, target / current.clamp_min(_TINY), torch.zeros_like(current))
+        member = np.sqrt(np.maximum(avg_a**2 * units.sq_a + avg_b**2 * units.sq_b, 0))
+        current = np.sqrt(np.maximum((proj_a * coef_a).sum(-1) + (proj_b * coef_b).sum(-1), 0))  # (m, k) ‖[c_a; c_b]‖
+        target = (np.swapaxes(mean, -1, -2) @ member[..., None])[..., 0]
+        factor = factor * np.where(current > _TINY, target / np.maximum(current, _TINY), 0.0)
     elif reweight != "none":
         raise ValueError(f"reweight {reweight!r} needs the centroids themselves")
     scale = factor[..., None]
@@ -336,7 +365,7 @@ def _gram_coefficients(
     # The report describes these float64 coefficients: within float32 rounding of the float32 ones the
     # centroids are made with, as the centroids' own float32 products are.
     products = _report_products(units, owners, coef_a, coef_b, (proj_a, proj_b))
-    return coef_a.float(), coef_b.float(), products
+    return coef_a.astype(np.float32), coef_b.astype(np.float32), products
 
 
 def lsq_scales(
@@ -393,22 +422,38 @@ def _batches(names: list[str], n: int) -> list[list[str]]:
 
 @dataclass
 class LegoClusters:
-    """lego before its centroids: every module's units and clusters (O(n²) kept per module).
+    """lego before its centroids: every module's units and clusters (O(n²) kept per module, numpy).
 
     :func:`lego_clusters` makes them from the adapters (or from their first pass, without reading
-    a weight); :func:`lego` then needs the weights once more, module by module, for the centroids.
+    a weight); the centroids then need the weights once more, module by module (:func:`lego`, or
+    :meth:`centroids` on factors read by the caller).
     """
 
     units: dict[str, _Units]
-    labels: dict[str, torch.Tensor]  # per module, the merged rank of each unit (input order)
+    labels: dict[str, np.ndarray]  # per module, the merged rank of each unit (input order)
     reference_sq_norms: dict[str, float | None]
-    unit_probes: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    unit_probes: dict[str, tuple[np.ndarray, np.ndarray]]
     details: dict
     timings: dict[str, float]
     # per module whose centroids need no more than its Gram matrices (reweighting none / l2): the
     # (k, n) coefficients on the raw stacked A rows and B columns, and the report's products
-    coefficients: dict[str, tuple[torch.Tensor, torch.Tensor, tuple]] = dataclasses.field(default_factory=dict)
+    coefficients: dict[str, tuple[np.ndarray, np.ndarray, tuple]] = dataclasses.field(default_factory=dict)
     source_sq: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # per module, each ‖w_t ΔW_t‖²
+
+    def centroids(self, name: str, A, B, fan_in_fan_out: bool = False) -> tuple[LoraModule, ReportProducts]:
+        """Module ``name`` merged from its stacked factors ``A`` (n, d_in) and ``B`` (d_out, n), for a module
+        in :attr:`coefficients`: numpy arrays give a module of numpy arrays, torch tensors one of tensors.
+
+        Returns:
+            The merged module (scale 1) and its report products.
+        """
+        coef_a, coef_b, (cross, merged_sq) = self.coefficients[name]
+        c_a, c_b = centroid_products(coef_a, coef_b, A, B)  # (k, d_in), (k, d_out)
+        if isinstance(c_a, np.ndarray):
+            module = LoraModule(A=np.ascontiguousarray(c_a), B=np.ascontiguousarray(c_b.T), scale=1.0, fan_in_fan_out=fan_in_fan_out)
+        else:
+            module = LoraModule(A=c_a.contiguous(), B=c_b.T.contiguous(), scale=1.0, fan_in_fan_out=fan_in_fan_out)
+        return module, ReportProducts(module, cross, self.source_sq[name], merged_sq)
 
 
 def _output_factor(adapters: Sequence[LoraAdapter], name: str, owners: list[int], rank: int, options: dict) -> float:
@@ -426,36 +471,39 @@ def lego_clusters(
     """lego's first pass and k-means over every module of ``adapters``.
 
     Modules with as many units run as one batch from their Gram matrices onwards: features,
-    canonical order, k-means and (reweighting none / l2) the centroids' coefficients.
+    canonical order, k-means and (reweighting none / l2) the centroids' coefficients. With every
+    module's first pass given, this reads no weight and imports no torch.
 
     Args:
         adapters, weights, k, options: as :func:`lego` gets them.
         summaries: the first pass made beforehand (:func:`lego_viz.first_pass.summarize`); modules
             without one are read here (for a streamed merge, tensor by tensor).
     """
-    device = _device(options["device"])
     names = module_order(adapters)
     timings = {"gram": 0.0, "kmeans": 0.0}
     clusters = LegoClusters(units={}, labels={}, reference_sq_norms={}, unit_probes={}, details={}, timings=timings)
-    sorted_grams: dict[str, torch.Tensor] = {}
-    orders: dict[str, torch.Tensor] = {}
+    sorted_grams: dict[str, np.ndarray] = {}
+    orders: dict[str, np.ndarray] = {}
     by_size: dict[int, list[str]] = {}
     groups: dict[tuple[int, int], list[str]] = {}
-    sorted_labels: dict[str, torch.Tensor] = {}
+    sorted_labels: dict[str, np.ndarray] = {}
     kmeans_seconds = 0.0
     start = time.perf_counter()
     for name in names:
         n = sum(a.modules[name].r for a in adapters if name in a.modules)
         if n > GRAM_UNITS and k[name] < n:
             # An adapter library: n² no longer fits; k-means runs on a sketch of the points instead.
+            from lego_viz.kmeans import sketch_kmeans
+
             units, points = _units(adapters, weights, name, options["features"], gram=False)
             order = canonical_order(points=points)
             clusters.units[name], orders[name] = units, order
             begin = time.perf_counter()
-            sorted_labels[name], _ = sketch_kmeans(
-                points[order].to(device), k[name], n_init=options["n_init"], max_iter=options["max_iter"], tol=options["tol"],
+            labels, _ = sketch_kmeans(
+                points[torch.from_numpy(order).to(points.device)].to(_device(options["device"])), k[name],
+                n_init=options["n_init"], max_iter=options["max_iter"], tol=options["tol"],
                 generator=torch.Generator().manual_seed(options["seed"]))
-            sorted_labels[name] = sorted_labels[name].cpu()
+            sorted_labels[name] = labels.cpu().numpy()
             kmeans_seconds += time.perf_counter() - begin
             continue
         by_size.setdefault(n, []).append(name)
@@ -486,18 +534,16 @@ def lego_clusters(
     for (n, rank), group in groups.items():
         if rank == n:  # every unit its own cluster; exact even when units coincide
             for name in group:
-                sorted_labels[name] = torch.arange(n)
+                sorted_labels[name] = np.arange(n)
             continue
-        grams = torch.stack([sorted_grams[name] for name in group]).to(device)
         # n_features = d makes tol mean what it means in scikit-learn (relative to per-feature variance).
         dims = [sum(_dims(adapters, name)) for name in group]
-        km = GramKMeans(rank, n_init=options["n_init"], max_iter=options["max_iter"], tol=options["tol"],
-                        random_state=options["seed"]).fit(gram=grams, n_features=dims)
-        for name, lab in zip(group, km.labels_.cpu()):
-            sorted_labels[name] = lab
+        labels, _, _ = gram_kmeans(np.stack([sorted_grams[name] for name in group]), rank, n_init=options["n_init"],
+                                   max_iter=options["max_iter"], tol=options["tol"], seed=options["seed"], n_features=dims)
+        sorted_labels.update(zip(group, labels))
     for name in names:
         order = orders[name]
-        labels = torch.empty(order.shape[0], dtype=torch.long)
+        labels = np.empty(order.shape[0], dtype=np.int64)
         labels[order] = _relabel_by_first_member(sorted_labels[name], k[name])
         clusters.labels[name] = labels
     timings["kmeans"] = time.perf_counter() - start
@@ -508,9 +554,8 @@ def lego_clusters(
             for group in _batches(same, n):
                 units, owners = batches.get(tuple(group)) or (_Units.stack([clusters.units[name] for name in group]),
                                                               [clusters.units[name].owners for name in group])
-                output = torch.tensor([_output_factor(adapters, name, o, rank, options) for name, o in zip(group, owners)],
-                                      dtype=torch.float64)
-                labels = torch.stack([clusters.labels[name] for name in group])
+                output = np.array([_output_factor(adapters, name, o, rank, options) for name, o in zip(group, owners)])
+                labels = np.stack([clusters.labels[name] for name in group])
                 coef_a, coef_b, products = _gram_coefficients(units, owners, labels, rank, options["param_reweight"], output)
                 for i, name in enumerate(group):
                     clusters.coefficients[name] = (coef_a[i], coef_b[i], products[i])
@@ -541,12 +586,11 @@ def lego(
     for name in names:  # pass 2: centroids, one product with the stacked factors per side
         units, labels, rank = clusters.units[name], clusters.labels[name], k[name]
         loras = [adapters[t].modules[name] for t in units.owners]
-        products = None
+        fan_in_fan_out = loras[0].fan_in_fan_out
         if name in clusters.coefficients:  # reweighted from the Gram matrices already
-            coef_a, coef_b, products = clusters.coefficients[name]
             A = stacked([lora.A for lora in loras], 0, buffers[0])  # no copy after a streamed read
             B = stacked([lora.B for lora in loras], 1, buffers[1])
-            c_a, c_b = _matmul(coef_a, A), _matmul(B, coef_b.T).T  # (k, d_in), (k, d_out)
+            out.modules[name], out.report_products[name] = clusters.centroids(name, A, B, fan_in_fan_out)
         else:
             c_a, c_b, coef_a, coef_b = _centroids(adapters, name, units, labels, rank, options["param_reweight"])
             factor = _output_factor(adapters, name, units.owners, rank, options)
@@ -556,16 +600,16 @@ def lego(
                 scales = lsq_scales(adapters, weights, name, units.owners, c_a, c_b)
                 root = scales.abs().sqrt()[:, None]  # split over both halves; the sign goes with b
                 signed = root * torch.sign(scales)[:, None]
-                c_a, c_b, coef_a, coef_b = c_a * root, c_b * signed, coef_a * root, coef_b * signed
+                c_a, c_b = c_a * root, c_b * signed
+                coef_a, coef_b = coef_a * root.cpu().numpy(), coef_b * signed.cpu().numpy()
+            out.modules[name] = LoraModule(A=c_a.contiguous(), B=c_b.T.contiguous(), scale=1.0, fan_in_fan_out=fan_in_fan_out)
             if units.gram_a is not None:
-                products = _report_products(_Units.stack([units]), [units.owners], coef_a[None], coef_b[None])[0]
-        out.modules[name] = LoraModule(A=c_a.contiguous(), B=c_b.T.contiguous(), scale=1.0, fan_in_fan_out=loras[0].fan_in_fan_out)
-        if products is not None:
-            cross, merged_sq = products
-            out.report_products[name] = ReportProducts(out.modules[name], cross, clusters.source_sq[name], merged_sq)
+                (cross, merged_sq), = _report_products(_Units.stack([units]), [units.owners], coef_a[None], coef_b[None])
+                out.report_products[name] = ReportProducts(out.modules[name], cross, clusters.source_sq[name], merged_sq)
+        if name in out.report_products:
             out.reference_sq_norms[name] = clusters.reference_sq_norms[name]
             out.unit_probes[name] = clusters.unit_probes[name]
-        out.labels[name] = labels
-        out.unit_owner[name] = units.adapter_index
+        out.labels[name] = torch.from_numpy(labels)
+        out.unit_owner[name] = torch.from_numpy(units.adapter_index)
     out.timings["centroids"] = time.perf_counter() - start
     return out

@@ -6,7 +6,12 @@ so no ``d_out×d_in`` matrix is ever formed.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from lego_viz.lazy import torch
 
 
 def svd_basis(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

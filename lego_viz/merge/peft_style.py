@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-
-import torch
+from typing import TYPE_CHECKING
 
 from lego_viz.adapters import LoraAdapter, LoraModule, module_order
 from lego_viz.merge.base import MergeError, MethodOutput, Option, register
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from lego_viz.lazy import torch
 
 _DENSITY = Option(0.5, "fraction of entries kept per factor", kind=float, minimum=0.0, maximum=1.0)
 _SIGN = Option("total", "how TIES elects the majority sign", choices=("total", "frequency"))
