@@ -279,3 +279,10 @@ def test_half_precision_inputs_merge_in_float32(toy_adapters, method, k):
     for name, lora in merged_full.modules.items():
         assert merged_half.modules[name].A.dtype == torch.float32, name
         assert torch.equal(merged_half.modules[name].A, lora.A) and torch.equal(merged_half.modules[name].B, lora.B), name
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for machines without a GPU")
+def test_lego_asked_for_cuda_without_a_gpu_says_so(toy_adapters):
+    # Gram k-means runs on the CPU whatever the device, but a device asked for by name must exist.
+    with pytest.raises(MergeError, match="no CUDA GPU"):
+        merge(toy_adapters, "lego", k=4, device="cuda")

@@ -480,6 +480,8 @@ def lego_clusters(
             without one are read here (for a streamed merge, tensor by tensor).
     """
     names = module_order(adapters)
+    if options["device"] == "cuda":
+        _device("cuda")  # asked for by name: say so at once where there is no GPU, whichever k-means runs
     timings = {"gram": 0.0, "kmeans": 0.0}
     clusters = LegoClusters(units={}, labels={}, reference_sq_norms={}, unit_probes={}, details={}, timings=timings)
     sorted_grams: dict[str, np.ndarray] = {}
