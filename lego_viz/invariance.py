@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from lego_viz.adapters import LoraAdapter, LoraModule, module_order
-from lego_viz.msu import module_msus, permute_adapter
+from lego_viz.msu import StackBuffer, module_msus, permute_adapter, stacked
 
 if TYPE_CHECKING:
     import torch
@@ -421,17 +421,16 @@ def probe_checks(
     # Modules with the same adapters, ranks, scales and probe count are checked together, as one batch.
     batches: dict[tuple, list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]] = {}
     probes: dict[tuple[str, int], torch.Tensor] = {}
+    buffers = (StackBuffer(), StackBuffer())  # one reused copy per side: fresh ones cost more in page faults
     for name in module_order(adapters):
         present = [(t, a.modules[name], w) for t, (a, w) in enumerate(zip(adapters, weights)) if name in a.modules]
         if unit_probes and name in unit_probes:
             u, v = unit_probes[name]
         else:
-            from lego_viz.msu import stacked
-
             first = present[0][1]
             z, x = _probe_pair(first.d_in, first.d_out, probes)
-            u = (x @ stacked([lora.A for _, lora, _ in present], 0).T).cpu().numpy()  # (p, n)
-            v = (z @ stacked([lora.B for _, lora, _ in present], 1)).cpu().numpy()  # (p, n)
+            u = (x @ stacked([lora.A for _, lora, _ in present], 0, buffers[0]).T).cpu().numpy()  # (p, n)
+            v = (z @ stacked([lora.B for _, lora, _ in present], 1, buffers[1])).cpu().numpy()  # (p, n)
         key = (tuple((t, lora.r, lora.scale, w) for t, lora, w in present), u.shape[0], u.dtype)
         moved = np.concatenate([perms[t, name] + begin for (t, lora, _), begin in zip(present, _starts(present))])
         batches.setdefault(key, []).append((name, u, v, moved))
