@@ -39,6 +39,12 @@ def _values() -> np.ndarray:
     return np.concatenate([every_pattern, magnitudes, edges, -edges])
 
 
+def _is_nan(bits: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """Which 16-bit patterns of ``dtype`` are NaN: exponent all ones, mantissa not zero."""
+    exponent, mantissa = (0x7C00, 0x03FF) if dtype == torch.float16 else (0x7F80, 0x007F)
+    return ((bits & exponent) == exponent) & ((bits & mantissa) != 0)
+
+
 def _torch_bits(values: np.ndarray, dtype: torch.dtype) -> np.ndarray:
     return torch.from_numpy(values).to(dtype).view(torch.int16).numpy().view(np.uint16)
 
@@ -55,7 +61,11 @@ def test_import_leaves_torch_out(module):
 def test_conversion_matches_torch_bit_for_bit(convert, dtype):
     values = _values()
     ours, theirs = convert(values).view(np.uint16), _torch_bits(values, dtype)
-    wrong = np.flatnonzero(ours != theirs)
+    # A NaN's bits depend on the CPU's vector kernels torch picks (and an export refuses NaN anyway):
+    # every NaN must stay a NaN; every other value must have torch's bits exactly.
+    nan = np.isnan(values)
+    assert _is_nan(ours[nan], dtype).all()
+    wrong = np.flatnonzero((ours != theirs) & ~nan)
     assert wrong.size == 0, [(hex(b), hex(o), hex(t)) for b, o, t in
                              zip(values.view(np.uint32)[wrong[:5]], ours[wrong[:5]], theirs[wrong[:5]])]
 
