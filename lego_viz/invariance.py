@@ -10,6 +10,7 @@ the case a passing check produces.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -367,13 +368,9 @@ def _permutations(adapters: Sequence[LoraAdapter], seed: int) -> dict[tuple[int,
     return {(t, name): rng.permutation(lora.r) for t, a in enumerate(adapters) for name, lora in a.modules.items()}
 
 
-def _starts(present: Sequence[tuple]) -> list[int]:
-    """First unit of each adapter's block when the ``(t, module, w)`` in ``present`` are stacked."""
-    starts, total = [], 0
-    for _, lora, _ in present:
-        starts.append(total)
-        total += lora.r
-    return starts
+def _starts(ranks: Sequence[int]) -> list[int]:
+    """First unit of each adapter's block when blocks of these ranks are stacked."""
+    return [0, *itertools.accumulate(ranks)][:-1]
 
 
 def probe_checks(
@@ -432,13 +429,13 @@ def probe_checks(
             u = (x @ stacked([lora.A for _, lora, _ in present], 0, buffers[0]).T).cpu().numpy()  # (p, n)
             v = (z @ stacked([lora.B for _, lora, _ in present], 1, buffers[1])).cpu().numpy()  # (p, n)
         key = (tuple((t, lora.r, lora.scale, w) for t, lora, w in present), u.shape[0], u.dtype)
-        moved = np.concatenate([perms[t, name] + begin for (t, lora, _), begin in zip(present, _starts(present))])
+        moved = np.concatenate([perms[t, name] + begin for (t, _, _), begin in zip(present, _starts([lora.r for _, lora, _ in present]))])
         batches.setdefault(key, []).append((name, u, v, moved))
     for (present, _, dtype), members in batches.items():
         names = [name for name, *_ in members]
         u, v, moved = (np.stack([member[i] for member in members]) for i in (1, 2, 3))  # (m, p, n) ×2, (m, n)
         ranks = [r for _, r, _, _ in present]
-        starts = np.cumsum([0, *ranks[:-1]])  # first unit of each adapter's block
+        starts = _starts(ranks)  # first unit of each adapter's block
         block = np.repeat(np.arange(len(present)), ranks)  # (n,) adapter block of each unit
         scale = np.repeat(np.array([s for _, _, s, _ in present], dtype=dtype), ranks)
         weight = np.array([w for _, _, _, w in present], dtype=dtype)

@@ -114,8 +114,7 @@ def _centroids_of(clusters: LegoClusters, group: Group) -> MethodOutput:
     makes of the same factors, bit for bit."""
     out = MethodOutput(modules={})
     for name, (A, B, blocks) in group.items():
-        out.modules[name], out.report_products[name] = clusters.centroids(name, A, B, blocks[0][1].fan_in_fan_out)
-        out.reference_sq_norms[name] = clusters.reference_sq_norms[name]
+        clusters.record(out, name, *clusters.centroids(name, A, B, blocks[0][1].fan_in_fan_out))
         out.labels[name], out.unit_owner[name] = clusters.labels[name], clusters.units[name].adapter_index
     return out
 
@@ -247,10 +246,10 @@ def merge_streaming(
             if index + 1 < len(groups):
                 pending = reader.submit(_read, adapters, groups[index + 1], arenas[(index + 1) % 2], summaries or ())
             start = time.perf_counter()
-            block = None if on_arrays else _as_adapters(adapters, group)
             if on_arrays:
-                part = _centroids_of(clusters, group)
+                block, part = None, _centroids_of(clusters, group)
             else:
+                block = _as_adapters(adapters, group)
                 part = (spec.fn(block, weights, ranks, resolved) if clusters is None
                         else spec.fn(block, weights, ranks, resolved, clusters=clusters))
                 for name, module in part.modules.items():  # the arena is refilled two groups on

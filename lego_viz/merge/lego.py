@@ -455,6 +455,15 @@ class LegoClusters:
             module = LoraModule(A=c_a.contiguous(), B=c_b.T.contiguous(), scale=1.0, fan_in_fan_out=fan_in_fan_out)
         return module, ReportProducts(module, cross, self.source_sq[name], merged_sq)
 
+    def record(self, out: MethodOutput, name: str, module: LoraModule, products: ReportProducts | None = None) -> None:
+        """Put module ``name`` in ``out`` with what the report and the checks take from the clusters:
+        its report products, ``‖Σ_t w_t ΔW_t‖²`` and the units' probes (where the products are known)."""
+        out.modules[name] = module
+        if products is not None:
+            out.report_products[name] = products
+            out.reference_sq_norms[name] = self.reference_sq_norms[name]
+            out.unit_probes[name] = self.unit_probes[name]
+
 
 def _output_factor(adapters: Sequence[LoraAdapter], name: str, owners: list[int], rank: int, options: dict) -> float:
     """The output reweighting, sqrt(r̄/k) on the update, split over both halves (1 where it is off)."""
@@ -592,7 +601,7 @@ def lego(
         if name in clusters.coefficients:  # reweighted from the Gram matrices already
             A = stacked([lora.A for lora in loras], 0, buffers[0])  # no copy after a streamed read
             B = stacked([lora.B for lora in loras], 1, buffers[1])
-            out.modules[name], out.report_products[name] = clusters.centroids(name, A, B, fan_in_fan_out)
+            clusters.record(out, name, *clusters.centroids(name, A, B, fan_in_fan_out))
         else:
             c_a, c_b, coef_a, coef_b = _centroids(adapters, name, units, labels, rank, options["param_reweight"])
             factor = _output_factor(adapters, name, units.owners, rank, options)
@@ -604,13 +613,12 @@ def lego(
                 signed = root * torch.sign(scales)[:, None]
                 c_a, c_b = c_a * root, c_b * signed
                 coef_a, coef_b = coef_a * root.cpu().numpy(), coef_b * signed.cpu().numpy()
-            out.modules[name] = LoraModule(A=c_a.contiguous(), B=c_b.T.contiguous(), scale=1.0, fan_in_fan_out=fan_in_fan_out)
+            module = LoraModule(A=c_a.contiguous(), B=c_b.T.contiguous(), scale=1.0, fan_in_fan_out=fan_in_fan_out)
+            products = None
             if units.gram_a is not None:
                 (cross, merged_sq), = _report_products(_Units.stack([units]), [units.owners], coef_a[None], coef_b[None])
-                out.report_products[name] = ReportProducts(out.modules[name], cross, clusters.source_sq[name], merged_sq)
-        if name in out.report_products:
-            out.reference_sq_norms[name] = clusters.reference_sq_norms[name]
-            out.unit_probes[name] = clusters.unit_probes[name]
+                products = ReportProducts(module, cross, clusters.source_sq[name], merged_sq)
+            clusters.record(out, name, module, products)
         out.labels[name] = torch.from_numpy(labels)
         out.unit_owner[name] = torch.from_numpy(units.adapter_index)
     out.timings["centroids"] = time.perf_counter() - start
