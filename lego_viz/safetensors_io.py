@@ -10,13 +10,30 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import numpy as np
 
-# Per saved dtype: the safetensors tag and the numpy dtype that holds its bits (bfloat16: uint16 patterns).
-_TAGS = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
-_STORAGE = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2")}
-_EXPONENT = {"float32": 0x7F800000, "float16": 0x7C00, "bfloat16": 0x7F80}  # all ones: inf or NaN
+
+class Format(NamedTuple):
+    """How safetensors stores one dtype."""
+
+    width: int  # bytes per element
+    exponent: int | None  # mask of a float's exponent bits (all ones: inf or NaN); None for integers
+    name: str  # torch's name of the dtype
+    storage: str  # numpy dtype that holds its bits (bfloat16: the raw 16 bits)
+
+
+# safetensors dtype tag → its format (what lego_viz.stored reads, and the float ones this module writes)
+FORMATS = {
+    "F64": Format(8, 0x7FF0000000000000, "float64", "<f8"),
+    "F32": Format(4, 0x7F800000, "float32", "<f4"),
+    "F16": Format(2, 0x7C00, "float16", "<f2"),
+    "BF16": Format(2, 0x7F80, "bfloat16", "<u2"),
+    "I64": Format(8, None, "int64", "<i8"), "I32": Format(4, None, "int32", "<i4"), "I16": Format(2, None, "int16", "<i2"),
+    "I8": Format(1, None, "int8", "i1"), "U8": Format(1, None, "uint8", "u1"), "BOOL": Format(1, None, "bool", "?"),
+}
+_TAGS = {form.name: tag for tag, form in FORMATS.items()}  # torch dtype name → tag
 _ALIGN = 8  # safetensors pads its JSON header with spaces to a multiple of 8 bytes
 
 
@@ -61,13 +78,14 @@ def cast(values: np.ndarray, dtype: str) -> np.ndarray:
         return to_bfloat16(values)
     if dtype == "float16":
         return to_float16(values)
-    return np.ascontiguousarray(values, dtype=_STORAGE[dtype])
+    return np.ascontiguousarray(values, dtype=FORMATS[_TAGS[dtype]].storage)
 
 
 def all_finite(stored: np.ndarray, dtype: str) -> bool:
     """Whether ``stored`` (from :func:`cast`) holds no inf or NaN."""
+    exponent = FORMATS[_TAGS[dtype]].exponent
     bits = stored.view(np.uint32 if dtype == "float32" else np.uint16)
-    return not np.any((bits & _EXPONENT[dtype]) == _EXPONENT[dtype])
+    return not np.any((bits & exponent) == exponent)
 
 
 def save_file(tensors: Mapping[str, np.ndarray], filename: str | os.PathLike, dtype: str,
@@ -81,7 +99,7 @@ def save_file(tensors: Mapping[str, np.ndarray], filename: str | os.PathLike, dt
     header = {} if metadata is None else {"__metadata__": dict(metadata)}
     arrays, offset = [], 0
     for name in sorted(tensors):
-        array = np.ascontiguousarray(tensors[name], dtype=_STORAGE[dtype])
+        array = np.ascontiguousarray(tensors[name], dtype=FORMATS[_TAGS[dtype]].storage)
         header[name] = {"dtype": _TAGS[dtype], "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
         arrays.append(array)
         offset += array.nbytes

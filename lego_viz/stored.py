@@ -22,24 +22,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lego_viz.adapters import AdapterError, LoraModule
+from lego_viz.safetensors_io import FORMATS
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
 
-# safetensors dtype → (bytes per element, mask of the exponent bits for floats else None, torch dtype name)
-_DTYPES = {
-    "F64": (8, 0x7FF0000000000000, "float64"),
-    "F32": (4, 0x7F800000, "float32"),
-    "F16": (2, 0x7C00, "float16"),
-    "BF16": (2, 0x7F80, "bfloat16"),
-    "I64": (8, None, "int64"), "I32": (4, None, "int32"), "I16": (2, None, "int16"), "I8": (1, None, "int8"),
-    "U8": (1, None, "uint8"), "BOOL": (1, None, "bool"),
-}
 _UINT = {1: "<u1", 2: "<u2", 4: "<u4", 8: "<u8"}
-# numpy dtype each stored dtype is read as (bf16 as its raw 16 bits, widened by read_array)
-_NUMPY = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
-          "I8": "i1", "U8": "u1", "BOOL": "?"}
 # Largest header safetensors itself accepts (100 MB): anything bigger is garbage, not a header.
 _MAX_HEADER = 100_000_000
 # Bytes scanned per step when looking for NaN/inf, so a large tensor is never held twice.
@@ -79,7 +68,7 @@ class TensorInfo:
     @property
     def torch_dtype(self) -> str:
         """The torch name of the stored dtype (``bfloat16``), without importing torch."""
-        return _DTYPES[self.dtype][2]
+        return FORMATS[self.dtype].name
 
 
 class SafetensorsFile:
@@ -111,7 +100,7 @@ class SafetensorsFile:
             for key, entry in header.items():
                 if key == "__metadata__":
                     continue
-                width = _DTYPES[entry["dtype"]][0]
+                width = FORMATS[entry["dtype"]].width
                 shape = tuple(int(d) for d in entry["shape"])
                 begin, end = (int(x) for x in entry["data_offsets"])
                 if not 0 <= begin <= end <= size - data_start or end - begin != width * math.prod(shape):
@@ -145,7 +134,7 @@ class SafetensorsFile:
         import numpy as np
 
         info = self.tensors[key]
-        width, mask, _ = _DTYPES[info.dtype]
+        width, mask = FORMATS[info.dtype].width, FORMATS[info.dtype].exponent
         if mask is None or not info.nbytes:
             return 0
         magnitude = np.array((1 << (8 * width - 1)) - 1, dtype=_UINT[width])  # all bits but the sign
@@ -190,7 +179,7 @@ class SafetensorsFile:
             if info.dtype == "F32" and out.flags.c_contiguous:
                 self._read_bytes(info, memoryview(out.reshape(-1)).cast("B"))
             else:
-                raw = np.frombuffer(self._read_bytes(info), dtype=_NUMPY[info.dtype]).reshape(info.shape)
+                raw = np.frombuffer(self._read_bytes(info), dtype=FORMATS[info.dtype].storage).reshape(info.shape)
                 # A block of columns of a wider buffer (the stacked B factors) is filled row by row.
                 rows = out.ndim == 2 and not out.flags.c_contiguous and out.strides[1] == 4 and info.nbytes <= _SCAN_BYTES
                 target = out if not rows else raw if info.dtype == "F32" else _scratch_floats(info.shape)
