@@ -64,7 +64,7 @@ def measure(quick: bool) -> dict[str, float]:
     """Latencies in seconds: ``umap`` (full mode only), ``k_change``, ``pca``."""
     from gradio_client import Client
 
-    from lego_viz.projection import warm_up
+    from lego_viz.units.projection import warm_up
 
     with served_app() as url:
         client = Client(url, verbose=False)

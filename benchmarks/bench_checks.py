@@ -1,6 +1,6 @@
 """Item 3: the invariance checks (permutation, concatenation–summation) at the full reference shape.
 
-Both run on every module of all eight adapters, from the factors (DESIGN §3). With default settings
+Both run on every module of all eight adapters, from the factors (ARCHITECTURE §3). With default settings
 the library picks the exact factored error or, above a work budget, the random-probe estimate;
 the table says which ran, and when the probe did, the forced exact figure is timed beside it.
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from benchmarks.report import Row, item_main, seconds, timed
 from benchmarks.synthetic import ReferenceShape, make_adapters
-from lego_viz.invariance import check_concat_sum, check_permutation
+from lego_viz.checks.invariance import check_concat_sum, check_permutation
 
 QUICK_SHAPE = ReferenceShape(n_layers=2, shrink=8)
 FULL_SHAPE = ReferenceShape()

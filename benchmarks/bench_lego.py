@@ -17,7 +17,7 @@ from sklearn.cluster import KMeans
 from benchmarks.report import Row, item_main, seconds, timed
 from benchmarks.synthetic import ReferenceShape, make_adapters
 from lego_viz.merge import merge
-from lego_viz.msu import module_msus
+from lego_viz.units.msu import module_msus
 
 K = 16
 N_INIT = 10

@@ -42,7 +42,7 @@ def child(args: list[str]) -> None:
     """
     import resource
 
-    from lego_viz.cli import main
+    from lego_viz.cli.commands import main
 
     start = time.perf_counter()
     code = main(args)

@@ -42,9 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from lego_viz.adapters import load_adapter
-    from lego_viz.export import export_adapter
+    from lego_viz.checks.retention import retention
+    from lego_viz.export.folder import export_adapter
     from lego_viz.merge import merge
-    from lego_viz.retention import retention
     from lego_viz.zoo.evaluate import evaluate
     from lego_viz.zoo.model import ZOO_DIR, adapter_dirs, load_adapted
 
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     dirs = adapter_dirs(ZOO_DIR)
     adapters = [load_adapter(path, name=name) for name, path in dirs.items()]
-    # All adapters at once, and disjoint pairs (the zoo is built so that pairs can merge, DESIGN §9).
+    # All adapters at once, and disjoint pairs (the zoo is built so that pairs can merge, ARCHITECTURE §9).
     groups = [("all", adapters)] + [(f"{a.name}+{b.name}", [a, b]) for a, b in zip(adapters[::2], adapters[1::2])]
     rows = []  # (group, merge, task, retention, accuracy)
     with tempfile.TemporaryDirectory(prefix="retention_accuracy_") as scratch:

@@ -1,4 +1,4 @@
-"""Seeded synthetic adapters of the reference shape (DESIGN §8), built in memory — nothing is downloaded.
+"""Seeded synthetic adapters of the reference shape (ARCHITECTURE §8), built in memory — nothing is downloaded.
 
 The reference is "Llama-3-8B": 32 layers × seven linear layers, 8 adapters at r = 16 on all of them.
 Units are not pure noise: each module has a small pool of shared directions that the adapters'

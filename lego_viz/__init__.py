@@ -2,8 +2,17 @@
 
 __version__ = "0.1.0"
 
-# The PEFT bridge pulls in torch and peft; `import lego_viz` stays light and resolves these on first use.
-_LAZY = {"merge_peft": "lego_viz.peft_bridge", "adapter_from_peft": "lego_viz.peft_bridge"}
+# The public names, resolved on first use so that `import lego_viz` stays light (no torch, no peft).
+_LAZY = {
+    "load_adapter": "lego_viz.adapters",
+    "load_adapters": "lego_viz.adapters",
+    "export_adapter": "lego_viz.export",
+    "check_permutation": "lego_viz.checks.invariance",
+    "check_concat_sum": "lego_viz.checks.invariance",
+    "arrow_routing": "lego_viz.models.arrow",
+    "merge_peft": "lego_viz.models.peft_bridge",
+    "adapter_from_peft": "lego_viz.models.peft_bridge",
+}
 
 
 def __getattr__(name: str):

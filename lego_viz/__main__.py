@@ -1,3 +1,3 @@
-from lego_viz.cli import run
+from lego_viz.cli.commands import run
 
 run()

@@ -12,7 +12,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from bad_inputs import BOMB_CAP, CASES, load_case_error  # noqa: E402
 
-import lego_viz.adapters as adapters_mod  # noqa: E402
+import lego_viz.adapters.loading as adapters_mod  # noqa: E402
 
 
 def main() -> None:

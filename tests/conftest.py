@@ -60,7 +60,7 @@ def make_adapter(
               "rank_pattern": rank_pattern or {}, "alpha_pattern": alpha_pattern or {}, "fan_in_fan_out": fan_in_fan_out,
               "task_type": "CAUSAL_LM", "bias": "none", "lora_dropout": 0.0}
     modules = {}
-    from lego_viz.adapters import _module_scale
+    from lego_viz.adapters.loading import _module_scale
 
     for module, (d_in, d_out) in shapes.items():
         rank, scale = _module_scale(config, module, name)

@@ -244,7 +244,7 @@ def test_zip_traversal_is_refused(tmp_path, entry, pattern):
 
 
 def test_zip_bomb_is_refused_before_extraction(tmp_path, monkeypatch):
-    import lego_viz.adapters as mod
+    import lego_viz.adapters.loading as mod
 
     archive = tmp_path / "bomb.zip"
     with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:

@@ -10,10 +10,10 @@ from test_export import GROUPS, _assert_peft_deltas_match, _peft_load, _toy_base
 from test_merge import dense_sum
 
 from lego_viz.adapters import AdapterError
-from lego_viz.advise import ModuleCurve, advise, allocate, k_patterns, knee
-from lego_viz.cli import main
-from lego_viz.export import export_adapter
+from lego_viz.cli.commands import main
+from lego_viz.export.folder import export_adapter
 from lego_viz.merge import merge
+from lego_viz.merge.advise import ModuleCurve, advise, allocate, k_patterns, knee
 
 WEIGHTS = [1.0, 0.5, -2.0]
 

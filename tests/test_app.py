@@ -15,7 +15,7 @@ import torch
 from conftest import TOY_HIDDEN, make_adapter, save_peft_folder, toy_shapes
 
 from lego_viz.adapters import AdapterError
-from lego_viz.invariance import logits_with
+from lego_viz.checks.invariance import logits_with
 from lego_viz.ui import export_tab, invariance_tab, load_tab, map_tab, msu_map, plots, runtime
 from lego_viz.ui.errors import user_errors
 from lego_viz.ui.models import ModelPool, fits_model

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import make_adapter, save_peft_folder
 
-from lego_viz.invariance import logits_with
+from lego_viz.checks.invariance import logits_with
 from lego_viz.ui import build_demo, launch_options
 from lego_viz.ui.models import zoo_available
 from lego_viz.ui.msu_map import ALL

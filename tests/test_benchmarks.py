@@ -15,7 +15,7 @@ from benchmarks import bench_lego, bench_svd, run
 from benchmarks.bench_memory import PeakRss
 from benchmarks.report import Row, markdown
 from benchmarks.synthetic import ReferenceShape, adapter_bytes, make_adapters
-from lego_viz.invariance import Factored, factored_norm, gram_norm, relative_error
+from lego_viz.checks.invariance import Factored, factored_norm, gram_norm, relative_error
 from lego_viz.merge import merge
 
 TINY = ReferenceShape(n_layers=1, n_adapters=3, rank=4, shrink=32)
@@ -89,7 +89,7 @@ def test_gram_and_factored_norms_match_dense(d_out: int, n: int, d_in: int) -> N
 def test_peak_rss_sees_an_allocation() -> None:
     # Earlier tests can leave freed memory resident in the heap, which a new block would reuse without
     # raising the peak: hand it back first, so the block below needs fresh pages.
-    from lego_viz.stream import _release_freed_memory
+    from lego_viz.merge.stream import _release_freed_memory
 
     _release_freed_memory()
     with PeakRss() as rss:

@@ -9,9 +9,9 @@ import yaml
 from conftest import TOY_HIDDEN, TOY_INTER, TOY_LAYERS, make_adapter, real_lora
 from safetensors.torch import load_file
 
-import lego_viz.export as export_mod
+import lego_viz.export.folder as export_mod
 from lego_viz.adapters import load_adapter, load_adapters
-from lego_viz.export import ExportError, export_adapter
+from lego_viz.export.folder import ExportError, export_adapter
 from lego_viz.merge import MergeError, merge
 
 
@@ -131,7 +131,7 @@ def test_partial_overlap_merge_keeps_every_module(tmp_path):
 def test_recipe_reproduces_the_same_tensors_bit_for_bit(tmp_path, toy_adapters):
     from conftest import save_peft_folder
 
-    from lego_viz.cli import main
+    from lego_viz.cli.commands import main
 
     dirs = [str(save_peft_folder(a, tmp_path / a.name)) for a in toy_adapters]
     assert main(["merge", *dirs, "--k", "5", "--weights", "1,0.5,2", "--features", "normalized", "--seed", "3",
@@ -152,7 +152,7 @@ def test_recipe_notices_a_changed_adapter_config(tmp_path, toy_adapters, capsys)
 
     from conftest import save_peft_folder
 
-    from lego_viz.cli import main
+    from lego_viz.cli.commands import main
 
     dirs = [save_peft_folder(a, tmp_path / a.name) for a in toy_adapters]
     assert main(["merge", *map(str, dirs), "--k", "5", "--no-checks", "--out", str(tmp_path / "one")]) == 0
@@ -216,11 +216,11 @@ def test_single_adapter_export_matches_input(tmp_path):
     ],
 )
 def test_incomplete_recipe_says_what_is_missing(tmp_path, text, expected):
-    from lego_viz.export import load_recipe
+    from lego_viz.export.recipe import ConfigError, load_recipe
 
     path = tmp_path / "recipe.yaml"
     path.write_text(text)
-    with pytest.raises(ExportError, match=re.escape(expected)):
+    with pytest.raises(ConfigError, match=re.escape(expected)):
         load_recipe(path)
 
 

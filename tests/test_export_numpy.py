@@ -13,10 +13,10 @@ import torch
 from conftest import make_adapter
 from safetensors.torch import load_file
 
-from lego_viz.export import export_adapter
+from lego_viz.adapters.safetensors_io import to_bfloat16, to_float16
+from lego_viz.export.folder import export_adapter
+from lego_viz.export.serving import ServingError
 from lego_viz.merge import merge
-from lego_viz.safetensors_io import to_bfloat16, to_float16
-from lego_viz.serving import ServingError
 
 # float32 bit patterns where a conversion can go wrong
 EDGE_BITS = [
@@ -49,9 +49,9 @@ def _torch_bits(values: np.ndarray, dtype: torch.dtype) -> np.ndarray:
     return torch.from_numpy(values).to(dtype).view(torch.int16).numpy().view(np.uint16)
 
 
-@pytest.mark.parametrize("module", ["lego_viz.export", "lego_viz.serving", "lego_viz.model_card", "lego_viz.mergekit_config"])
+@pytest.mark.parametrize("module", ["lego_viz.export.folder", "lego_viz.export.serving", "lego_viz.export.model_card", "lego_viz.export.recipe"])
 def test_import_leaves_torch_out(module):
-    heavy = ("torch", "lego_viz.merge", "lego_viz.retention", "lego_viz.invariance")
+    heavy = ("torch", "lego_viz.merge", "lego_viz.checks.retention", "lego_viz.checks.invariance")
     code = f"import sys, {module}; print(','.join(m for m in {heavy!r} if m in sys.modules))"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert loaded == ""

@@ -1,4 +1,4 @@
-"""Tests of lego_viz.gram_kmeans: torch's draws without torch, agreement with the torch API and scikit-learn."""
+"""Tests of lego_viz.units.gram_kmeans: torch's draws without torch, agreement with the torch API and scikit-learn."""
 
 import subprocess
 import sys
@@ -9,8 +9,8 @@ import torch
 from sklearn.cluster import KMeans
 from sklearn.datasets import make_blobs
 
-from lego_viz.gram_kmeans import _relocate_empty, gram_kmeans, torch_compatible_uniforms
-from lego_viz.kmeans import GramKMeans
+from lego_viz.units.gram_kmeans import _relocate_empty, gram_kmeans, torch_compatible_uniforms
+from lego_viz.units.kmeans import GramKMeans
 
 
 def _gram(points: np.ndarray) -> np.ndarray:
@@ -39,7 +39,7 @@ def test_uniforms_reject_seeds_torch_rejects(seed: object) -> None:
 
 
 def test_import_leaves_torch_out() -> None:
-    code = "import sys, lego_viz.gram_kmeans; print('torch' in sys.modules)"
+    code = "import sys, lego_viz.units.gram_kmeans; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
 
@@ -96,7 +96,7 @@ def test_chunks_reusing_work_arrays_give_unchunked_results(
     # 7 problems in chunks of 3 leave a short last chunk; each chunk reuses the previous one's work arrays.
     grams = _gaussian_grams(7, 30, 4, 5)
     whole = gram_kmeans(grams, 5, n_init=3, seed=0)
-    monkeypatch.setattr("lego_viz.gram_kmeans._CHUNK_ELEMENTS", chunk_problems * 3 * 5 * 30)
+    monkeypatch.setattr("lego_viz.units.gram_kmeans._CHUNK_ELEMENTS", chunk_problems * 3 * 5 * 30)
     chunked = gram_kmeans(grams, 5, n_init=3, seed=0)
     for a, b in zip(whole, chunked):
         assert np.array_equal(a, b)

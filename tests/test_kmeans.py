@@ -1,4 +1,4 @@
-"""Tests of lego_viz.kmeans: agreement with scikit-learn, batching, determinism, edge cases, validation."""
+"""Tests of lego_viz.units.kmeans: agreement with scikit-learn, batching, determinism, edge cases, validation."""
 
 import numpy as np
 import pytest
@@ -6,8 +6,8 @@ import torch
 from sklearn.cluster import KMeans
 from sklearn.datasets import make_blobs
 
-from lego_viz.kmeans import GramKMeans, cluster_means, gram_kmeans, pairwise_gram
-from lego_viz.kmeans import _relocate_empty as relocate_empty
+from lego_viz.units.kmeans import GramKMeans, cluster_means, gram_kmeans, pairwise_gram
+from lego_viz.units.kmeans import _relocate_empty as relocate_empty
 
 
 def _gaussian(n: int, d: int, seed: int) -> torch.Tensor:
@@ -77,7 +77,7 @@ def test_batched_equals_unbatched() -> None:
 def test_batch_chunking_does_not_change_results(monkeypatch: pytest.MonkeyPatch) -> None:
     x = torch.stack([_gaussian(40, 6, seed) for seed in range(7)])
     whole = GramKMeans(5, n_init=3, random_state=0).fit(x)
-    monkeypatch.setattr("lego_viz.gram_kmeans._CHUNK_ELEMENTS", 1)  # one problem per chunk
+    monkeypatch.setattr("lego_viz.units.gram_kmeans._CHUNK_ELEMENTS", 1)  # one problem per chunk
     chunked = GramKMeans(5, n_init=3, random_state=0).fit(x)
     assert torch.equal(whole.labels_, chunked.labels_)
     assert torch.allclose(whole.inertia_, chunked.inertia_, rtol=1e-5)  # float32 rounding only

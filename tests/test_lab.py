@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import make_adapter
 
-from lego_viz.control import random_like
+from lego_viz.adapters.control import random_like
 from lego_viz.merge import MERGE_METHODS, merge
 from lego_viz.zoo import lab
 from lego_viz.zoo.harness import Scorer, Tally, TaskScore, pooled, wilson_interval
@@ -126,7 +126,7 @@ def test_linear_merge_of_one_adapter_scores_exactly_as_the_adapter(zoo):
 
 @needs_zoo
 def test_routing_one_adapter_to_itself_scores_exactly_as_the_adapter(zoo):
-    from lego_viz.smora.arrow import arrow_routing
+    from lego_viz.models.arrow import arrow_routing
 
     base, tokenizer, adapters = zoo
     name = next(iter(adapters))

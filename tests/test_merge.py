@@ -6,7 +6,7 @@ from conftest import TOY_HIDDEN, TOY_INTER, TOY_KV, TOY_LAYERS, make_adapter, sa
 
 from lego_viz.adapters import AdapterError
 from lego_viz.merge import MERGE_METHODS, MergeError, merge
-from lego_viz.msu import permute_adapter
+from lego_viz.units.msu import permute_adapter
 
 NO_REWEIGHT = {"param_reweight": "none", "output_reweight": False}
 
@@ -232,7 +232,7 @@ def test_registry_lists_methods_with_options():
 def test_gram_from_raw_factors_equals_gram_of_explicit_features(toy_adapters, features):
     """The merge never materialises features; its Gram matrix must equal the explicit one."""
     from lego_viz.merge.lego import _units
-    from lego_viz.msu import module_msus
+    from lego_viz.units.msu import module_msus
 
     weights = [1.0, -0.5, 2.0]
     toy_adapters[1].modules["model.layers.0.self_attn.q_proj"].B[:, 0] = 0.0  # an untrained unit
@@ -251,7 +251,7 @@ def test_sign_ties_break_the_same_way_in_the_map_and_the_merge(toy_adapters, fea
     """A row of A whose largest |entry| occurs as both −m and +m (common in low-precision weights):
     the map (msu features) and the merge must pick the same sign, or the map misreports the clusters."""
     from lego_viz.merge.lego import _units
-    from lego_viz.msu import module_msus
+    from lego_viz.units.msu import module_msus
 
     name = "model.layers.0.self_attn.q_proj"
     A = toy_adapters[0].modules[name].A

@@ -1,4 +1,4 @@
-"""Merge lab methods (DESIGN §5b): Core Space and KnOTS — exact special cases, their merge rules on
+"""Merge lab methods (ARCHITECTURE §5.2): Core Space and KnOTS — exact special cases, their merge rules on
 hand-built inputs, and PEFT round trips."""
 
 import pytest
@@ -8,11 +8,11 @@ from test_export import _assert_peft_deltas_match, _peft_load, _toy_base
 from test_merge import assert_same_updates, dense_sum
 
 from lego_viz.adapters import load_adapters
-from lego_viz.export import export_adapter
+from lego_viz.export.folder import export_adapter
 from lego_viz.merge import MERGE_METHODS, merge
 from lego_viz.merge.core_space import module_cores, tsv_merge
 from lego_viz.merge.knots import aligned_blocks, merge_blocks
-from lego_viz.msu import module_msus
+from lego_viz.units.msu import module_msus
 
 LAB_METHODS = ("core_space", "knots")
 WEIGHTS = [1.0, 0.5, -2.0]
@@ -121,7 +121,7 @@ def test_cli_merges_with_lab_options_and_the_recipe_reproduces_them(tmp_path, to
     from conftest import save_peft_folder
     from safetensors.torch import load_file
 
-    from lego_viz.cli import main
+    from lego_viz.cli.commands import main
 
     dirs = [str(save_peft_folder(a, tmp_path / a.name)) for a in toy_adapters]
     assert main(["merge", *dirs, "--method", "core_space", "--k", "3", "--option", "merge=ties", "--density", "0.5",
@@ -170,7 +170,7 @@ def test_lsq_rescale_equals_the_dense_least_squares_solution(toy_adapters):
 
 
 def test_retention_equals_the_dense_projection(toy_adapters):
-    from lego_viz.retention import retention
+    from lego_viz.checks.retention import retention
 
     merged = merge(toy_adapters, "lego", k=4, weights=WEIGHTS)
     scores = retention(merged.modules, toy_adapters, WEIGHTS)

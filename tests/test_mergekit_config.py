@@ -9,7 +9,7 @@ from conftest import make_adapter, save_peft_folder
 from safetensors.torch import load_file
 
 from lego_viz.adapters import load_adapters
-from lego_viz.cli import main
+from lego_viz.cli.commands import main
 from lego_viz.merge import merge
 
 
@@ -119,7 +119,7 @@ def test_config_and_command_line_settings_do_not_mix(tmp_path, dirs, capsys):
 def test_readme_example_config_is_valid(monkeypatch):
     from pathlib import Path
 
-    from lego_viz.mergekit_config import load_config, load_models
+    from lego_viz.export.recipe import load_config, load_models
 
     root = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(root)  # its paths are relative to the repository root, where the README runs it

@@ -5,7 +5,7 @@ import torch
 from conftest import make_adapter
 
 from lego_viz.adapters import LoraModule
-from lego_viz.invariance import (
+from lego_viz.checks.invariance import (
     Factored,
     check_concat_sum,
     check_outputs,
@@ -15,7 +15,7 @@ from lego_viz.invariance import (
     probe_relative_error,
     relative_error,
 )
-from lego_viz.msu import adapter_msus, canonicalize, fold, module_msus, table_to_module
+from lego_viz.units.msu import adapter_msus, canonicalize, fold, module_msus, table_to_module
 
 
 def _dense(table):
@@ -124,7 +124,7 @@ def test_concat_sum_check_passes_with_weights(toy_adapters):
 def test_concat_sum_check_can_fail():
     """A check that cannot fail is a bug: a corrupted concatenation must be caught."""
     adapters = [make_adapter("a", seed=1), make_adapter("b", seed=2)]
-    import lego_viz.invariance as inv
+    import lego_viz.checks.invariance as inv
 
     original = inv.module_msus
 
@@ -150,7 +150,7 @@ def test_output_space_checks(toy_model, toy_adapters):
 
 
 def test_hooks_match_dense_weight_update(toy_model):
-    from lego_viz.invariance import logits_with
+    from lego_viz.checks.invariance import logits_with
 
     adapter = make_adapter(r=3, seed=5)
     ids = torch.randint(0, 64, (1, 7), generator=torch.Generator().manual_seed(2))
@@ -185,7 +185,7 @@ def test_probe_mode_agrees_with_exact_mode(toy_adapters, check):
 
 
 def test_large_inputs_switch_to_probe_automatically(monkeypatch, toy_adapters):
-    import lego_viz.invariance as inv
+    import lego_viz.checks.invariance as inv
 
     assert check_permutation(toy_adapters).method == "exact"
     monkeypatch.setattr(inv, "EXACT_BUDGET", 10.0)

@@ -10,7 +10,7 @@ from conftest import make_adapter, real_lora, save_peft_folder
 
 import lego_viz
 from lego_viz.adapters import AdapterError, load_adapter, load_adapters
-from lego_viz.export import export_adapter
+from lego_viz.export.folder import export_adapter
 from lego_viz.merge import MergeError, merge
 from lego_viz.zoo.model import ZOO_DIR, adapter_dirs, load_base
 

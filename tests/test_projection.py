@@ -1,9 +1,9 @@
-"""Tests of lego_viz.projection: PCA exactness, UMAP determinism and separation, the cache."""
+"""Tests of lego_viz.units.projection: PCA exactness, UMAP determinism and separation, the cache."""
 
 import pytest
 import torch
 
-from lego_viz.projection import (
+from lego_viz.units.projection import (
     MIN_UMAP_POINTS,
     ProjectionCache,
     ProjectionConfig,

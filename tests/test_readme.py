@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-import lego_viz.adapters as adapters_mod
-from lego_viz.cli import build_parser
+import lego_viz.adapters.loading as adapters_mod
+from lego_viz.cli.commands import build_parser
 from lego_viz.merge import MERGE_METHODS
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,9 +21,11 @@ import torch
 from safetensors.torch import save_file
 
 from lego_viz.adapters import LoraAdapter, load_adapters
-from lego_viz.base_models import BaseModelError, count_parameters, load_base, max_parameters, resolve_base
-from lego_viz.cli import main
-from lego_viz.compare import (
+from lego_viz.cli.commands import main
+from lego_viz.export.folder import export_adapter
+from lego_viz.merge import merge
+from lego_viz.models.base import BaseModelError, count_parameters, load_base, max_parameters, resolve_base
+from lego_viz.models.compare import (
     MIN_EFFECT_KL,
     TextError,
     greedy_outputs,
@@ -32,8 +34,6 @@ from lego_viz.compare import (
     output_space_checks,
     parse_texts,
 )
-from lego_viz.export import export_adapter
-from lego_viz.merge import merge
 from lego_viz.ui.models import fits_model
 from lego_viz.ui.state import Session
 from tests.conftest import REAL_LORAS, make_adapter, real_lora
@@ -197,10 +197,10 @@ def test_retention_is_one_for_the_adapter_itself_and_zero_for_the_base(gpt2_mode
 
 
 def test_retention_sweep_over_k_reaches_the_exact_sum_at_k_equals_n(gpt2_model, gpt2_adapters):
-    from lego_viz.compare import retention_sweep
+    from lego_viz.models.compare import retention_sweep
 
     model, tokenizer = gpt2_model
-    # DESIGN §4: k = n (here 3 × 8 units) without reweighting is exactly the weighted sum
+    # ARCHITECTURE §4: k = n (here 3 × 8 units) without reweighting is exactly the weighted sum
     merges = {k: merge(gpt2_adapters, "lego", k=k, param_reweight="none", output_reweight=False).modules for k in (4, 24)}
     sweep = retention_sweep(model, tokenizer, TEXTS[:1], gpt2_adapters, merges)
     linear = output_retention(model, tokenizer, TEXTS[:1], gpt2_adapters, {"linear": merge(gpt2_adapters, "linear").modules})
@@ -225,7 +225,7 @@ def test_greedy_outputs_side_by_side(gpt2_model, gpt2_adapters):
 
 
 def test_modules_to_save_are_swapped_in_for_their_adapter_only(gpt2_model, gpt2_adapters):
-    from lego_viz.compare import applied
+    from lego_viz.models.compare import applied
 
     model, _ = gpt2_model
     head = torch.full((768,), 3.0)
@@ -291,7 +291,7 @@ def test_parse_texts_keeps_the_first_max_texts():
 
 
 def test_cli_run_prints_the_retention_table(gpt2_base, gpt2_adapters, gpt2_model, tmp_path, capsys):
-    from lego_viz.run_cli import print_report
+    from lego_viz.cli.run import print_report
 
     merged = merge(gpt2_adapters, "lego", k=8)
     out = export_adapter(merged, tmp_path / "merged", adapters=gpt2_adapters)

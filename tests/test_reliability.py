@@ -6,8 +6,8 @@ import re
 import pytest
 from bad_inputs import BOMB_CAP, CASES, cli_words, load_case_error
 
-import lego_viz.adapters as adapters_mod
-from lego_viz.cli import main
+import lego_viz.adapters.loading as adapters_mod
+from lego_viz.cli.commands import main
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,7 @@ import pytest
 from bad_inputs import BOMB_CAP, CASES
 from conftest import make_adapter
 
-import lego_viz.adapters as adapters_mod
+import lego_viz.adapters.loading as adapters_mod
 from lego_viz.ui.load_tab import load_handler
 from lego_viz.ui.map_tab import cluster
 from lego_viz.ui.msu_map import ALL

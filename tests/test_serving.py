@@ -11,10 +11,10 @@ from conftest import make_adapter, save_peft_folder
 from safetensors.torch import load_file
 
 from lego_viz.adapters import load_adapter, load_adapters
-from lego_viz.cli import main
-from lego_viz.export import export_adapter
+from lego_viz.cli.commands import main
+from lego_viz.export.folder import export_adapter
+from lego_viz.export.serving import ServingError, push_to_hub
 from lego_viz.merge import merge
-from lego_viz.serving import ServingError, push_to_hub
 
 
 def _folders(tmp_path, dtypes=(torch.float32, torch.float32)) -> list[str]:
@@ -93,8 +93,8 @@ def test_model_card_names_base_method_sources_and_recipe(tmp_path):
 
 
 def test_model_card_leaves_a_local_base_path_out_of_the_hub_metadata(tmp_path):
-    from lego_viz.export import recipe
-    from lego_viz.model_card import model_card
+    from lego_viz.export.folder import recipe
+    from lego_viz.export.model_card import model_card
 
     merged = merge([make_adapter("a", base=str(tmp_path))], "linear")  # a base that is a local folder
     card = model_card(merged, recipe(merged), "float32", "CAUSAL_LM")

@@ -7,10 +7,10 @@ import torch
 from test_smora_merged import random_adapter
 from test_smora_model import HIDDEN, tiny_llama, token_batch
 
-from lego_viz.invariance import logits_with
-from lego_viz.msu import module_msus
-from lego_viz.smora.arrow import ArrowConfig, ArrowLayer, RoutingError, arrow_routing, principal_directions
+from lego_viz.checks.invariance import logits_with
+from lego_viz.models.arrow import ArrowConfig, ArrowLayer, RoutingError, arrow_routing, principal_directions
 from lego_viz.smora.stats import RoutingRecorder
+from lego_viz.units.msu import module_msus
 
 MODULE = "model.layers.1.self_attn.v_proj"
 

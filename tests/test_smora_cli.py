@@ -7,7 +7,7 @@ import json
 import pytest
 from test_smora_app import tiny_assets  # noqa: F401  (fixture: tiny zoo base + SMoRA adapters)
 
-from lego_viz.cli import main
+from lego_viz.cli.commands import main
 
 
 def test_smora_eval_prints_accuracy_and_balance(tiny_assets, capsys) -> None:  # noqa: F811

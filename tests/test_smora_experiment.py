@@ -9,7 +9,7 @@ import torch
 from peft import get_peft_model
 from test_smora_app import tiny_zoo_base
 
-from lego_viz.cli import main
+from lego_viz.cli.commands import main
 from lego_viz.smora import read_smora_config
 from lego_viz.smora.experiment import ExperimentConfig, run_experiment
 from lego_viz.smora.report import results_markdown

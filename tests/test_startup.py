@@ -15,7 +15,7 @@ HEAVY = ("transformers", "peft", "gradio", "umap")
 
 _PROBE = """
 import json, sys
-from lego_viz.cli import main
+from lego_viz.cli.commands import main
 try:
     code = main(sys.argv[1:])
 except SystemExit as exc:  # --help exits through argparse

@@ -13,12 +13,18 @@ from conftest import make_adapter, save_peft_folder
 
 from benchmarks.synthetic import ReferenceShape, make_adapters
 from lego_viz.adapters import AdapterError, load_adapter, load_adapters
-from lego_viz.export import reconstruction_errors
-from lego_viz.first_pass import read_stacked, summarize
-from lego_viz.invariance import Factored, check_concat_sum, check_permutation, probe_checks, relative_error
+from lego_viz.adapters.stored import StoredLoraModule
+from lego_viz.checks.invariance import (
+    Factored,
+    check_concat_sum,
+    check_permutation,
+    probe_checks,
+    relative_error,
+)
+from lego_viz.export.folder import reconstruction_errors
 from lego_viz.merge import merge
-from lego_viz.stored import StoredLoraModule
-from lego_viz.stream import merge_streaming, module_groups
+from lego_viz.merge.first_pass import read_stacked, summarize
+from lego_viz.merge.stream import merge_streaming, module_groups
 
 SHAPE = ReferenceShape(n_layers=2, n_adapters=4, rank=4, shrink=32)
 
@@ -83,7 +89,7 @@ def test_merge_from_the_first_pass_is_bit_identical_to_in_memory(bf16_folders, o
     # the centroids from small groups. probed: checks by probes (large inputs), all modules at once.
     # arrays: the command's torch-free route (numpy factors out) where the options allow it.
     if probed:
-        monkeypatch.setattr("lego_viz.stream.EXACT_BUDGET", 0)
+        monkeypatch.setattr("lego_viz.merge.stream.EXACT_BUDGET", 0)
     weights = [1.0, 0.5, -1.0, 2.0]
     expected = merge(load_adapters(bf16_folders), "lego", k=4, weights=weights, **options)
     lazy = load_adapters(bf16_folders, lazy=True, defer_checks=True, hash_weights=False)
@@ -171,7 +177,7 @@ def test_report_errors_match_dense_float64(k) -> None:
 
 
 def test_sketch_kmeans_finds_separated_clusters() -> None:
-    from lego_viz.kmeans import sketch_kmeans
+    from lego_viz.units.kmeans import sketch_kmeans
 
     gen = torch.Generator().manual_seed(0)
     centres = 10 * torch.randn(5, 300, generator=gen)
@@ -211,7 +217,7 @@ def test_merge_command_runs_lego_without_torch(bf16_folders, tmp_path, checks) -
 
     out = tmp_path / "out"
     args = [*bf16_folders, "--k", "4", "--out", str(out), *(["--no-checks"] if checks == "--no-checks" else [])]
-    script = ("import sys; import lego_viz.stream; lego_viz.stream.EXACT_BUDGET = 0; from lego_viz.cli import main; "
+    script = ("import sys; import lego_viz.merge.stream; lego_viz.merge.stream.EXACT_BUDGET = 0; from lego_viz.cli.commands import main; "
               f"code = main({['merge', *args]!r}); assert 'torch' not in sys.modules, 'torch imported'; sys.exit(code)")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -270,7 +276,7 @@ _SHARED_PASS = """
 import sys
 import numpy as np
 from lego_viz.adapters import load_adapters
-from lego_viz.first_pass import SharedFirstPass, summarize
+from lego_viz.merge.first_pass import SharedFirstPass, summarize
 
 folders, kill = sys.argv[2:], sys.argv[1] == "kill"
 lazy = load_adapters(folders, lazy=True, defer_checks=True, hash_weights=False)

@@ -282,7 +282,7 @@ def test_evaluate_takes_a_folder_and_a_merge():
     by_folder = evaluate(dirs["caesar"], tasks=["caesar"], n=10)
     model, tokenizer = load_adapted(dirs["caesar"], device="cpu")
     assert by_folder == evaluate(model, tokenizer, ["caesar"], n=10)
-    # A merge of one adapter at k = r without reweighting is that adapter (DESIGN §4).
+    # A merge of one adapter at k = r without reweighting is that adapter (ARCHITECTURE §4).
     adapter = load_adapter(dirs["caesar"], name="caesar")
     merged = merge([adapter], method="lego", k=adapter.ranks[0], param_reweight="none", output_reweight=False)
     assert evaluate(merged, tasks=["caesar"], n=10) == by_folder
@@ -319,7 +319,7 @@ def test_shipped_card_targets_follow_from_its_measurements():
 @needs_assets
 def test_shipped_adapter_and_its_half_weight_reproduce_the_card():
     from lego_viz.adapters import load_adapter
-    from lego_viz.invariance import lora_hooks
+    from lego_viz.checks.invariance import lora_hooks
     from lego_viz.zoo.targets import scaled
 
     full_card = json.loads((ZOO_DIR / "zoo_card.json").read_text())

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lego_viz.adapters import AdapterError, LoraAdapter, LoraModule
-from lego_viz.retention import ReportProducts
+from lego_viz.checks.retention import ReportProducts
 
 if TYPE_CHECKING:
     import torch
@@ -64,7 +64,7 @@ class MethodOutput:
     # matrices), so the report reads no weights at all
     report_products: dict[str, ReportProducts] = field(default_factory=dict)
     # per module the units' products with the invariance checks' probes, where the method got them for
-    # free (lego: from its Gram matrices; lego_viz.invariance.span_probes), so the checks read no weights
+    # free (lego: from its Gram matrices; lego_viz.checks.invariance.span_probes), so the checks read no weights
     unit_probes: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     details: dict = field(default_factory=dict)  # how the method ran, for the report (lego: which k-means)
 
@@ -89,27 +89,13 @@ class MergeMethod:
     prepare: Callable | None = None
 
 
-MERGE_METHODS: dict[str, MergeMethod] = {}
-
-
-def register(name: str, description: str, options: Mapping[str, Option], takes_k: bool, equal_ranks: bool = False,
-             prepare: Callable | None = None):
-    """Decorator: add a method function to :data:`MERGE_METHODS`."""
-
-    def wrap(fn: MethodFn) -> MethodFn:
-        MERGE_METHODS[name] = MergeMethod(name, fn, description, dict(options), takes_k, equal_ranks, prepare)
-        return fn
-
-    return wrap
-
-
 @dataclass
 class MergedAdapter:
     """The result of any merge method: LoRA modules with scale 1 (folded), plus what made them.
 
     Factors and labels are torch tensors, except from the torch-free lego route of a streamed merge
-    (:func:`lego_viz.stream.merge_streaming` with ``arrays=True``, the ``merge`` command), where they
-    are numpy arrays; :func:`lego_viz.export.export_adapter` writes either.
+    (:func:`lego_viz.merge.stream.merge_streaming` with ``arrays=True``, the ``merge`` command), where they
+    are numpy arrays; :func:`lego_viz.export.folder.export_adapter` writes either.
     """
 
     name: str

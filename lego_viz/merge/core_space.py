@@ -1,4 +1,4 @@
-"""Core Space merging (Panariello et al., NeurIPS 2025), in factored form (DESIGN §5b).
+"""Core Space merging (Panariello et al., NeurIPS 2025), in factored form (ARCHITECTURE §5.2).
 
 All adapters of a module share one basis: the left singular vectors of the stacked ``B`` and the
 right singular vectors of the stacked ``A`` (QR + a small SVD, as the authors' reference bases).
@@ -16,10 +16,10 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from lego_viz.adapters import LoraAdapter, LoraModule, module_order
-from lego_viz.merge.base import MethodOutput, Option, register
+from lego_viz.merge.base import MergeMethod, MethodOutput, Option
 from lego_viz.merge.lowrank import balanced_truncation, block_slices, svd_basis
 from lego_viz.merge.peft_style import peft_merge_utils
-from lego_viz.msu import module_msus
+from lego_viz.units.msu import module_msus
 
 if TYPE_CHECKING:
     import torch
@@ -89,12 +89,6 @@ def module_cores(B: torch.Tensor, A: torch.Tensor, ranks: Sequence[int]) -> tupl
     return U_B, cores, V_A
 
 
-@register(
-    "core_space",
-    "Core Space (Panariello et al. 2025): cores in a shared SVD basis, merged (tsv/ta/ties), SVD-truncated to k.",
-    options=CORE_SPACE_OPTIONS,
-    takes_k=True,
-)
 def core_space(adapters: Sequence[LoraAdapter], weights: list[float], k: Mapping[str, int] | None, options: dict) -> MethodOutput:
     out = MethodOutput(modules={})
     for name in module_order(adapters):
@@ -111,3 +105,13 @@ def core_space(adapters: Sequence[LoraAdapter], weights: list[float], k: Mapping
         B_k, A_k = balanced_truncation(U_B, merged, V_A.T, k[name])
         out.modules[name] = LoraModule(A=A_k, B=B_k, scale=1.0, fan_in_fan_out=table.fan_in_fan_out)
     return out
+
+
+
+CORE_SPACE = MergeMethod(
+    "core_space",
+    core_space,
+    "Core Space (Panariello et al. 2025): cores in a shared SVD basis, merged (tsv/ta/ties), SVD-truncated to k.",
+    options=CORE_SPACE_OPTIONS,
+    takes_k=True,
+)

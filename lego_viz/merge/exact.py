@@ -1,4 +1,4 @@
-"""Exact and low-rank-exact baselines: ``linear`` (concatenation) and factored ``svd`` (DESIGN §5)."""
+"""Exact and low-rank-exact baselines: ``linear`` (concatenation) and factored ``svd`` (ARCHITECTURE §5)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from lego_viz.adapters import LoraAdapter, LoraModule, module_order
-from lego_viz.merge.base import MergeError, MethodOutput, register
-from lego_viz.msu import module_msus, table_to_module
+from lego_viz.merge.base import MergeError, MergeMethod, MethodOutput
+from lego_viz.units.msu import module_msus, table_to_module
 
 if TYPE_CHECKING:
     import torch
@@ -15,12 +15,6 @@ else:
     from lego_viz.lazy import torch
 
 
-@register(
-    "linear",
-    "Exact weighted sum Σ w_t ΔW_t by concatenating all units (rank Σ r_t; PEFT 'cat').",
-    options={},
-    takes_k=False,
-)
 def linear(adapters: Sequence[LoraAdapter], weights: list[float], k: Mapping[str, int] | None, options: dict) -> MethodOutput:
     out = MethodOutput(modules={})
     for name in module_order(adapters):
@@ -30,6 +24,15 @@ def linear(adapters: Sequence[LoraAdapter], weights: list[float], k: Mapping[str
     return out
 
 
+
+
+LINEAR = MergeMethod(
+    "linear",
+    linear,
+    "Exact weighted sum Σ w_t ΔW_t by concatenating all units (rank Σ r_t; PEFT 'cat').",
+    options={},
+    takes_k=False,
+)
 def truncated_svd_factors(
     B: torch.Tensor, A: torch.Tensor, k: int, singular_values: list | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,12 +62,6 @@ def truncated_svd_factors(
     return B_k, A_k
 
 
-@register(
-    "svd",
-    "Best rank-k approximation of the weighted sum, computed on the factors (equals PEFT 'svd').",
-    options={},
-    takes_k=True,
-)
 def svd(adapters: Sequence[LoraAdapter], weights: list[float], k: Mapping[str, int] | None, options: dict) -> MethodOutput:
     out = MethodOutput(modules={})
     for name in module_order(adapters):
@@ -79,3 +76,13 @@ def svd(adapters: Sequence[LoraAdapter], weights: list[float], k: Mapping[str, i
         out.modules[name] = LoraModule(A=A_k.contiguous(), B=B_k.contiguous(), scale=1.0, fan_in_fan_out=table.fan_in_fan_out)
     return out
 
+
+
+
+SVD = MergeMethod(
+    "svd",
+    svd,
+    "Best rank-k approximation of the weighted sum, computed on the factors (equals PEFT 'svd').",
+    options={},
+    takes_k=True,
+)

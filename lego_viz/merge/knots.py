@@ -1,4 +1,4 @@
-"""KnOTS (Stoica et al., ICLR 2025): align the adapters by one SVD, merge in the aligned space (DESIGN §5b).
+"""KnOTS (Stoica et al., ICLR 2025): align the adapters by one SVD, merge in the aligned space (ARCHITECTURE §5.2).
 
 The concatenation ``[ΔW_1 … ΔW_T] = U Σ [V_1ᵀ … V_Tᵀ]`` is decomposed from the factors: with
 ``B = U_B C_B`` (QR + small SVD) and ``A_tᵀ = Q_t R_t``, it equals
@@ -17,11 +17,11 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from lego_viz.adapters import LoraAdapter, LoraModule, module_order
-from lego_viz.merge.base import MethodOutput, Option, register
+from lego_viz.merge.base import MergeMethod, MethodOutput, Option
 from lego_viz.merge.core_space import ties_merge
 from lego_viz.merge.lowrank import balanced_truncation, block_slices, rows_basis, svd_basis
 from lego_viz.merge.peft_style import peft_merge_utils
-from lego_viz.msu import module_msus
+from lego_viz.units.msu import module_msus
 
 if TYPE_CHECKING:
     import torch
@@ -71,12 +71,6 @@ def merge_blocks(blocks: Sequence[torch.Tensor], rule: str, density: float, sign
         return peft_merge_utils().dare_ties(list(blocks), torch.ones(len(blocks)), density, sign_method)
 
 
-@register(
-    "knots",
-    "KnOTS (Stoica et al. 2025): SVD of the concatenated updates aligns them; TIES on the per-adapter V blocks; rank ≤ k.",
-    options=KNOTS_OPTIONS,
-    takes_k=True,
-)
 def knots(adapters: Sequence[LoraAdapter], weights: list[float], k: Mapping[str, int] | None, options: dict) -> MethodOutput:
     out = MethodOutput(modules={})
     for name in module_order(adapters):
@@ -89,3 +83,13 @@ def knots(adapters: Sequence[LoraAdapter], weights: list[float], k: Mapping[str,
         B_k, A_k = balanced_truncation(U, core, Vt, k[name])
         out.modules[name] = LoraModule(A=A_k, B=B_k, scale=1.0, fan_in_fan_out=table.fan_in_fan_out)
     return out
+
+
+
+KNOTS = MergeMethod(
+    "knots",
+    knots,
+    "KnOTS (Stoica et al. 2025): SVD of the concatenated updates aligns them; TIES on the per-adapter V blocks; rank ≤ k.",
+    options=KNOTS_OPTIONS,
+    takes_k=True,
+)

@@ -1,8 +1,8 @@
-"""LoRA-LEGO: cluster all units of a module with k-means and turn each cluster into one rank (DESIGN §4).
+"""LoRA-LEGO: cluster all units of a module with k-means and turn each cluster into one rank (ARCHITECTURE §4).
 
-Up to :data:`~lego_viz.first_pass.GRAM_UNITS` units per module, everything before the centroids
+Up to :data:`~lego_viz.merge.first_pass.GRAM_UNITS` units per module, everything before the centroids
 comes from two n×n Gram matrices per module and runs on numpy — features, canonical order, k-means
-(:mod:`lego_viz.gram_kmeans`), the reweighted centroid coefficients and the report's products — so a
+(:mod:`lego_viz.units.gram_kmeans`), the reweighted centroid coefficients and the report's products — so a
 merge of adapters on disk (the ``merge`` command) never needs torch. torch serves the adapter
 libraries' sketch k-means, the ``linf`` and ``lsq`` rescalings, and in-memory adapters' tensors.
 """
@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from lego_viz.adapters import LoraAdapter, LoraModule, module_order
-from lego_viz.first_pass import GRAM_UNITS, UnitSummary, one_blas_thread, summarize_module
-from lego_viz.gram_kmeans import gram_kmeans
-from lego_viz.invariance import span_probes
-from lego_viz.merge.base import MethodOutput, Option, register
-from lego_viz.msu import FEATURE_MODES, StackBuffer, stacked
-from lego_viz.retention import ReportProducts
+from lego_viz.checks.invariance import span_probes
+from lego_viz.checks.retention import ReportProducts
+from lego_viz.merge.base import MergeMethod, MethodOutput, Option
+from lego_viz.merge.first_pass import GRAM_UNITS, UnitSummary, one_blas_thread, summarize_module
+from lego_viz.units.gram_kmeans import gram_kmeans
+from lego_viz.units.msu import FEATURE_MODES, StackBuffer, stacked
 
 if TYPE_CHECKING:
     import torch
@@ -371,7 +371,7 @@ def _gram_coefficients(
 def lsq_scales(
     adapters: Sequence[LoraAdapter], weights: list[float], name: str, owners: list[int], c_a: torch.Tensor, c_b: torch.Tensor
 ) -> torch.Tensor:
-    """Per-unit scales ``s`` minimising ``‖Σ_j s_j b_j a_jᵀ − Σ_t w_t ΔW_t‖_F`` (DESIGN §5b).
+    """Per-unit scales ``s`` minimising ``‖Σ_j s_j b_j a_jᵀ − Σ_t w_t ΔW_t‖_F`` (ARCHITECTURE §5.2).
 
     The normal equations ``G s = h`` need only factor products: ``G = (C_b C_bᵀ) ∘ (C_a C_aᵀ)`` and
     ``h_j = Σ_t b_jᵀ (w_t B̃_t)(Ã_t a_j)``, streamed adapter by adapter. Solved in float64 by
@@ -485,7 +485,7 @@ def lego_clusters(
 
     Args:
         adapters, weights, k, options: as :func:`lego` gets them.
-        summaries: the first pass made beforehand (:func:`lego_viz.first_pass.summarize`); modules
+        summaries: the first pass made beforehand (:func:`lego_viz.merge.first_pass.summarize`); modules
             without one are read here (for a streamed merge, tensor by tensor).
     """
     names = module_order(adapters)
@@ -504,7 +504,7 @@ def lego_clusters(
         n = sum(a.modules[name].r for a in adapters if name in a.modules)
         if n > GRAM_UNITS and k[name] < n:
             # An adapter library: n² no longer fits; k-means runs on a sketch of the points instead.
-            from lego_viz.kmeans import sketch_kmeans
+            from lego_viz.units.kmeans import sketch_kmeans
 
             units, points = _units(adapters, weights, name, options["features"], gram=False)
             order = canonical_order(points=points)
@@ -574,13 +574,6 @@ def lego_clusters(
     return clusters
 
 
-@register(
-    "lego",
-    "LoRA-LEGO: k-means over all units (MSUs) per module, one merged rank per cluster, dual reweighting.",
-    options=LEGO_OPTIONS,
-    takes_k=True,
-    prepare=lego_clusters,
-)
 def lego(
     adapters: Sequence[LoraAdapter], weights: list[float], k: Mapping[str, int] | None, options: dict,
     clusters: LegoClusters | None = None,
@@ -623,3 +616,14 @@ def lego(
         out.unit_owner[name] = torch.from_numpy(units.adapter_index)
     out.timings["centroids"] = time.perf_counter() - start
     return out
+
+
+
+LEGO = MergeMethod(
+    "lego",
+    lego,
+    "LoRA-LEGO: k-means over all units (MSUs) per module, one merged rank per cluster, dual reweighting.",
+    options=LEGO_OPTIONS,
+    takes_k=True,
+    prepare=lego_clusters,
+)

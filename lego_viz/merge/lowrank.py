@@ -1,4 +1,4 @@
-"""Small factored-SVD helpers shared by the merge-lab methods (DESIGN §5b).
+"""Small factored-SVD helpers shared by the merge-lab methods (ARCHITECTURE §5.2).
 
 Every routine works on thin factors — QR of a tall ``(d, n)`` matrix and SVDs of ``n×n`` cores —
 so no ``d_out×d_in`` matrix is ever formed.

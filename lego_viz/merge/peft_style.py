@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from lego_viz.adapters import LoraAdapter, LoraModule, module_order
-from lego_viz.merge.base import MergeError, MethodOutput, Option, register
+from lego_viz.merge.base import MergeError, MergeMethod, MethodOutput, Option
 
 if TYPE_CHECKING:
     import torch
@@ -53,21 +53,17 @@ def _combine(adapters: Sequence[LoraAdapter], weights: list[float], rule) -> Met
     return out
 
 
-@register(
-    "peft_linear",
-    "PEFT's 'linear': A's and B's averaged separately ((Σ B)(Σ A), cross terms included); equal ranks.",
-    options={},
-    takes_k=False,
-    equal_ranks=True,
-)
 def peft_linear(adapters, weights, k: Mapping[str, int] | None, options: dict) -> MethodOutput:
     return _combine(adapters, weights, peft_merge_utils().task_arithmetic)
 
 
-@register(
-    "ties",
-    "PEFT's 'ties' on the A and B factors separately (trim, elect sign, disjoint mean); equal ranks.",
-    options={"density": _DENSITY, "majority_sign_method": _SIGN},
+
+
+PEFT_LINEAR = MergeMethod(
+    "peft_linear",
+    peft_linear,
+    "PEFT's 'linear': A's and B's averaged separately ((Σ B)(Σ A), cross terms included); equal ranks.",
+    options={},
     takes_k=False,
     equal_ranks=True,
 )
@@ -76,10 +72,13 @@ def ties(adapters, weights, k: Mapping[str, int] | None, options: dict) -> Metho
     return _combine(adapters, weights, lambda ts, ws: peft_merge_utils().ties(ts, ws, density, sign))
 
 
-@register(
-    "dare_linear",
-    "PEFT's 'dare_linear' on the A and B factors separately (random drop + rescale); equal ranks.",
-    options={"density": _DENSITY, "seed": _SEED},
+
+
+TIES = MergeMethod(
+    "ties",
+    ties,
+    "PEFT's 'ties' on the A and B factors separately (trim, elect sign, disjoint mean); equal ranks.",
+    options={"density": _DENSITY, "majority_sign_method": _SIGN},
     takes_k=False,
     equal_ranks=True,
 )
@@ -90,3 +89,14 @@ def dare_linear(adapters, weights, k: Mapping[str, int] | None, options: dict) -
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(options["seed"])
         return _combine(adapters, weights, lambda ts, ws: peft_merge_utils().dare_linear(ts, ws, density))
+
+
+
+DARE_LINEAR = MergeMethod(
+    "dare_linear",
+    dare_linear,
+    "PEFT's 'dare_linear' on the A and B factors separately (random drop + rescale); equal ranks.",
+    options={"density": _DENSITY, "seed": _SEED},
+    takes_k=False,
+    equal_ranks=True,
+)

@@ -1,6 +1,6 @@
-"""SMoRA: each rank of a LoRA is an expert; a router activates the top-k ranks per token (DESIGN §6)."""
+"""SMoRA: each rank of a LoRA is an expert; a router activates the top-k ranks per token (ARCHITECTURE §6)."""
 
-from lego_viz.smora.arrow import ArrowConfig, ArrowRouting, RoutingError, arrow_routing
+from lego_viz.models.arrow import ArrowConfig, ArrowRouting, RoutingError, arrow_routing
 from lego_viz.smora.balance import balance_step, mean_load_balance
 from lego_viz.smora.config import GATE_MODES, SMoRAConfig
 from lego_viz.smora.inject import find_targets, inject_smora, smora_layers, smora_parameters

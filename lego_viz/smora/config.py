@@ -11,7 +11,7 @@ GATE_MODES = ("authors", "sigma")
 
 @dataclass(frozen=True)
 class SMoRAConfig:
-    """Settings of a SMoRA adapter (DESIGN §6).
+    """Settings of a SMoRA adapter (ARCHITECTURE §6).
 
     Args:
         r: Number of ranks (experts) per layer.

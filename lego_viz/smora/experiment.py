@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lego_viz.adapters import load_adapter
-from lego_viz.invariance import lora_hooks
+from lego_viz.checks.invariance import lora_hooks
 from lego_viz.merge import merge
 from lego_viz.smora.assets import base_fingerprint
 from lego_viz.smora.config import SMoRAConfig

@@ -1,4 +1,4 @@
-"""The SMoRA layer: a base linear plus rank-wise routed LoRA (DESIGN §6)."""
+"""The SMoRA layer: a base linear plus rank-wise routed LoRA (ARCHITECTURE §6)."""
 
 from __future__ import annotations
 

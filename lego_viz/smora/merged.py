@@ -1,7 +1,7 @@
 """A router over merged MSUs: the units of several adapters, frozen, picked top-k per token.
 
 Concatenating the folded units of T adapters gives one LoRA of rank n = Σ r_t that is exactly their sum
-(DESIGN §3.2). Here those n units become the ranks of a SMoRA layer whose factors stay frozen; only the
+(ARCHITECTURE §3.2). Here those n units become the ranks of a SMoRA layer whose factors stay frozen; only the
 router (and β) learns which k units each token should use — dynamic composition of the same units that
 static merges (linear, svd, lego at rank k) combine once for all tokens.
 """
@@ -14,10 +14,10 @@ from dataclasses import replace
 from torch import nn
 
 from lego_viz.adapters import LoraAdapter, check_compatible, module_order
-from lego_viz.msu import module_msus
 from lego_viz.smora.config import SMoRAConfig
 from lego_viz.smora.inject import LayerInit, inject_smora
 from lego_viz.smora.layer import SMoRALinear
+from lego_viz.units.msu import module_msus
 
 
 def concatenated_units(adapters: Sequence[LoraAdapter]) -> tuple[dict[str, LayerInit], list[str]]:

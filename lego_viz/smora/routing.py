@@ -1,4 +1,4 @@
-"""Rank routing and loss-free balancing as pure functions on tensors (DESIGN §6)."""
+"""Rank routing and loss-free balancing as pure functions on tensors (ARCHITECTURE §6)."""
 
 from __future__ import annotations
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import gradio as gr
 
-from lego_viz.projection import warm_up
 from lego_viz.ui import advise_panel, export_tab, invariance_tab, learn, load_tab, map_tab, real_run, run_tab
 from lego_viz.ui.runtime import CONCURRENCY, MAX_FILE_SIZE, SESSION_TTL_S
 from lego_viz.ui.smora_tab import build_smora_tab
 from lego_viz.ui.state import Session, cleanup
+from lego_viz.units.projection import warm_up
 
 CSS = """
 .lego-badges { line-height: 2.1; }

@@ -7,8 +7,8 @@ import dataclasses
 import gradio as gr
 import plotly.graph_objects as go
 
-from lego_viz.advise import Advice, advise
-from lego_viz.retention import retention
+from lego_viz.checks.retention import retention
+from lego_viz.merge.advise import Advice, advise
 from lego_viz.ui.errors import user_errors
 from lego_viz.ui.plots import PALETTE
 from lego_viz.ui.state import Session

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from lego_viz.export import export_adapter, export_task_type, zip_export
+from lego_viz.export.folder import export_adapter, export_task_type, zip_export
 from lego_viz.merge import MERGE_METHODS
 from lego_viz.ui import learn
 from lego_viz.ui.errors import user_errors

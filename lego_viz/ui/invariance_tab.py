@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from lego_viz.invariance import DEFAULT_TOLERANCE, check_concat_sum, check_outputs, check_permutation
+from lego_viz.checks.invariance import DEFAULT_TOLERANCE, check_concat_sum, check_outputs, check_permutation
 from lego_viz.ui import learn
 from lego_viz.ui.errors import user_errors
 from lego_viz.ui.models import fits_model, zoo_available, zoo_pool

@@ -7,8 +7,6 @@ from dataclasses import dataclass
 import gradio as gr
 
 from lego_viz.merge import MERGE_METHODS
-from lego_viz.msu import FEATURE_MODES, module_msus
-from lego_viz.projection import PROJECTION_METHODS, ProjectionConfig
 from lego_viz.ui import learn
 from lego_viz.ui.errors import user_errors
 from lego_viz.ui.merging import max_k, merged_session
@@ -22,6 +20,8 @@ from lego_viz.ui.msu_map import (
 )
 from lego_viz.ui.plots import COLOUR_BY, cluster_heatmap, msu_map_figure
 from lego_viz.ui.state import RESCALE_MODES, MergeSettings, Session
+from lego_viz.units.msu import FEATURE_MODES, module_msus
+from lego_viz.units.projection import PROJECTION_METHODS, ProjectionConfig
 
 PARAM_REWEIGHT = ("none", "l2", "linf")
 

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 
 from lego_viz.adapters import LoraAdapter, module_order
 from lego_viz.merge import MERGE_METHODS, MergedAdapter, merge
-from lego_viz.stream import merge_streaming
+from lego_viz.merge.stream import merge_streaming
 from lego_viz.ui.state import MergeSettings, Session
 
 

@@ -1,7 +1,7 @@
 """Base models for the app's model-running panels, lent to one request at a time.
 
 The checks and the run panel add LoRA updates to a base model with forward hooks
-(`lego_viz.invariance.lora_hooks`). Hooks live on the model object, so two requests must never
+(`lego_viz.checks.invariance.lora_hooks`). Hooks live on the model object, so two requests must never
 use the same instance at once: a bounded pool creates instances on demand and lends each to
 one request, and no user's hooks can leak into another user's outputs.
 """

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from lego_viz.adapters import LoraAdapter, module_order
-from lego_viz.msu import MSUTable, module_msus
-from lego_viz.projection import ProjectionCache, ProjectionConfig
+from lego_viz.units.msu import MSUTable, module_msus
+from lego_viz.units.projection import ProjectionCache, ProjectionConfig
 
 ALL = "all modules (one panel per type)"
 _LAYER = re.compile(r"\.(\d+)\.")

@@ -1,7 +1,7 @@
 """The run tab's real-base panel: load the adapters' own base model and see, on your text, how much of
 each adapter the merge keeps (outputs, log-likelihood, KL retention, output-space checks).
 
-The library work is in `lego_viz.base_models` and `lego_viz.compare`; this module resolves the base
+The library work is in `lego_viz.models.base` and `lego_viz.models.compare`; this module resolves the base
 for the session's adapters, lends one shared instance per request and formats the results.
 """
 
@@ -22,7 +22,8 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 
 from lego_viz.adapters import LoraAdapter, same_base
-from lego_viz.base_models import (
+from lego_viz.merge import MERGE_METHODS, MergeError
+from lego_viz.models.base import (
     ALLOWLIST_ENV,
     BaseModelError,
     BaseSource,
@@ -30,7 +31,7 @@ from lego_viz.base_models import (
     load_base,
     resolve_base,
 )
-from lego_viz.compare import (
+from lego_viz.models.compare import (
     MAX_TEXTS,
     MAX_TOKENS,
     RetentionReport,
@@ -41,7 +42,6 @@ from lego_viz.compare import (
     parse_texts,
     read_texts,
 )
-from lego_viz.merge import MERGE_METHODS, MergeError
 from lego_viz.ui.errors import user_errors
 from lego_viz.ui.merging import run_merge
 from lego_viz.ui.models import ModelPool, fits_model

@@ -11,7 +11,7 @@ import gradio as gr
 import pandas as pd
 
 from lego_viz.adapters import LoraAdapter, LoraModule
-from lego_viz.invariance import lora_hooks
+from lego_viz.checks.invariance import lora_hooks
 from lego_viz.ui import learn
 from lego_viz.ui.errors import user_errors
 from lego_viz.ui.merging import merged_session

@@ -18,7 +18,7 @@ import torch
 from plotly.subplots import make_subplots
 
 from lego_viz.adapters import load_adapter
-from lego_viz.smora.arrow import ArrowConfig, ArrowRouting, arrow_routing
+from lego_viz.models.arrow import ArrowConfig, ArrowRouting, arrow_routing
 from lego_viz.smora.assets import (
     adapter_modules,
     load_shipped,

@@ -57,7 +57,7 @@ class Session:
     merged: MergedAdapter | None = None  # the merge of the current selection and settings, if computed
     merge_errors: dict[str, float] | None = None  # per module ‖ΔW_merge − Σ w·ΔW‖ / ‖Σ w·ΔW‖ of `merged`
     export_dir: str | None = None  # temp folder of the last export, removed with the session
-    advice: dict | None = None  # the "Which k?" suggestion for the current selection (lego_viz.advise.Advice.summary)
+    advice: dict | None = None  # the "Which k?" suggestion for the current selection (lego_viz.merge.advise.Advice.summary)
 
     def with_adapters(self, adapters: Sequence[LoraAdapter], replace: bool) -> Session:
         """A session holding `adapters` (added to or replacing the current ones), all selected at weight 1."""

@@ -57,7 +57,7 @@ def _as_model(model_or_merged, tokenizer):
         return model, tokenizer or loaded
     if hasattr(model_or_merged, "method") and hasattr(model_or_merged, "modules") and not callable(model_or_merged):
         # A MergedAdapter: go through the user's path, export then PeftModel.from_pretrained.
-        from lego_viz.export import export_adapter
+        from lego_viz.export.folder import export_adapter
 
         with tempfile.TemporaryDirectory(prefix="zoo_eval_") as scratch:
             model, loaded = load_adapted(export_adapter(model_or_merged, Path(scratch) / "merged"))

@@ -2,7 +2,7 @@
 
 Every merge goes through the user's path: `export_adapter` (a PEFT folder) →
 `PeftModel.from_pretrained` on a copy of the base → greedy decoding of the fixed held-out prompts.
-A dynamic merge (zero-shot routing, `lego_viz.smora.arrow`), which no PEFT folder can hold, runs
+A dynamic merge (zero-shot routing, `lego_viz.models.arrow`), which no PEFT folder can hold, runs
 through its own forward hooks on the base instead (removed after the decoding).
 The base is loaded once and copied per merge (the copy costs ~40 ms; decoding 200 prompts per task
 costs ~1 s per task on one CPU thread), so scores are cached by content: the same merged tensors on
@@ -28,7 +28,7 @@ import torch
 from lego_viz.merge import MergedAdapter
 
 if TYPE_CHECKING:
-    from lego_viz.smora.arrow import ArrowRouting
+    from lego_viz.models.arrow import ArrowRouting
 from lego_viz.zoo.evaluate import task_hits
 from lego_viz.zoo.tasks import N_HELD_OUT, TASKS
 
@@ -217,7 +217,7 @@ def _adapted(model: torch.nn.Module, merged: MergedAdapter | ArrowRouting | None
         return
     from peft import PeftModel
 
-    from lego_viz.export import export_adapter
+    from lego_viz.export.folder import export_adapter
     from lego_viz.zoo.model import quiet_peft
 
     with tempfile.TemporaryDirectory(prefix="lego_lab_") as scratch:

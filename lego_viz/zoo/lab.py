@@ -7,7 +7,7 @@ Three experiments, each scored through the user's path by `lego_viz.zoo.harness.
   (`ROUTED`: k units per token, or the top adapters per token), the exact sum (`linear`), the base
   and each adapter alone; exact match per task with 95% Wilson intervals, retention (merged
   accuracy / the adapter's own), and the margin over the same merge of random controls
-  (`lego_viz.control`).
+  (`lego_viz.adapters.control`).
 * `retention_curve` — mean retention against the number of adapters merged (2 … T), over a few
   seeded subsets per size, per method.
 * `k_sweep` — mean accuracy and the relative ΔW error against k for every method that takes k.
@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lego_viz.adapters import LoraAdapter, _sha256, module_order
-from lego_viz.control import random_like
+from lego_viz.adapters import LoraAdapter, module_order, sha256_file
+from lego_viz.adapters.control import random_like
 from lego_viz.merge import MERGE_METHODS, PRESETS, MergedAdapter, MergeError, merge
-from lego_viz.smora.arrow import ArrowConfig, ArrowRouting, arrow_routing
+from lego_viz.models.arrow import ArrowConfig, ArrowRouting, arrow_routing
 from lego_viz.zoo.harness import Scorer, Tally, TaskScore, pooled
 from lego_viz.zoo.model import ZOO_DIR
 from lego_viz.zoo.tasks import TASKS
@@ -87,7 +87,7 @@ class Variant:
 
 @dataclass(frozen=True)
 class RoutedVariant:
-    """Zero-shot routing (`lego_viz.smora.arrow`) as a row of the table: a dynamic merge, scored through its hooks.
+    """Zero-shot routing (`lego_viz.models.arrow`) as a row of the table: a dynamic merge, scored through its hooks.
 
     `top_k=None` takes the table's k (units per token); otherwise the top-k is fixed (e.g. adapters per token).
     """
@@ -467,7 +467,7 @@ def k_sweep(
         `{"n_per_task", "ks", "methods": {name: {"k", "accuracy", "low", "high", "error"}}, "refused": {...}}`;
         `error` is the mean over modules of ‖ΔW_merge − Σ w·ΔW‖_F / ‖Σ w·ΔW‖_F.
     """
-    from lego_viz.export import reconstruction_errors
+    from lego_viz.export.folder import reconstruction_errors
 
     adapters = list(adapters)
     tasks = [a.name for a in adapters]
@@ -518,6 +518,6 @@ def shipped_results(zoo_dir: Path = ZOO_DIR) -> dict | None:
     results = json.loads(path.read_text(encoding="utf-8"))
     for name, info in results.get("adapters", {}).items():
         weights = Path(zoo_dir) / "adapters" / name / "adapter_model.safetensors"
-        if not weights.is_file() or _sha256(weights) != info.get("sha256"):
+        if not weights.is_file() or sha256_file(weights) != info.get("sha256"):
             return None
     return results

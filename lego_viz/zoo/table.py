@@ -37,7 +37,7 @@ def merge_table(
         the merge entries holding method, options, ranks and timing.
     """
     from lego_viz.adapters import load_adapter
-    from lego_viz.export import export_adapter
+    from lego_viz.export.folder import export_adapter
     from lego_viz.merge import merge
 
     dirs = adapter_dirs(zoo_dir)

@@ -1,4 +1,4 @@
-"""How the zoo adapters behave under merging, measured against the targets of DESIGN §9.
+"""How the zoo adapters behave under merging, measured against the targets of ARCHITECTURE §9.
 
 Every number comes from greedy exact match on held-out prompts, with the adapters applied to the
 base through forward hooks on their factors (`invariance.lora_hooks`): several hooked adapters add
@@ -17,11 +17,11 @@ from dataclasses import replace
 import torch
 
 from lego_viz.adapters import LoraAdapter, LoraModule
-from lego_viz.invariance import lora_hooks
+from lego_viz.checks.invariance import lora_hooks
 from lego_viz.zoo.evaluate import evaluate
 from lego_viz.zoo.tasks import PRETRAIN_TASKS
 
-# The targets of the zoo regime (DESIGN §9, issue 13); the six-way one is the stretch goal.
+# The targets of the zoo regime (ARCHITECTURE §9, issue 13); the six-way one is the stretch goal.
 TARGETS = {
     "own_task_min": 0.95,
     "base_skills_kept_min": 0.95,

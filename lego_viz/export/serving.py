@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from lego_viz import safetensors_io
-from lego_viz.adapters import AdapterError
+from lego_viz.adapters import AdapterError, safetensors_io
 
 if TYPE_CHECKING:
     import torch
@@ -61,7 +60,7 @@ def cast_factor(factor: torch.Tensor | np.ndarray, dtype: str | torch.dtype, key
 
     Returns:
         A contiguous CPU tensor in ``dtype``; for an array, the array in ``dtype``'s storage
-        (bfloat16 as uint16 bit patterns, see :func:`lego_viz.safetensors_io.cast`).
+        (bfloat16 as uint16 bit patterns, see :func:`lego_viz.adapters.safetensors_io.cast`).
     """
     name = str(dtype).removeprefix("torch.")
     if isinstance(factor, np.ndarray):

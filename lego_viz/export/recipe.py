@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 from lego_viz.adapters import AdapterError, LoraAdapter, load_adapters, same_base
-from lego_viz.serving import DTYPES
+from lego_viz.export.serving import DTYPES
 
 RECIPE_VERSION = 2
 TOP_LEVEL_KEYS = ("merge_method", "models", "parameters", "base_model", "dtype", "out_dtype", "max_rank",
@@ -179,6 +179,27 @@ def _from_recipe_v1(recipe: dict) -> dict:
             "allow_base_mismatch": bool(recipe.get("allow_base_mismatch"))}
 
 
+def load_recipe(path: str | os.PathLike) -> dict:
+    """Read and validate a version-1 ``recipe.yaml`` (lego_viz_recipe: 1)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"recipe {path} does not exist.") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"recipe {path} is not valid YAML ({str(exc).splitlines()[0]}).") from None
+    if not isinstance(data, dict) or data.get("lego_viz_recipe") != 1 or not isinstance(data.get("adapters"), list):
+        raise ConfigError(f"{path} is not a lego-viz recipe (expected keys lego_viz_recipe: 1, adapters, method).")
+    if not isinstance(data.get("method"), str):
+        raise ConfigError(f"recipe {path} names no merge method: add e.g. 'method: lego' (as written by an export).")
+    for i, entry in enumerate(data["adapters"]):
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(key), str) for key in ("path", "name")):
+            raise ConfigError(f"recipe {path}: adapters[{i}] needs a 'path' and a 'name' (strings), got {entry!r}.")
+    if not isinstance(data.get("options") or {}, dict):
+        raise ConfigError(f"recipe {path}: 'options' must be a mapping of option names to values.")
+    return data
+
+
 def load_config(path: str | os.PathLike, what: str = "config") -> MergeConfig:
     """Read and validate a config file (mergekit shape, or a lego-viz recipe of any version)."""
     path = Path(path)
@@ -189,8 +210,6 @@ def load_config(path: str | os.PathLike, what: str = "config") -> MergeConfig:
     except (yaml.YAMLError, UnicodeDecodeError, IsADirectoryError) as exc:
         raise ConfigError(f"{what} {path} is not valid YAML ({str(exc).splitlines()[0]}).") from None
     if isinstance(data, dict) and data.get("lego_viz_recipe") == 1:
-        from lego_viz.export import load_recipe  # the old format's own validation
-
         data = _from_recipe_v1(load_recipe(path))
     return parse_config(data, f"{what} {path}")
 

@@ -54,8 +54,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     import torch
 
     from lego_viz.adapters import check_compatible, load_adapter, load_adapters
-    from lego_viz.base_models import load_base, resolve_base
-    from lego_viz.compare import (
+    from lego_viz.models.base import load_base, resolve_base
+    from lego_viz.models.compare import (
         greedy_outputs,
         model_variants,
         output_retention,
@@ -88,7 +88,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def configure(name: str, p: argparse.ArgumentParser) -> None:
-    """Add the options of ``run`` to its ``python -m lego_viz`` subparser (help line: lego_viz.cli.PLUGIN_COMMANDS)."""
+    """Add the options of ``run`` to its ``python -m lego_viz`` subparser (help line: lego_viz.cli.commands.PLUGIN_COMMANDS)."""
     p.add_argument("adapters", nargs="+", metavar="ADAPTER", help="the source adapters (PEFT folder, .zip or hub id)")
     p.add_argument("--merged", required=True, help="the merged adapter folder (written by `merge --out`)")
     p.add_argument("--base", default=None, help="base model folder or hub id (default: the adapters' base_model_name_or_path, "

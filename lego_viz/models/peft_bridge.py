@@ -94,7 +94,7 @@ def add_to_peft(model, merged: MergedAdapter, adapter_name: str) -> None:
     """Add a merge to a ``PeftModel`` as adapter ``adapter_name`` (not activated), as from_pretrained would load it."""
     from peft import LoraConfig, set_peft_model_state_dict
 
-    from lego_viz.export import peft_config
+    from lego_viz.export.folder import peft_config
 
     _free_name(_peft_model(model), adapter_name)
     settings = {key: value for key, value in peft_config(merged).items() if key != "peft_type"}
@@ -132,7 +132,7 @@ def merge_peft(
         **options: the method's options (``seed``, ``features``, ``density``...).
 
     Returns:
-        The :class:`MergedAdapter` (export it with :func:`lego_viz.export.export_adapter`).
+        The :class:`MergedAdapter` (export it with :func:`lego_viz.export.folder.export_adapter`).
     """
     if isinstance(adapter_names, str):
         adapter_names = [adapter_names]

@@ -1,7 +1,7 @@
 """k-means with torch tensors in and out, and a scikit-learn-like estimator.
 
 Gram k-means (:func:`gram_kmeans`, :class:`GramKMeans`) runs the numpy kernel of
-:mod:`lego_viz.gram_kmeans`, which explains how k-means needs only Gram matrices. It runs on the
+:mod:`lego_viz.units.gram_kmeans`, which explains how k-means needs only Gram matrices. It runs on the
 CPU whatever the tensors' device: an iteration costs ``O(k n²)`` on small ``n × n`` matrices, too
 little to gain from an accelerator. The seeding draws come from a torch generator, so a seed gives
 the clusters it gave before the kernel moved to numpy. Point sets too large for an ``n × n``
@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
-from lego_viz.gram_kmeans import _check_gram, _check_params, _n_local_trials
-from lego_viz.gram_kmeans import gram_kmeans as _numpy_gram_kmeans
+from lego_viz.units.gram_kmeans import _check_gram, _check_params, _n_local_trials
+from lego_viz.units.gram_kmeans import gram_kmeans as _numpy_gram_kmeans
 
 __all__ = ["GramKMeans", "cluster_means", "gram_kmeans", "pairwise_gram", "sketch_kmeans"]
 

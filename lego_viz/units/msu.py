@@ -1,7 +1,7 @@
 """Minimal Semantic Units: the rank-one pieces ``b̃_i ã_iᵀ`` a LoRA update is the sum of.
 
 Every unit is stored *folded*: the module scale ``s`` is split as ``sqrt(s)`` onto both vectors, so
-``ΔW = Σ_i b̃_i ã_iᵀ`` and the scale never travels separately (DESIGN §2).
+``ΔW = Σ_i b̃_i ã_iᵀ`` and the scale never travels separately (ARCHITECTURE §2).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from lego_viz.adapters import AdapterError, LoraAdapter, LoraModule
+from lego_viz.adapters import AdapterError, LoraAdapter, LoraModule, adapter_weights
 
 if TYPE_CHECKING:
     import torch
@@ -63,7 +63,7 @@ def canonicalize(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.
 def stacked(parts: Sequence[torch.Tensor], dim: int, into: StackBuffer | None = None) -> torch.Tensor:
     """``torch.cat(parts, dim)`` in float32, without the copy where the parts already lie side by side.
 
-    A streamed merge reads all adapters' factors of a module into one buffer (:mod:`lego_viz.stream`),
+    A streamed merge reads all adapters' factors of a module into one buffer (:mod:`lego_viz.merge.stream`),
     so their ``A`` (and ``B``) are consecutive views of it and their concatenation is the buffer
     itself: the merge and the checks then read every factor where it was read to, once. Where a copy
     is needed it goes into ``into`` if given (valid until its next use) instead of fresh memory.
@@ -162,7 +162,7 @@ class MSUTable:
         return {"norm_a": norm_a, "norm_b": norm_b, "norm_update": norm_a * norm_b}
 
     def permute(self, perm: torch.Tensor) -> MSUTable:
-        """The same units in another order (the update is unchanged: DESIGN §3.1)."""
+        """The same units in another order (the update is unchanged: ARCHITECTURE §3.1)."""
         return MSUTable(
             self.module, self.a[perm], self.b[perm], self.adapter_index[perm], self.rank_index[perm],
             self.adapter_names, self.fan_in_fan_out,
@@ -170,19 +170,6 @@ class MSUTable:
 
     def _replace(self, a: torch.Tensor, b: torch.Tensor) -> MSUTable:
         return MSUTable(self.module, a, b, self.adapter_index, self.rank_index, self.adapter_names, self.fan_in_fan_out)
-
-
-def _weights(adapters: Sequence[LoraAdapter], weights: Sequence[float] | None) -> list[float]:
-    if weights is None:
-        return [1.0] * len(adapters)
-    weights = [float(w) for w in weights]
-    if len(weights) != len(adapters):
-        raise AdapterError(f"got {len(weights)} weights for {len(adapters)} adapters; give one weight per adapter.")
-    if not all(torch.isfinite(torch.tensor(w)) for w in weights):
-        raise AdapterError(f"weights must be finite numbers, got {weights}.")
-    if all(w == 0 for w in weights):
-        raise AdapterError("all adapter weights are zero; the merge would be empty. Give at least one non-zero weight.")
-    return weights
 
 
 def _scaled_transpose(matrix: torch.Tensor, scale: float, out: torch.Tensor) -> None:
@@ -197,14 +184,14 @@ def _scaled_transpose(matrix: torch.Tensor, scale: float, out: torch.Tensor) -> 
 
 
 def module_msus(adapters: Sequence[LoraAdapter], module: str, weights: Sequence[float] | None = None) -> MSUTable:
-    """Concatenate the folded units of ``module`` from every adapter that has it (DESIGN §3.2).
+    """Concatenate the folded units of ``module`` from every adapter that has it (ARCHITECTURE §3.2).
 
     Args:
         adapters: the adapter set.
         module: module name, e.g. ``model.layers.0.self_attn.q_proj``.
         weights: one per adapter (default 1); applied to the ``b̃`` half.
     """
-    weights = _weights(adapters, weights)
+    weights = adapter_weights(adapters, weights)
     present = [(t, a.modules[module], w) for t, (a, w) in enumerate(zip(adapters, weights)) if module in a.modules]
     if not present:
         raise AdapterError(f"no adapter has module {module!r}.")

@@ -1,8 +1,8 @@
-"""Write a merged adapter as a PEFT folder, with ``merge_report.json``, ``recipe.yaml`` and a model card (DESIGN §7).
+"""Write a merged adapter as a PEFT folder, with ``merge_report.json``, ``recipe.yaml`` and a model card (ARCHITECTURE §7).
 
 Writes are atomic: everything goes to a temporary sibling folder that is renamed into place at the
 end, so an interrupted export leaves neither a half-written adapter nor stray temp files. A merge whose
-factors are numpy arrays exports without importing torch (:mod:`lego_viz.safetensors_io`), to the same bytes.
+factors are numpy arrays exports without importing torch (:mod:`lego_viz.adapters.safetensors_io`), to the same bytes.
 """
 
 from __future__ import annotations
@@ -20,11 +20,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import yaml
 
-from lego_viz import safetensors_io
-from lego_viz.adapters import CONFIG_NAME, KEY_PREFIX, AdapterError, LoraAdapter
-from lego_viz.mergekit_config import recipe_config
-from lego_viz.model_card import CARD_NAME, model_card
-from lego_viz.serving import cast_factor, check_max_rank, resolve_dtype
+from lego_viz.adapters import CONFIG_NAME, KEY_PREFIX, AdapterError, LoraAdapter, safetensors_io
+from lego_viz.export.model_card import CARD_NAME, model_card
+from lego_viz.export.recipe import recipe_config
+from lego_viz.export.serving import cast_factor, check_max_rank, resolve_dtype
 
 if TYPE_CHECKING:
     from lego_viz.merge import MergedAdapter
@@ -93,7 +92,7 @@ def reconstruction_errors(merged: MergedAdapter, adapters: list[LoraAdapter]) ->
 
     Exact (float32 products, float64 sums); ``‖Σ w_t ΔW_t‖²`` comes from the merge where it had it.
     """
-    from lego_viz.retention import report_scores
+    from lego_viz.checks.retention import report_scores
 
     return report_scores(merged.modules, adapters, merged.weights, merged.reference_sq_norms,
                          merged.report_products)[0]
@@ -125,7 +124,7 @@ def build_report(
     if adapters is not None and (errors is None or retained is None):
         # ⟨ΔW_merge, w_t ΔW_t⟩ / ‖w_t ΔW_t‖² per source adapter (how much of each the merge keeps) and
         # the errors share their products
-        from lego_viz.retention import report_scores
+        from lego_viz.checks.retention import report_scores
 
         found_errors, found_retained = report_scores(merged.modules, adapters, merged.weights, merged.reference_sq_norms,
                          merged.report_products)
@@ -140,7 +139,7 @@ def build_report(
     if checks:
         report["invariance"] = checks
     if advice:
-        report["advice"] = advice  # which k: suggested ranks and the budget allocation (lego_viz.advise)
+        report["advice"] = advice  # which k: suggested ranks and the budget allocation (lego_viz.merge.advise)
     return report
 
 
@@ -204,9 +203,9 @@ def export_adapter(
         checks: invariance results to put in the report.
         dtype: ``fp32``/``bf16``/``fp16`` for the saved factors; default the inputs' dtype.
         max_rank: refuse the export if any module's rank exceeds it (serving stacks cap LoRA rank).
-        advice: the "which k?" suggestion (:meth:`lego_viz.advise.Advice.summary`) to put in the report.
+        advice: the "which k?" suggestion (:meth:`lego_viz.merge.advise.Advice.summary`) to put in the report.
         errors, retained: per-module reconstruction errors and per-adapter retention already computed
-            (by a streamed merge, :mod:`lego_viz.stream`) instead of recomputing them from ``adapters``.
+            (by a streamed merge, :mod:`lego_viz.merge.stream`) instead of recomputing them from ``adapters``.
 
     Returns:
         The folder written.
@@ -241,24 +240,3 @@ def zip_export(folder: str | os.PathLike, zip_path: str | os.PathLike) -> Path:
     folder, zip_path = Path(folder), Path(zip_path)
     base = shutil.make_archive(str(zip_path.with_suffix("")), "zip", root_dir=folder.parent, base_dir=folder.name)
     return Path(base)
-
-
-def load_recipe(path: str | os.PathLike) -> dict:
-    """Read and validate a ``recipe.yaml``."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ExportError(f"recipe {path} does not exist.") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ExportError(f"recipe {path} is not valid YAML ({str(exc).splitlines()[0]}).") from None
-    if not isinstance(data, dict) or data.get("lego_viz_recipe") != 1 or not isinstance(data.get("adapters"), list):
-        raise ExportError(f"{path} is not a lego-viz recipe (expected keys lego_viz_recipe: 1, adapters, method).")
-    if not isinstance(data.get("method"), str):
-        raise ExportError(f"recipe {path} names no merge method: add e.g. 'method: lego' (as written by an export).")
-    for i, entry in enumerate(data["adapters"]):
-        if not isinstance(entry, dict) or not all(isinstance(entry.get(key), str) for key in ("path", "name")):
-            raise ExportError(f"recipe {path}: adapters[{i}] needs a 'path' and a 'name' (strings), got {entry!r}.")
-    if not isinstance(data.get("options") or {}, dict):
-        raise ExportError(f"recipe {path}: 'options' must be a mapping of option names to values.")
-    return data

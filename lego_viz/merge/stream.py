@@ -7,7 +7,7 @@ merge them, run the invariance checks and the report's reconstruction errors on 
 while they are in memory, then drop them. The next group is read on another thread meanwhile.
 Peak memory is about two groups, not the input; each tensor is read once.
 
-Given lego's first pass (:mod:`lego_viz.first_pass`, which the ``merge`` command makes in two
+Given lego's first pass (:mod:`lego_viz.merge.first_pass`, which the ``merge`` command makes in two
 processes at once), the clusters and the probe checks come from it without reading a weight, and
 the weights are read once more, in small groups, only for the centroids. Asked for arrays, that
 route runs on numpy alone: the command never imports torch (2 s of CPU, more than the merge).
@@ -28,16 +28,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from lego_viz.adapters import LoraAdapter, LoraModule, hash_in_background, module_order
-from lego_viz.first_pass import (
-    CACHED_GROUP_BYTES,
-    GROUP_BYTES,
-    Arena,
-    UnitSummary,
-    module_groups,
-    read_stacked,
-    stacked_floats,
-)
-from lego_viz.invariance import (
+from lego_viz.adapters.stored import StoredLoraModule
+from lego_viz.checks.invariance import (
     EXACT_BUDGET,
     CheckResult,
     check_concat_sum,
@@ -47,8 +39,16 @@ from lego_viz.invariance import (
 )
 from lego_viz.merge import MergedAdapter, plan, wrap
 from lego_viz.merge.base import MethodOutput
+from lego_viz.merge.first_pass import (
+    CACHED_GROUP_BYTES,
+    GROUP_BYTES,
+    Arena,
+    UnitSummary,
+    module_groups,
+    read_stacked,
+    stacked_floats,
+)
 from lego_viz.merge.lego import LegoClusters
-from lego_viz.stored import StoredLoraModule
 
 if TYPE_CHECKING:
     import torch
@@ -69,7 +69,7 @@ class StreamedMerge:
     merged: MergedAdapter
     checks: dict[str, CheckResult] = field(default_factory=dict)
     errors: dict[str, float] = field(default_factory=dict)  # per module, vs the weighted sum
-    retained: dict[str, dict] = field(default_factory=dict)  # per adapter, as lego_viz.retention.retention
+    retained: dict[str, dict] = field(default_factory=dict)  # per adapter, as lego_viz.checks.retention.retention
 
 
 Group = dict[str, tuple[np.ndarray, np.ndarray, list] | None]  # per module: read_stacked's (A, B, blocks), or None
@@ -78,7 +78,7 @@ Group = dict[str, tuple[np.ndarray, np.ndarray, list] | None]  # per module: rea
 def _read(adapters: Sequence[LoraAdapter], names: Sequence[str], arena: Arena | None = None, checked: Container[str] = ()) -> Group:
     """The stored factors of ``names``, each module's of all adapters read side by side into one ``A``
     (n, d_in) and one ``B`` (d_out, n) float32 buffer from ``arena`` (emptied first;
-    :func:`lego_viz.first_pass.read_stacked`); None for a module that is not stored that way (in
+    :func:`lego_viz.merge.first_pass.read_stacked`); None for a module that is not stored that way (in
     memory, ``.bin``). Modules in ``checked`` skip the NaN/inf scan (the first pass made it on the same files).
     """
     if arena is not None:
@@ -90,7 +90,7 @@ def _as_adapters(adapters: Sequence[LoraAdapter], group: Group) -> list[LoraAdap
     """The adapters restricted to a group's modules, factors in memory as tensors.
 
     Every adapter's module is a view of its block of the stacked buffers, so the merge and the
-    checks take the concatenation without copying it (:func:`lego_viz.msu.stacked`); modules that
+    checks take the concatenation without copying it (:func:`lego_viz.units.msu.stacked`); modules that
     were not read stacked are loaded here.
     """
     modules: list[dict[str, LoraModule]] = [{} for _ in adapters]
@@ -184,10 +184,10 @@ def merge_streaming(
         method, k, weights, allow_base_mismatch, **options: as in :func:`lego_viz.merge.merge`.
         checks: run the permutation and concatenation–summation checks on every group.
         errors: compute each module's ‖ΔW_merged − Σ w_t ΔW_t‖ / ‖Σ w_t ΔW_t‖ and each adapter's
-            retention (:mod:`lego_viz.retention`) for the report.
+            retention (:mod:`lego_viz.checks.retention`) for the report.
         progress: called with (modules done, modules in all) after each group.
         group_bytes: float32 bytes of input factors held at once.
-        summaries: the first pass over the weights, made beforehand (:func:`lego_viz.first_pass.summarize`;
+        summaries: the first pass over the weights, made beforehand (:func:`lego_viz.merge.first_pass.summarize`;
             the ``merge`` command makes it beside its own start-up), for methods that take it (lego).
         arrays: where lego's centroids come from the first pass's coefficients (reweighting none /
             l2, every module summarized), keep the merged factors and labels as numpy arrays and
@@ -197,7 +197,7 @@ def merge_streaming(
     Returns:
         A :class:`StreamedMerge`: the merged adapter, the check results and the errors.
     """
-    from lego_viz.retention import report_scores
+    from lego_viz.checks.retention import report_scores
 
     adapters = list(adapters)
     spec, resolved, warnings, weights, ranks = plan(adapters, method, k, weights, allow_base_mismatch, options)

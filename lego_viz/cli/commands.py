@@ -26,9 +26,9 @@ PLUGIN_COMMANDS = {
     "zoo-eval": ("lego_viz.zoo.cli", "per-task exact-match accuracy of the demo zoo base, a task adapter or a merged adapter"),
     "smora-train": ("lego_viz.smora.cli", "train the zoo SMoRA adapters and baselines; write results + tables"),
     "smora-eval": ("lego_viz.smora.cli", "zoo accuracy and load balance of a saved SMoRA adapter"),
-    "advise": ("lego_viz.advise_cli",
+    "advise": ("lego_viz.cli.advise",
                "which k: reconstruction error vs rank per module (svd, lego), the knee, and ranks under a total budget"),
-    "run": ("lego_viz.run_cli", "run base, each adapter and a merge on your text: log-likelihood and KL retention of each adapter"),
+    "run": ("lego_viz.cli.run", "run base, each adapter and a merge on your text: log-likelihood and KL retention of each adapter"),
 }
 
 
@@ -41,7 +41,7 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
-def _float_list(text: str) -> list[float]:
+def float_list(text: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -114,7 +114,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from lego_viz.adapters import check_compatible
-    from lego_viz.invariance import check_concat_sum, check_permutation
+    from lego_viz.checks.invariance import check_concat_sum, check_permutation
 
     adapters = _load(args.adapters)
     warnings = check_compatible(adapters, allow_base_mismatch=args.allow_base_mismatch) if len(adapters) > 1 else []
@@ -188,7 +188,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     dtype, max_rank = args.dtype, args.max_rank
     first_pass = None
     if args.config or args.recipe:
-        from lego_viz.mergekit_config import load_config, load_models
+        from lego_viz.export.recipe import load_config, load_models
 
         flag, what = ("--config", "config") if args.config else ("--recipe", "recipe")
         if args.config and args.recipe:
@@ -209,13 +209,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
         max_rank = max_rank or config.max_rank
     else:
         # Values are checked as the merge reads each module and the hashes are made beside the merge
-        # (lego_viz.stream): each file is read once by the merge and once by the hash, not three times.
+        # (lego_viz.merge.stream): each file is read once by the merge and once by the hash, not three times.
         adapters = _load(args.adapters, defer_checks=True, hash_weights=False)
         method, k, weights, allow = args.method or "lego", args.k, args.weights, args.allow_base_mismatch
         if method == "lego":
             # lego's first pass over the weights (numpy only) starts in a forked process now, and this one
             # joins in once it has set up the merge.
-            from lego_viz.first_pass import SharedFirstPass
+            from lego_viz.merge.first_pass import SharedFirstPass
 
             first_pass = SharedFirstPass.start(adapters)
         for key in ("features", "param_reweight", "seed", "n_init", "density", "preset"):
@@ -225,8 +225,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
         if args.no_output_reweight:
             options["output_reweight"] = False
         options.update(args.option or [])
-    from lego_viz.export import export_adapter
-    from lego_viz.stream import merge_streaming
+    from lego_viz.export.folder import export_adapter
+    from lego_viz.merge.stream import merge_streaming
 
     summaries = None
     if first_pass is not None:
@@ -236,7 +236,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         # the reference shape: 7.5 s with torch's default 2 threads, 5.5 s with one).
         _leave_cores_for_helpers()
     # Module group by group: memory stays at one group, and the checks and the report's errors and
-    # retention use the tensors the merge just read (lego_viz.stream).
+    # retention use the tensors the merge just read (lego_viz.merge.stream).
     progress = _ProgressBar()
     try:
         result = merge_streaming(adapters, method=method, k=k, weights=weights, allow_base_mismatch=allow,
@@ -254,7 +254,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     for warning in dict.fromkeys(merged.warnings):
         print(f"note: {warning}")
     if args.push_to_hub:
-        from lego_viz.serving import push_to_hub
+        from lego_viz.export.serving import push_to_hub
 
         print(f"pushed to {push_to_hub(out, args.push_to_hub)}")
     return 0
@@ -282,7 +282,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("adapters", nargs="+", metavar="ADAPTER")
     p.add_argument("--json", action="store_true", help="print a JSON object")
     p.add_argument("--per-module", action="store_true", help="with --json: include every module's error")
-    p.add_argument("--weights", type=_float_list, default=None, help="comma-separated weights for concat-sum")
+    p.add_argument("--weights", type=float_list, default=None, help="comma-separated weights for concat-sum")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tolerance", type=float, default=1e-5, help="pass threshold on relative error (default 1e-5)")
     p.add_argument("--allow-base-mismatch", action="store_true")
@@ -294,7 +294,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--recipe", help="re-run the merge described by a recipe.yaml (a config of the same form)")
     p.add_argument("--method", default=None, help="lego (default), linear, svd, core_space, knots, peft_linear, ties, dare_linear")
     p.add_argument("--k", type=_k_value, default=None, help="target rank, or per module: q_proj=8,v_proj=4,*=6")
-    p.add_argument("--weights", type=_float_list, default=None, help="comma-separated, one per adapter")
+    p.add_argument("--weights", type=float_list, default=None, help="comma-separated, one per adapter")
     p.add_argument("--features", default=None, help="raw, canonical (default) or normalized")
     p.add_argument("--param-reweight", default=None, help="none, l2 (default) or linf")
     p.add_argument("--no-output-reweight", action="store_true")

@@ -17,7 +17,7 @@ Three views of one question — does the merge still behave?
   and the ratio would only amplify noise. No labels are needed;
 * output-space invariance checks on the real base (:func:`output_space_checks`).
 
-Adapters are added with forward hooks (:func:`lego_viz.invariance.lora_hooks`), so one loaded base
+Adapters are added with forward hooks (:func:`lego_viz.checks.invariance.lora_hooks`), so one loaded base
 serves every variant. Headless: the app and the CLI format what these functions return.
 """
 
@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 
 from lego_viz.adapters import LoraAdapter, LoraModule
-from lego_viz.base_models import adapter_heads, swapped_parameters
-from lego_viz.invariance import check_outputs, logits_with, lora_hooks
+from lego_viz.checks.invariance import check_outputs, logits_with, lora_hooks
+from lego_viz.models.base import adapter_heads, swapped_parameters
 
 Modules = Mapping[str, LoraModule]
 # Bounds on the user's text: a few dozen prompts of a few hundred tokens keep one retention run
@@ -328,7 +328,7 @@ class OutputCheck:
 def output_space_checks(
     model: torch.nn.Module, tokenizer, text: str, adapters: Sequence[LoraAdapter], weights: Sequence[float] | None = None, seed: int = 0
 ) -> list[OutputCheck]:
-    """Permutation, concatenation = sum, and the broken A-only shuffle, as logits on ``text`` (DESIGN §3).
+    """Permutation, concatenation = sum, and the broken A-only shuffle, as logits on ``text`` (ARCHITECTURE §3).
 
     The tolerance scales with the base's largest |logit| and its dtype (:data:`OUTPUT_RTOL`): real
     bases have logits in the hundreds, where float32 rounding alone reaches ~1e-4.

@@ -12,7 +12,7 @@ import zlib
 
 import torch
 
-from lego_viz.adapters import LoraAdapter, LoraModule
+from lego_viz.adapters.types import LoraAdapter, LoraModule
 
 
 def _random_rows(norms: torch.Tensor, width: int, generator: torch.Generator) -> torch.Tensor:

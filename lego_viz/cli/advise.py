@@ -9,7 +9,7 @@ import json
 def run_advise(args: argparse.Namespace) -> int:
     """Print the advice (or JSON); with ``--out``, also write the merge at the allocated ranks."""
     from lego_viz.adapters import load_adapters
-    from lego_viz.advise import advise, k_patterns
+    from lego_viz.merge.advise import advise, k_patterns
 
     if not args.adapters:
         raise ValueError("give at least one adapter (a PEFT folder, a .zip of one, or a hub id).")
@@ -18,7 +18,7 @@ def run_advise(args: argparse.Namespace) -> int:
                     allow_base_mismatch=args.allow_base_mismatch)
     out = None
     if args.out:
-        from lego_viz.export import export_adapter
+        from lego_viz.export.folder import export_adapter
         from lego_viz.merge import merge
 
         merged = merge(adapters, args.method, k=k_patterns(advice.allocation), weights=args.weights,
@@ -51,13 +51,13 @@ def run_advise(args: argparse.Namespace) -> int:
 
 
 def configure(name: str, parser: argparse.ArgumentParser) -> None:
-    """Add the options of `advise` to its `python -m lego_viz` subparser (help line: lego_viz.cli.PLUGIN_COMMANDS)."""
-    from lego_viz.cli import _float_list
+    """Add the options of `advise` to its `python -m lego_viz` subparser (help line: lego_viz.cli.commands.PLUGIN_COMMANDS)."""
+    from lego_viz.cli.commands import float_list
 
     parser.add_argument("adapters", nargs="+", metavar="ADAPTER")
     parser.add_argument("--budget", type=int, default=None, help="total ranks over all modules (default: modules × the svd knee)")
     parser.add_argument("--max-rank", type=int, default=None, help="largest k per module (default: 2 × the largest source rank)")
-    parser.add_argument("--weights", type=_float_list, default=None, help="comma-separated, one per adapter")
+    parser.add_argument("--weights", type=float_list, default=None, help="comma-separated, one per adapter")
     parser.add_argument("--no-lego", action="store_true", help="skip the lego curve (one merge per k); the svd curve is nearly free")
     parser.add_argument("--out", default=None, help="also write a merge at the allocated per-module ranks to this folder")
     parser.add_argument("--method", default="svd", help="merge method for --out (default svd, the curve the allocation follows)")

@@ -1,4 +1,4 @@
-"""Permutation and concatenation–summation checks, in weight space and in output space (DESIGN §3).
+"""Permutation and concatenation–summation checks, in weight space and in output space (ARCHITECTURE §3).
 
 Weight-space errors are computed from the factors alone: for ``D = U V`` with ``U (d_out, m)`` and
 ``V (m, d_in)``, ``‖D‖_F = ‖R_U R_Vᵀ‖_F`` where ``R_U``, ``R_V`` are the triangular QR factors of
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from lego_viz.adapters import LoraAdapter, LoraModule, module_order
-from lego_viz.msu import StackBuffer, module_msus, permute_adapter, stacked
+from lego_viz.units.msu import StackBuffer, module_msus, permute_adapter, stacked
 
 if TYPE_CHECKING:
     import torch
@@ -28,7 +28,7 @@ else:
 
 DEFAULT_TOLERANCE = 1e-5  # float32 factors: observed errors are ~1e-7, so 1e-5 leaves margin without hiding bugs
 # Above this many multiply-adds (Σ over modules of (d_in + d_out)·m²) the exact QR route gives way to
-# the random-probe estimate (DESIGN §3): ~10 s of exact work on a 2-core CPU, where the probe takes ~1 s.
+# the random-probe estimate (ARCHITECTURE §3): ~10 s of exact work on a 2-core CPU, where the probe takes ~1 s.
 EXACT_BUDGET = 4e9
 
 
@@ -145,7 +145,7 @@ def low_rank_relative_error(
     Expands the square: the cross term and ``‖cand‖²`` cost ``O((d_in + d_out)·m·k)``; ``‖ref‖²``
     (``O((d_in + d_out)·m²)``) may be passed in by a merge that had it already, and ``cross``
     (``⟨ref, cand⟩``) and ``candidate_sq`` by a caller that computed them for something else
-    (:func:`lego_viz.retention.report_scores`). Where the error is below :data:`EXPANSION_FLOOR` the
+    (:func:`lego_viz.checks.retention.report_scores`). Where the error is below :data:`EXPANSION_FLOOR` the
     expansion cancels, and the exact QR route answers instead.
     """
     ref_sq = _sq_norm(reference) if reference_sq is None else reference_sq
@@ -282,7 +282,7 @@ def check_permutation(
     shuffle: str = "both",
     exact: bool | None = None,
 ) -> CheckResult:
-    """Shuffle the ranks of every module and compare ΔW before and after (DESIGN §3.1).
+    """Shuffle the ranks of every module and compare ΔW before and after (ARCHITECTURE §3.1).
 
     Args:
         adapters: adapters to check (each on its own).
@@ -320,7 +320,7 @@ def check_concat_sum(
     tolerance: float = DEFAULT_TOLERANCE,
     exact: bool | None = None,
 ) -> CheckResult:
-    """Compare ``Σ_t w_t ΔW_t`` with the single LoRA made of all concatenated units (DESIGN §3.2).
+    """Compare ``Σ_t w_t ΔW_t`` with the single LoRA made of all concatenated units (ARCHITECTURE §3.2).
 
     ``exact`` as in :func:`check_permutation`.
     """
@@ -522,7 +522,7 @@ def output_max_abs_diff(
 
 def concatenated_modules(adapters: Sequence[LoraAdapter], weights: Sequence[float] | None = None) -> dict[str, LoraModule]:
     """One LoRA (scale 1, folded) per module holding every adapter's units: rank Σ r_t."""
-    from lego_viz.msu import adapter_msus, table_to_module
+    from lego_viz.units.msu import adapter_msus, table_to_module
 
     return {name: table_to_module(t) for name, t in adapter_msus(adapters, weights).items()}
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from lego_viz.adapters import _HUB_ID, LoraAdapter, printable, same_base
+from lego_viz.adapters import HUB_ID, LoraAdapter, printable, same_base
 
 # Above this many parameters a CPU load is refused unless the limit is raised: 2 B float32
 # parameters are 8 GiB, and a forward pass per model variant on a few prompts already takes minutes.
@@ -204,7 +204,7 @@ def resolve_base(
         if not (path / "config.json").is_file():
             raise BaseModelError(f"{printable(name)}: no config.json there; expected a transformers model folder (config.json + weights + tokenizer).")
         return _guarded(name, path.resolve(), "local folder", device, max_params)
-    if len(name) > 200 or not _HUB_ID.match(name) or ".." in name:
+    if len(name) > 200 or not HUB_ID.match(name) or ".." in name:
         raise BaseModelError(f"{printable(name[:120])!r}: no such folder, and not a valid hub id (owner/name).")
     if public and name.lower() not in {item.lower() for item in base_allowlist()}:
         allowed = ", ".join(base_allowlist()) or "none"

@@ -24,7 +24,7 @@ class Format(NamedTuple):
     storage: str  # numpy dtype that holds its bits (bfloat16: the raw 16 bits)
 
 
-# safetensors dtype tag → its format (what lego_viz.stored reads, and the float ones this module writes)
+# safetensors dtype tag → its format (what lego_viz.adapters.stored reads, and the float ones this module writes)
 FORMATS = {
     "F64": Format(8, 0x7FF0000000000000, "float64", "<f8"),
     "F32": Format(4, 0x7F800000, "float32", "<f4"),

@@ -9,7 +9,7 @@ from the summaries (:func:`lego_viz.merge.lego.lego_clusters`). A merge without 
 summaries the same way, module by module (:func:`summarize` does it for all modules in one
 process), so the result is identical either way.
 
-The stacked read (:func:`read_stacked`) is shared with the streamed merge (:mod:`lego_viz.stream`):
+The stacked read (:func:`read_stacked`) is shared with the streamed merge (:mod:`lego_viz.merge.stream`):
 all adapters' factors of a module go side by side into one ``A`` (n, d_in) and one ``B`` (d_out, n)
 buffer, carved out of a reused :class:`Arena`.
 """
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lego_viz.adapters import LoraAdapter, module_order
-from lego_viz.stored import StoredLoraModule
+from lego_viz.adapters.stored import StoredLoraModule
 
 # float32 bytes of the factors read per group (all adapters' copies of the group's modules). The group
 # being merged and the next one, being read, are in memory at once; 128 MiB keeps a 64-adapter merge of

@@ -9,7 +9,7 @@ sums of points, ``c_j = Σ_i W[j, i] x_i``, those only need the Gram matrix
 So every seeding step and Lloyd iteration costs ``O(k n²)`` whatever the
 feature dimension, and problems of equal size ``n`` (the modules of a model,
 times the ``n_init`` restarts) run together as one batched matmul. Centroids
-are never formed here; :func:`lego_viz.kmeans.cluster_means` builds them from
+are never formed here; :func:`lego_viz.units.kmeans.cluster_means` builds them from
 the labels.
 
 The algorithm mirrors scikit-learn's ``KMeans(init="k-means++",
@@ -20,7 +20,7 @@ farthest from their centroid, a final assignment step, and the best of
 ``n_init`` restarts by inertia.
 
 The seeding draws are torch's (:func:`torch_compatible_uniforms`), so results
-are those of the earlier torch kernel and of :mod:`lego_viz.kmeans`, which
+are those of the earlier torch kernel and of :mod:`lego_viz.units.kmeans`, which
 passes draws from a torch generator.
 """
 
@@ -43,7 +43,7 @@ def torch_compatible_uniforms(seed: int, shape: tuple[int, ...]) -> np.ndarray:
 
     Equal to ``torch.rand(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)``,
     so a seed gives the clusters it gave the earlier torch kernel, and the same as
-    :mod:`lego_viz.kmeans`, whose callers hand in torch generators. Torch's CPU
+    :mod:`lego_viz.units.kmeans`, whose callers hand in torch generators. Torch's CPU
     generator is MT19937 seeded with the low 32 bits of the seed — numpy's ``RandomState`` — and
     makes each float64 from two consecutive 32-bit outputs, the first one high:
     ``((hi << 32 | lo) mod 2**53) · 2**−53``.

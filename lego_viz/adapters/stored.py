@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lego_viz.adapters import AdapterError, LoraModule
-from lego_viz.safetensors_io import FORMATS
+from lego_viz.adapters.safetensors_io import FORMATS
+from lego_viz.adapters.types import AdapterError, LoraModule
 
 if TYPE_CHECKING:
     import numpy as np

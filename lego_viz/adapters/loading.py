@@ -4,7 +4,7 @@ An adapter can be given as a PEFT folder (``adapter_config.json`` + ``adapter_mo
 or ``.bin``), a ``.zip`` of one, or a hub id. Everything is converted to float32 on the CPU; the
 original file is hashed so that reports and recipes can name exactly what was merged. With
 ``lazy=True`` a safetensors adapter is validated from its header and stays on disk until a module is
-used (:mod:`lego_viz.stored`). torch is imported where tensors are made, not here, so a command that
+used (:mod:`lego_viz.adapters.stored`). torch is imported where tensors are made, not here, so a command that
 only reads headers starts fast.
 """
 
@@ -18,122 +18,30 @@ import pickle
 import re
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from lego_viz.adapters.types import (
+    CONFIG_NAME,
+    HUB_ID,
+    KEY_PREFIX,
+    LORA_KEY,
+    PEFT_DEFAULT_ALPHA,
+    WEIGHT_NAMES,
+    AdapterError,
+    LoraAdapter,
+    LoraModule,
+    printable,
+)
 
 if TYPE_CHECKING:
     import torch
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
-KEY_PREFIX = "base_model.model."
 # What a zip may unpack to: enough for a rank-64 adapter on every layer of a 70B model is far beyond
 # a demo, but a zip bomb is stopped long before it fills the disk.
 MAX_UNZIPPED_BYTES = 2 * 1024**3
-# What PEFT's LoraConfig puts in for a config without lora_alpha (not r: the scale would differ).
-PEFT_DEFAULT_ALPHA = 8
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<side>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
-
-
-class AdapterError(ValueError):
-    """An adapter (or a set of adapters) cannot be used; the message says what to fix."""
-
-
-@dataclass(frozen=True)
-class LoraModule:
-    """One LoRA module: ``ΔW = scale · B @ A`` on a base layer ``W0 (d_out, d_in)``.
-
-    ``fan_in_fan_out`` marks GPT-2 ``Conv1D`` layers whose base weight is stored transposed;
-    ``A`` and ``B`` keep the shapes below either way.
-    """
-
-    A: torch.Tensor  # (r, d_in)
-    B: torch.Tensor  # (d_out, r)
-    scale: float
-    fan_in_fan_out: bool = False
-
-    @property
-    def r(self) -> int:
-        return self.A.shape[0]
-
-    @property
-    def d_in(self) -> int:
-        return self.A.shape[1]
-
-    @property
-    def d_out(self) -> int:
-        return self.B.shape[0]
-
-    def delta_weight(self) -> torch.Tensor:
-        """The dense update ``scale · B A`` of shape (d_out, d_in). Only for small layers and tests."""
-        return self.scale * (self.B @ self.A)
-
-
-@dataclass
-class LoraAdapter:
-    """A loaded LoRA adapter: its config, its LoRA modules and whatever else its file held."""
-
-    name: str
-    source: str
-    config: dict
-    modules: dict[str, LoraModule]
-    extra_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-    sha256: str = ""
-    weights_file: str = ""
-    config_sha256: str = ""  # the config sets the scale, so a recipe checks it as well as the weights
-    weights_path: str = ""  # the weights file read, for a hash computed later (hash_in_background)
-    dtype: str = "float32"  # how the file stored A and B (loading converts to float32); exports default to it
-
-    @property
-    def base_model(self) -> str | None:
-        return self.config.get("base_model_name_or_path")
-
-    @property
-    def ranks(self) -> list[int]:
-        return [m.r for m in self.modules.values()]
-
-    @property
-    def n_msus(self) -> int:
-        return sum(self.ranks)
-
-    @property
-    def fan_in_fan_out(self) -> bool:
-        return bool(self.config.get("fan_in_fan_out", False))
-
-    @property
-    def target_names(self) -> list[str]:
-        """Short target names (``q_proj``, ``c_attn``) in first-seen order."""
-        return list(dict.fromkeys(name.rsplit(".", 1)[-1] for name in self.modules))
-
-    def summary(self) -> dict:
-        """A small JSON-able description (the rows of ``inspect`` and of the app's adapter table)."""
-        ranks = sorted(set(self.ranks))
-        scales = sorted({round(m.scale, 6) for m in self.modules.values()})
-        return {
-            "name": self.name,
-            "base_model": self.base_model,
-            "r": ranks[0] if len(ranks) == 1 else ranks,
-            "lora_alpha": self.config.get("lora_alpha"),
-            "scale": scales[0] if len(scales) == 1 else scales,
-            "use_rslora": bool(self.config.get("use_rslora") or False),
-            "fan_in_fan_out": self.fan_in_fan_out,
-            "targets": self.target_names,
-            "modules": len(self.modules),
-            "msus": self.n_msus,
-            "extra_tensors": len(self.extra_tensors),
-            "source": self.source,
-        }
-
 
 # --------------------------------------------------------------------------- locating the files
-
-
-def printable(text: str) -> str:
-    """File names may hold bytes that are not UTF-8 (surrogate escapes); show them as \\xNN."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _safe_extract_zip(zip_path: Path, dest: Path, max_bytes: int | None = None) -> None:
@@ -242,7 +150,7 @@ def resolve_adapter_path(spec: str | os.PathLike, workdir: Path | None = None) -
         if path.name == CONFIG_NAME or path.name in WEIGHT_NAMES:
             return _find_adapter_dir(path.parent, text)
         raise AdapterError(f"{printable(text)}: not a folder, a .zip, or a PEFT adapter file.")
-    if len(text) <= 200 and _HUB_ID.match(text) and ".." not in text:
+    if len(text) <= 200 and HUB_ID.match(text) and ".." not in text:
         return _find_adapter_dir(_hub_snapshot(text), text)
     raise AdapterError(f"{printable(text[:120])!r}: no such file or folder, and not a valid hub id (owner/name).")
 
@@ -303,7 +211,7 @@ def _offending_global(exc: Exception) -> str:
     return ""
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     # The file mapped into memory: hashlib reads the page cache directly (no copy into a buffer first,
     # 15% less time), and releases the GIL for each 16 MiB step, so the hash runs beside the merge's own
     # thread without waiting for the GIL at every chunk.
@@ -323,7 +231,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _pattern_value(patterns: dict, module: str, default):
+def pattern_value(patterns: dict, module: str, default):
     """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module name ending in it."""
     for key, value in (patterns or {}).items():
         if re.match(rf"(.*\.)?({key})$", module):
@@ -338,8 +246,8 @@ def _positive_number(value, what: str, label: str) -> float:
 
 
 def _module_scale(config: dict, module: str, label: str) -> tuple[int, float]:
-    r = _pattern_value(config.get("rank_pattern"), module, config.get("r"))
-    alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", PEFT_DEFAULT_ALPHA))
+    r = pattern_value(config.get("rank_pattern"), module, config.get("r"))
+    alpha = pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", PEFT_DEFAULT_ALPHA))
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise AdapterError(f"{label}: r must be a positive integer for {module}, got {r!r}.")
     alpha = _positive_number(alpha, f"lora_alpha for {module}", label)
@@ -378,8 +286,8 @@ def build_modules(
     """Pair up ``lora_A``/``lora_B`` tensors into validated :class:`LoraModule` objects.
 
     Args:
-        stored: a :class:`lego_viz.stored.SafetensorsFile` whose ``tensors`` (shapes only) are
-            passed as ``tensors``: the modules stay on disk (:class:`~lego_viz.stored.StoredLoraModule`).
+        stored: a :class:`lego_viz.adapters.stored.SafetensorsFile` whose ``tensors`` (shapes only) are
+            passed as ``tensors``: the modules stay on disk (:class:`~lego_viz.adapters.stored.StoredLoraModule`).
 
     Returns:
         (modules, extra tensors kept aside — their headers only when ``stored`` —, warnings)
@@ -389,7 +297,7 @@ def build_modules(
     warnings: list[str] = []
     for key, tensor in tensors.items():
         short = key[len(KEY_PREFIX):] if key.startswith(KEY_PREFIX) else key
-        match = _LORA_KEY.match(short)
+        match = LORA_KEY.match(short)
         if match is None:
             extra[short] = tensor
             continue
@@ -424,7 +332,7 @@ def build_modules(
             for key in (key_a, key_b) if not stored.check_on_read else ():
                 if bad := stored.count_nonfinite(key):
                     raise AdapterError(f"{label}: {weights_name} tensor {key} has {bad} NaN/inf values.")
-            from lego_viz.stored import StoredLoraModule
+            from lego_viz.adapters.stored import StoredLoraModule
 
             modules[module] = StoredLoraModule(stored, key_a, key_b, scale, fan_in_fan_out)
             continue
@@ -451,9 +359,9 @@ def build_modules(
 def stored_dtype(tensors: dict[str, torch.Tensor]) -> str:
     """The dtype of a file's LoRA factors (``bfloat16``, ``float16``, ``float32``); float32 when they mix.
 
-    ``tensors`` may hold tensors or, for a lazy adapter, :class:`lego_viz.stored.TensorInfo` headers.
+    ``tensors`` may hold tensors or, for a lazy adapter, :class:`lego_viz.adapters.stored.TensorInfo` headers.
     """
-    dtypes = {str(getattr(t, "torch_dtype", t.dtype)).removeprefix("torch.") for key, t in tensors.items() if _LORA_KEY.match(key)}
+    dtypes = {str(getattr(t, "torch_dtype", t.dtype)).removeprefix("torch.") for key, t in tensors.items() if LORA_KEY.match(key)}
     return dtypes.pop() if len(dtypes) == 1 else "float32"
 
 
@@ -488,7 +396,7 @@ def load_adapter(
     _validate_config(config, label)
     weights_path = _weights_path(folder, label)
     if lazy and weights_path.suffix == ".safetensors":
-        from lego_viz.stored import SafetensorsFile
+        from lego_viz.adapters.stored import SafetensorsFile
 
         stored = SafetensorsFile(weights_path, label)
         stored.check_on_read = defer_checks
@@ -504,10 +412,10 @@ def load_adapter(
         modules=modules,
         extra_tensors=extra,
         warnings=warnings,
-        sha256=_sha256(weights_path) if hash_weights else "",
+        sha256=sha256_file(weights_path) if hash_weights else "",
         weights_file=weights_path.name,
         weights_path=str(weights_path),
-        config_sha256=_sha256(folder / CONFIG_NAME),
+        config_sha256=sha256_file(folder / CONFIG_NAME),
         dtype=stored_dtype(tensors),
     )
 
@@ -618,7 +526,7 @@ def hash_in_background(adapters: Sequence[LoraAdapter]) -> Callable[[], None]:
     from concurrent.futures import ThreadPoolExecutor
 
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
-    futures = [(adapter, pool.submit(_sha256, Path(adapter.weights_path))) for adapter in pending]
+    futures = [(adapter, pool.submit(sha256_file, Path(adapter.weights_path))) for adapter in pending]
     pool.shutdown(wait=False)
 
     def finish() -> None:
@@ -626,6 +534,20 @@ def hash_in_background(adapters: Sequence[LoraAdapter]) -> Callable[[], None]:
             adapter.sha256 = future.result()
 
     return finish
+
+
+def adapter_weights(adapters: Sequence[LoraAdapter], weights: Sequence[float] | None) -> list[float]:
+    """One finite weight per adapter (all 1 when none are given), not all zero."""
+    if weights is None:
+        return [1.0] * len(adapters)
+    weights = [float(w) for w in weights]
+    if len(weights) != len(adapters):
+        raise AdapterError(f"got {len(weights)} weights for {len(adapters)} adapters; give one weight per adapter.")
+    if not all(math.isfinite(w) for w in weights):
+        raise AdapterError(f"weights must be finite numbers, got {weights}.")
+    if all(w == 0 for w in weights):
+        raise AdapterError("all adapter weights are zero; the merge would be empty. Give at least one non-zero weight.")
+    return weights
 
 
 def module_order(adapters: Sequence[LoraAdapter]) -> list[str]:

@@ -1,4 +1,4 @@
-"""How much of each source adapter a merge keeps, and how far the merge is from the exact sum (DESIGN §5b).
+"""How much of each source adapter a merge keeps, and how far the merge is from the exact sum (ARCHITECTURE §5.2).
 
 Retention of adapter t in module m is the projection coefficient
 ``⟨ΔW_merge, w_t ΔW_t⟩_F / ‖w_t ΔW_t‖_F²``: 1 when the merge contains the adapter's (weighted)
@@ -103,10 +103,10 @@ def report_scores(
         errors: False computes retention only.
 
     Returns:
-        ``(errors, retention)``: errors as in :func:`lego_viz.export.reconstruction_errors`,
+        ``(errors, retention)``: errors as in :func:`lego_viz.export.folder.reconstruction_errors`,
         retention as in :func:`retention`.
     """
-    from lego_viz.invariance import Factored, expanded_relative_error, low_rank_relative_error
+    from lego_viz.checks.invariance import Factored, expanded_relative_error, low_rank_relative_error
 
     reference_sq_norms, products = reference_sq_norms or {}, products or {}
     result_errors: dict[str, float] = {}

@@ -17,9 +17,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from lego_viz.adapters import AdapterError, LoraAdapter, check_compatible, module_order
-from lego_viz.msu import _weights, module_msus
-from lego_viz.retention import factored_inner
+from lego_viz.adapters import AdapterError, LoraAdapter, adapter_weights, check_compatible, module_order
+from lego_viz.checks.retention import factored_inner
+from lego_viz.units.msu import module_msus
 
 CURVE_METHODS = ("svd", "lego")
 
@@ -224,7 +224,7 @@ def advise(
     if not adapters:
         raise AdapterError("give at least one adapter to advise on.")
     check_compatible(adapters, allow_base_mismatch=allow_base_mismatch)
-    weights = _weights(adapters, weights)
+    weights = adapter_weights(adapters, weights)
     if max_rank is not None and max_rank < 1:
         raise AdapterError(f"max_rank must be at least 1, got {max_rank}.")
     top = max_rank or 2 * max(max(a.ranks) for a in adapters)

@@ -31,7 +31,7 @@ from torch import nn
 
 from lego_viz.adapters import LoraAdapter, check_compatible
 from lego_viz.merge.base import MergeError
-from lego_viz.msu import MSUTable, adapter_msus
+from lego_viz.units.msu import MSUTable, adapter_msus
 
 GRANULARITIES = ("unit", "adapter")
 # Units with (near-)zero input direction score 0 instead of dividing by ~0.

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from lego_viz.adapters import _HUB_ID
+from lego_viz.adapters import HUB_ID
 
 CARD_NAME = "README.md"
 _PIPELINES = {"CAUSAL_LM": "text-generation", "SEQ_2_SEQ_LM": "text2text-generation"}
@@ -32,7 +32,7 @@ def model_card(merged, recipe: dict, dtype: str, task_type: str | None) -> str:
     """
     meta = {"library_name": "peft", "tags": ["lora", "lego-viz", f"merge-{merged.method}"]}
     base = merged.base_model
-    if base and _HUB_ID.match(base) and not Path(base).exists():
+    if base and HUB_ID.match(base) and not Path(base).exists():
         meta["base_model"] = base  # the Hub refuses a card whose base_model is not a model id (a local path)
     if task_type in _PIPELINES:
         meta["pipeline_tag"] = _PIPELINES[task_type]

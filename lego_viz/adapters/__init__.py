@@ -1,0 +1,40 @@
+"""Adapters: the shared types, loading and validation, tensors that stay on disk, safetensors I/O.
+
+``from lego_viz.adapters import load_adapters, LoraAdapter, ...`` is the public surface; the modules
+beneath are :mod:`~lego_viz.adapters.types` (imported by everything), :mod:`~lego_viz.adapters.loading`,
+:mod:`~lego_viz.adapters.stored`, :mod:`~lego_viz.adapters.safetensors_io` and
+:mod:`~lego_viz.adapters.control` (the random-direction control adapters).
+"""
+
+from lego_viz.adapters.loading import (
+    adapter_weights,
+    build_modules,
+    check_compatible,
+    hash_in_background,
+    load_adapter,
+    load_adapters,
+    module_order,
+    pattern_value,
+    resolve_adapter_path,
+    same_base,
+    sha256_file,
+    stored_dtype,
+)
+from lego_viz.adapters.types import (
+    CONFIG_NAME,
+    HUB_ID,
+    KEY_PREFIX,
+    PEFT_DEFAULT_ALPHA,
+    WEIGHT_NAMES,
+    AdapterError,
+    LoraAdapter,
+    LoraModule,
+    printable,
+)
+
+__all__ = [
+    "CONFIG_NAME", "HUB_ID", "KEY_PREFIX", "PEFT_DEFAULT_ALPHA", "WEIGHT_NAMES", "AdapterError", "LoraAdapter",
+    "LoraModule", "adapter_weights", "build_modules", "check_compatible", "hash_in_background", "load_adapter",
+    "load_adapters", "module_order", "pattern_value", "printable", "resolve_adapter_path", "same_base",
+    "sha256_file", "stored_dtype",
+]
