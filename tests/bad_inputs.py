@@ -61,6 +61,27 @@ def _truncated(tmp: Path) -> Path:
     return folder
 
 
+def _with_header(tmp: Path, edit: Callable[[dict], object], data_bytes: int | None = None) -> Path:
+    """A good adapter whose safetensors header is rewritten by ``edit`` (its data cut to ``data_bytes``)."""
+    folder = _good(tmp, "hdr")
+    path = folder / "adapter_model.safetensors"
+    raw = path.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + length])
+    text = edit(header)
+    text = text if isinstance(text, bytes) else json.dumps(header).encode()
+    data = raw[8 + length :][:data_bytes]
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+    return folder
+
+
+def _overlapping(header: dict) -> None:
+    # every tensor of the toy adapter is 512 bytes: all of them read the same first 512
+    for key, entry in header.items():
+        if key != "__metadata__":
+            entry["data_offsets"] = [0, entry["data_offsets"][1] - entry["data_offsets"][0]]
+
+
 def _config_text(tmp: Path, text: bytes) -> Path:
     folder = _good(tmp, "cfg")
     (folder / "adapter_config.json").write_bytes(text)
@@ -137,6 +158,11 @@ CASES: list[Case] = [
          lambda t: _raw_weights(t, b"\xff" * 64), "corrupt or truncated"),
     Case("truncated", "safetensors file cut short", "load", _truncated, "corrupt or truncated"),
     Case("zero-bytes", "empty weights file", "load", lambda t: _raw_weights(t, b""), "corrupt or truncated"),
+    Case("header-overlap", "safetensors data_offsets that overlap", "load",
+         lambda t: _with_header(t, _overlapping, data_bytes=512), "corrupt or truncated.*overlaps"),
+    Case("header-nested", "safetensors header nested 100,000 levels deep", "load",
+         lambda t: _with_header(t, lambda h: b'{"__metadata__": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+         "corrupt or truncated"),
     Case("config-not-json", "adapter_config.json is not JSON", "load", lambda t: _config_text(t, b"{r: 8,"), "not valid JSON"),
     Case("config-list", "adapter_config.json holds a list", "load", lambda t: _config_text(t, b"[1, 2]"), "must hold a JSON object"),
     Case("config-non-utf8", "adapter_config.json is not UTF-8", "load", lambda t: _config_text(t, b'{"r": "\xff"}'), "not valid JSON"),

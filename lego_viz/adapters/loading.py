@@ -15,12 +15,12 @@ import json
 import math
 import os
 import pickle
-import re
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lego_viz.adapters.patterns import PatternTable
 from lego_viz.adapters.types import (
     CONFIG_NAME,
     HUB_ID,
@@ -182,15 +182,18 @@ def _weights_path(folder: Path, label: str) -> Path:
 def _read_weights(path: Path, label: str) -> dict[str, torch.Tensor]:
     import torch
 
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if path.suffix == ".safetensors":
+        # Our reader, not safetensors.load_file: one header check for every route, and plain reads
+        # into fresh memory instead of a map of the file (a map faults when the file is truncated,
+        # and keeps a deleted upload's disk space while the adapter lives).
+        from lego_viz.adapters.stored import SafetensorsFile
 
-            tensors = load_file(str(path), device="cpu")
-        else:
-            # weights_only refuses any pickled object that is not a tensor or a plain container,
-            # so a crafted __reduce__ never runs; map_location handles files saved from CUDA.
-            tensors = torch.load(path, map_location="cpu", weights_only=True)
+        stored = SafetensorsFile(path, label)
+        return {key: stored.read_stored(key) for key in stored.tensors}
+    try:
+        # weights_only refuses any pickled object that is not a tensor or a plain container,
+        # so a crafted __reduce__ never runs; map_location handles files saved from CUDA.
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise AdapterError(
             f"{label}: {path.name} holds pickled objects other than tensors (which could run code); refused for safety. "
@@ -231,23 +234,21 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def pattern_value(patterns: dict, module: str, default):
-    """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module name ending in it."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
 def _positive_number(value, what: str, label: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
         raise AdapterError(f"{label}: {what} must be a positive number, got {value!r}.")
     return float(value)
 
 
-def _module_scale(config: dict, module: str, label: str) -> tuple[int, float]:
-    r = pattern_value(config.get("rank_pattern"), module, config.get("r"))
-    alpha = pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", PEFT_DEFAULT_ALPHA))
+def _pattern_tables(config: dict, label: str) -> tuple[PatternTable, PatternTable]:
+    """The config's rank_pattern and alpha_pattern, compiled once per adapter (one time budget each)."""
+    return tuple(PatternTable(config.get(key), f"{label}: {key} key") for key in ("rank_pattern", "alpha_pattern"))
+
+
+def _module_scale(config: dict, module: str, label: str, tables: tuple | None = None) -> tuple[int, float]:
+    tables = tables or _pattern_tables(config, label)
+    r = tables[0].value(module, config.get("r"))
+    alpha = tables[1].value(module, config.get("lora_alpha", PEFT_DEFAULT_ALPHA))
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise AdapterError(f"{label}: r must be a positive integer for {module}, got {r!r}.")
     alpha = _positive_number(alpha, f"lora_alpha for {module}", label)
@@ -273,11 +274,7 @@ def _validate_config(config: dict, label: str) -> None:
         patterns = config.get(key) or {}
         if not isinstance(patterns, dict):
             raise AdapterError(f"{label}: {key} must be a JSON object of module patterns, got {type(patterns).__name__}.")
-        for pattern in patterns:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise AdapterError(f"{label}: {key} key {pattern!r} is not a valid regular expression ({exc}).") from None
+        PatternTable(patterns, f"{label}: {key} key")  # every key a valid, bounded regex
 
 
 def build_modules(
@@ -304,6 +301,7 @@ def build_modules(
         pairs.setdefault(match["module"], {})[match["side"]] = (key, tensor)
     modules: dict[str, LoraModule] = {}
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+    tables = _pattern_tables(config, label)
     for module, sides in pairs.items():
         for side in ("A", "B"):
             if side not in sides:
@@ -317,7 +315,7 @@ def build_modules(
             extra[key_a] = A
             extra[key_b] = B
             continue
-        r, scale = _module_scale(config, module, label)
+        r, scale = _module_scale(config, module, label, tables)
         if A.shape[0] != B.shape[1]:
             raise AdapterError(
                 f"{label}: {key_a} is {tuple(A.shape)} but {key_b} is {tuple(B.shape)}; "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 import threading
 from dataclasses import dataclass
@@ -33,6 +34,10 @@ _UINT = {1: "<u1", 2: "<u2", 4: "<u4", 8: "<u8"}
 _MAX_HEADER = 100_000_000
 # Bytes scanned per step when looking for NaN/inf, so a large tensor is never held twice.
 _SCAN_BYTES = 1 << 24
+# A safetensors header is an object of objects holding arrays: no deeper than this.
+_MAX_DEPTH = 3
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_OPEN, _CLOSE = (ord("["), ord("{")), (ord("]"), ord("}"))
 
 
 _SCRATCH = threading.local()
@@ -92,7 +97,8 @@ class SafetensorsFile:
                 (length,) = struct.unpack("<Q", handle.read(8))
                 if length > min(_MAX_HEADER, size - 8):
                     raise ValueError(f"header length {length} exceeds the file")
-                header = json.loads(handle.read(length))
+                raw = handle.read(length)
+            header = json.loads(_shallow(raw))
             if not isinstance(header, dict):
                 raise ValueError("header is not a JSON object")
             data_start = 8 + length
@@ -103,10 +109,11 @@ class SafetensorsFile:
                 width = FORMATS[entry["dtype"]].width
                 shape = tuple(int(d) for d in entry["shape"])
                 begin, end = (int(x) for x in entry["data_offsets"])
-                if not 0 <= begin <= end <= size - data_start or end - begin != width * math.prod(shape):
-                    raise ValueError(f"tensor {key} has byte range {begin}..{end} that does not fit its shape or the file")
+                if min(shape, default=0) < 0 or not 0 <= begin <= end or end - begin != width * math.prod(shape):
+                    raise ValueError(f"tensor {key} has byte range {begin}..{end} that does not fit its shape")
                 self.tensors[key] = TensorInfo(entry["dtype"], shape, data_start + begin, end - begin)
-        except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            _check_tiling(self.tensors, data_start, size)
+        except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as exc:
             raise AdapterError(f"{label}: {self.path.name} is corrupt or truncated ({type(exc).__name__}: {str(exc)[:160]}).") from None
 
     def _read_bytes(self, info: TensorInfo, into: memoryview | None = None) -> memoryview:
@@ -151,6 +158,17 @@ class SafetensorsFile:
                 if bits.max() >= mask:
                     bad += int(np.count_nonzero(bits >= mask))
         return bad
+
+    def read_stored(self, key: str) -> torch.Tensor:
+        """One tensor as stored (its own dtype), in fresh memory: nothing stays mapped to the file,
+        so removing or truncating the file later neither keeps its disk space nor faults a reader."""
+        import torch
+
+        info = self.tensors[key]
+        raw = torch.empty(info.nbytes, dtype=torch.uint8)
+        if info.nbytes:
+            self._read_bytes(info, memoryview(raw.numpy()))
+        return raw.view(getattr(torch, info.torch_dtype)).reshape(info.shape)
 
     def read(self, key: str) -> torch.Tensor:
         """One tensor in float32 (converted from its stored dtype here, after the read)."""
@@ -202,6 +220,36 @@ class SafetensorsFile:
 
         if not np.isfinite(values.sum()) and (bad := int(values.size - np.isfinite(values).sum())):
             raise AdapterError(f"{self.label}: {self.path.name} tensor {key} has {bad} NaN/inf values.")
+
+
+def _shallow(raw: bytes) -> bytes:
+    """``raw`` if its JSON nests no deeper than a safetensors header can (object, object, array).
+
+    Checked on the bytes before parsing: a header of 100 MB of ``[`` would otherwise reach the
+    parser's recursion limit (a RecursionError) or build millions of objects first.
+    """
+    import numpy as np
+
+    bare = np.frombuffer(_JSON_STRING.sub(b'""', raw), dtype=np.uint8)
+    steps = np.isin(bare, _OPEN).astype(np.int8) - np.isin(bare, _CLOSE).astype(np.int8)
+    deepest = int(np.cumsum(steps, dtype=np.int64).max(initial=0))
+    if deepest > _MAX_DEPTH:
+        raise ValueError(f"header nests {deepest} levels deep; a safetensors header has at most {_MAX_DEPTH}")
+    return raw
+
+
+def _check_tiling(tensors: dict[str, TensorInfo], data_start: int, size: int) -> None:
+    """The byte ranges must cover the data exactly, one after another, as the safetensors library
+    requires: an overlap (two tensors sharing bytes), a gap or a tail of other bytes is refused."""
+    at = data_start
+    for key, info in sorted(tensors.items(), key=lambda item: (item[1].start, item[1].nbytes)):
+        if info.start != at:
+            what = "overlaps the tensor before it" if info.start < at else f"leaves a gap of {info.start - at} bytes before it"
+            raise ValueError(f"tensor {key} at bytes {info.start - data_start}..{info.start - data_start + info.nbytes} {what}")
+        at += info.nbytes
+    if at != size:
+        problem = "runs past the end of the file" if at > size else f"leaves {size - at} bytes at the end unused"
+        raise ValueError(f"the data {problem} (header covers {at - data_start} bytes, file holds {size - data_start})")
 
 
 def _scratch_floats(shape: tuple[int, int]) -> np.ndarray:
