@@ -473,6 +473,103 @@ def _output_factor(adapters: Sequence[LoraAdapter], name: str, owners: list[int]
     return (sum(ranks) / len(ranks) / rank) ** 0.25
 
 
+@dataclass
+class _Work:
+    """What :func:`lego_clusters`' steps hand on to each other, per module, in the units' canonical order."""
+
+    orders: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # canonical order of the units
+    sorted_grams: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # feature Gram in that order
+    sorted_labels: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # k-means' labels in that order
+    by_size: dict[int, list[str]] = dataclasses.field(default_factory=dict)  # Gram-route modules by unit count
+    groups: dict[tuple[int, int], list[str]] = dataclasses.field(default_factory=dict)  # (n, k) -> modules
+    batches: dict[tuple[str, ...], tuple[_Units, list[list[int]]]] = dataclasses.field(default_factory=dict)
+    kmeans_seconds: float = 0.0  # the sketch k-means' share of the Gram step's time
+
+
+def _sketch_step(
+    adapters: Sequence[LoraAdapter], weights: list[float], names: list[str], k: Mapping[str, int], options: dict,
+    clusters: LegoClusters, work: _Work,
+) -> None:
+    """Modules with too many units for n² (adapter libraries) cluster a sketch of their points here;
+    the others are sorted by unit count into ``work.by_size`` for the Gram step."""
+    for name in names:
+        n = sum(a.modules[name].r for a in adapters if name in a.modules)
+        if n <= GRAM_UNITS or k[name] >= n:
+            work.by_size.setdefault(n, []).append(name)
+            continue
+        from lego_viz.units.kmeans import sketch_kmeans
+
+        units, points = _units(adapters, weights, name, options["features"], gram=False)
+        order = canonical_order(points=points)
+        clusters.units[name], work.orders[name] = units, order
+        begin = time.perf_counter()
+        labels, _ = sketch_kmeans(
+            points[torch.from_numpy(order).to(points.device)].to(_device(options["device"])), k[name],
+            n_init=options["n_init"], max_iter=options["max_iter"], tol=options["tol"],
+            generator=torch.Generator().manual_seed(options["seed"]))
+        work.sorted_labels[name] = labels.cpu().numpy()
+        work.kmeans_seconds += time.perf_counter() - begin
+
+
+def _gram_step(
+    adapters: Sequence[LoraAdapter], weights: list[float], k: Mapping[str, int], options: dict,
+    summaries: Mapping[str, UnitSummary] | None, clusters: LegoClusters, work: _Work,
+) -> None:
+    """The Gram route (O(n²) kept per module), modules of one size at once: units, feature Gram in
+    canonical order, the exact sum's norms and the units' probes."""
+    for n, same in work.by_size.items():
+        for batch in _batches(same, n):
+            units, owners = _gram_units(adapters, weights, batch, options["features"], summaries)
+            work.batches[tuple(batch)] = units, owners
+            gram = units.gram()
+            order = canonical_order(gram)
+            reordered = _reordered(gram, order)
+            references, source_sq = _pair_sums(units, owners)
+            probe_x, probe_z = span_probes(units.gram_a, units.gram_b)
+            for i, name in enumerate(batch):
+                clusters.units[name] = units.module(i, owners[i])
+                work.sorted_grams[name], work.orders[name] = reordered[i], order[i]
+                clusters.reference_sq_norms[name] = references[i]
+                clusters.source_sq[name] = source_sq[i]
+                clusters.unit_probes[name] = (probe_x[i], probe_z[i])
+                work.groups.setdefault((n, k[name]), []).append(name)
+
+
+def _kmeans_step(
+    adapters: Sequence[LoraAdapter], names: list[str], k: Mapping[str, int], options: dict, clusters: LegoClusters,
+    work: _Work,
+) -> None:
+    """Gram k-means per group of modules with one (n, k), then every module's labels in input order."""
+    for (n, rank), group in work.groups.items():
+        if rank == n:  # every unit its own cluster; exact even when units coincide
+            for name in group:
+                work.sorted_labels[name] = np.arange(n)
+            continue
+        # n_features = d makes tol mean what it means in scikit-learn (relative to per-feature variance).
+        dims = [sum(_dims(adapters, name)) for name in group]
+        labels, _, _ = gram_kmeans(np.stack([work.sorted_grams[name] for name in group]), rank, n_init=options["n_init"],
+                                   max_iter=options["max_iter"], tol=options["tol"], seed=options["seed"], n_features=dims)
+        work.sorted_labels.update(zip(group, labels))
+    for name in names:
+        order = work.orders[name]
+        labels = np.empty(order.shape[0], dtype=np.int64)
+        labels[order] = _relabel_by_first_member(work.sorted_labels[name], k[name])
+        clusters.labels[name] = labels
+
+
+def _coefficients_step(adapters: Sequence[LoraAdapter], options: dict, clusters: LegoClusters, work: _Work) -> None:
+    """Reweighting none / l2: every Gram-route module's centroid coefficients and report products, by batch."""
+    for (n, rank), same in work.groups.items():
+        for group in _batches(same, n):
+            units, owners = work.batches.get(tuple(group)) or (_Units.stack([clusters.units[name] for name in group]),
+                                                               [clusters.units[name].owners for name in group])
+            output = np.array([_output_factor(adapters, name, o, rank, options) for name, o in zip(group, owners)])
+            labels = np.stack([clusters.labels[name] for name in group])
+            coef_a, coef_b, products = _gram_coefficients(units, owners, labels, rank, options["param_reweight"], output)
+            for i, name in enumerate(group):
+                clusters.coefficients[name] = (coef_a[i], coef_b[i], products[i])
+
+
 def lego_clusters(
     adapters: Sequence[LoraAdapter], weights: list[float], k: Mapping[str, int], options: dict,
     summaries: Mapping[str, UnitSummary] | None = None,
@@ -493,83 +590,21 @@ def lego_clusters(
         _device("cuda")  # asked for by name: say so at once where there is no GPU, whichever k-means runs
     timings = {"gram": 0.0, "kmeans": 0.0}
     clusters = LegoClusters(units={}, labels={}, reference_sq_norms={}, unit_probes={}, details={}, timings=timings)
-    sorted_grams: dict[str, np.ndarray] = {}
-    orders: dict[str, np.ndarray] = {}
-    by_size: dict[int, list[str]] = {}
-    groups: dict[tuple[int, int], list[str]] = {}
-    sorted_labels: dict[str, np.ndarray] = {}
-    kmeans_seconds = 0.0
+    work = _Work()
     start = time.perf_counter()
-    for name in names:
-        n = sum(a.modules[name].r for a in adapters if name in a.modules)
-        if n > GRAM_UNITS and k[name] < n:
-            # An adapter library: n² no longer fits; k-means runs on a sketch of the points instead.
-            from lego_viz.units.kmeans import sketch_kmeans
-
-            units, points = _units(adapters, weights, name, options["features"], gram=False)
-            order = canonical_order(points=points)
-            clusters.units[name], orders[name] = units, order
-            begin = time.perf_counter()
-            labels, _ = sketch_kmeans(
-                points[torch.from_numpy(order).to(points.device)].to(_device(options["device"])), k[name],
-                n_init=options["n_init"], max_iter=options["max_iter"], tol=options["tol"],
-                generator=torch.Generator().manual_seed(options["seed"]))
-            sorted_labels[name] = labels.cpu().numpy()
-            kmeans_seconds += time.perf_counter() - begin
-            continue
-        by_size.setdefault(n, []).append(name)
-    # The Gram route (O(n²) kept per module): modules of one size at once.
-    batches: dict[tuple[str, ...], tuple[_Units, list[list[int]]]] = {}
-    for n, same in by_size.items():
-        for batch in _batches(same, n):
-            units, owners = _gram_units(adapters, weights, batch, options["features"], summaries)
-            batches[tuple(batch)] = units, owners
-            gram = units.gram()
-            order = canonical_order(gram)
-            reordered = _reordered(gram, order)
-            references, source_sq = _pair_sums(units, owners)
-            probe_x, probe_z = span_probes(units.gram_a, units.gram_b)
-            for i, name in enumerate(batch):
-                clusters.units[name] = units.module(i, owners[i])
-                sorted_grams[name], orders[name] = reordered[i], order[i]
-                clusters.reference_sq_norms[name] = references[i]
-                clusters.source_sq[name] = source_sq[i]
-                clusters.unit_probes[name] = (probe_x[i], probe_z[i])
-                groups.setdefault((n, k[name]), []).append(name)
-    timings["gram"] = time.perf_counter() - start - kmeans_seconds
+    _sketch_step(adapters, weights, names, k, options, clusters, work)
+    _gram_step(adapters, weights, k, options, summaries, clusters, work)
+    timings["gram"] = time.perf_counter() - start - work.kmeans_seconds
     # Which k-means ran, in modules: the report says so.
-    clusters.details["kmeans"] = {f"gram (n ≤ {GRAM_UNITS} units)": len(names) - len(sorted_labels),
-                                  f"sketch (n > {GRAM_UNITS} units)": len(sorted_labels)}
-
-    start = time.perf_counter() - kmeans_seconds
-    for (n, rank), group in groups.items():
-        if rank == n:  # every unit its own cluster; exact even when units coincide
-            for name in group:
-                sorted_labels[name] = np.arange(n)
-            continue
-        # n_features = d makes tol mean what it means in scikit-learn (relative to per-feature variance).
-        dims = [sum(_dims(adapters, name)) for name in group]
-        labels, _, _ = gram_kmeans(np.stack([sorted_grams[name] for name in group]), rank, n_init=options["n_init"],
-                                   max_iter=options["max_iter"], tol=options["tol"], seed=options["seed"], n_features=dims)
-        sorted_labels.update(zip(group, labels))
-    for name in names:
-        order = orders[name]
-        labels = np.empty(order.shape[0], dtype=np.int64)
-        labels[order] = _relabel_by_first_member(sorted_labels[name], k[name])
-        clusters.labels[name] = labels
+    sketched = len(work.sorted_labels)
+    clusters.details["kmeans"] = {f"gram (n ≤ {GRAM_UNITS} units)": len(names) - sketched,
+                                  f"sketch (n > {GRAM_UNITS} units)": sketched}
+    start = time.perf_counter() - work.kmeans_seconds
+    _kmeans_step(adapters, names, k, options, clusters, work)
     timings["kmeans"] = time.perf_counter() - start
-
     if options["param_reweight"] in ("none", "l2") and options["rescale"] == "none":
         start = time.perf_counter()
-        for (n, rank), same in groups.items():
-            for group in _batches(same, n):
-                units, owners = batches.get(tuple(group)) or (_Units.stack([clusters.units[name] for name in group]),
-                                                              [clusters.units[name].owners for name in group])
-                output = np.array([_output_factor(adapters, name, o, rank, options) for name, o in zip(group, owners)])
-                labels = np.stack([clusters.labels[name] for name in group])
-                coef_a, coef_b, products = _gram_coefficients(units, owners, labels, rank, options["param_reweight"], output)
-                for i, name in enumerate(group):
-                    clusters.coefficients[name] = (coef_a[i], coef_b[i], products[i])
+        _coefficients_step(adapters, options, clusters, work)
         timings["coefficients"] = time.perf_counter() - start
     return clusters
 
