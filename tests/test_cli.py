@@ -111,7 +111,7 @@ def test_merge_leaves_cores_to_its_reader_and_hashes(monkeypatch, cores, threads
     # against 5.5 s at the reference shape); it never asks for more threads than torch had.
     import torch
 
-    from lego_viz.cli.commands import commands as cli
+    from lego_viz.cli import commands as cli
 
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     before = torch.get_num_threads()
