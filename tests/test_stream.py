@@ -132,8 +132,8 @@ def test_probe_checks_agree_with_the_checks_and_see_a_broken_pairing(bf16_folder
         from lego_viz.merge import plan
         from lego_viz.merge.lego import lego_clusters
 
-        _, options, _, resolved_weights, ranks = plan(adapters, "lego", 4, weights, False, {})
-        probes = lego_clusters(adapters, resolved_weights, ranks, options).unit_probes
+        steps = plan(adapters, "lego", 4, weights, False, {})
+        probes = lego_clusters(adapters, steps.weights, steps.ranks, steps.options).unit_probes
     permutation, concat = probe_checks(adapters, weights, unit_probes=probes)
     assert permutation.passed and concat.passed and permutation.max_rel_error < 1e-6 and concat.max_rel_error < 1e-6
     assert set(permutation.per_module) == set(check_permutation(adapters).per_module)

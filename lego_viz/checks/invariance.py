@@ -340,6 +340,44 @@ def check_concat_sum(
     return _run("concat_sum", pairs(), tolerance, exact)
 
 
+def check_permutation_arrays(adapters: Sequence[LoraAdapter], seed: int = 0, tolerance: float = DEFAULT_TOLERANCE) -> CheckResult:
+    """:func:`check_permutation` with ``exact=True`` on factors held as numpy arrays, without torch (the
+    merge command's small inputs): the same permutation draws and factored differences, through
+    :mod:`lego_viz.checks.factored`, so the errors agree with the tensor route's to float32 rounding.
+    The random-probe column (``probe_max_rel_error``) is left at 0 for the caller, who has the
+    units' probes (:func:`probe_checks`).
+    """
+    from lego_viz.checks import factored
+
+    start = time.perf_counter()
+    perms = _permutations(adapters, seed)
+    result = CheckResult(name="permutation", tolerance=tolerance)
+    for t, adapter in enumerate(adapters):
+        for name, lora in adapter.modules.items():
+            perm = perms[t, name]
+            result.per_module[f"{adapter.name}:{name}"] = factored.relative_error(
+                [(lora.B, lora.A, lora.scale)], [(lora.B[:, perm], lora.A[perm], lora.scale)])
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def check_concat_sum_arrays(
+    adapters: Sequence[LoraAdapter], weights: Sequence[float], tolerance: float = DEFAULT_TOLERANCE
+) -> CheckResult:
+    """:func:`check_concat_sum` with ``exact=True`` on numpy factors, as :func:`check_permutation_arrays`."""
+    from lego_viz.checks import factored
+
+    start = time.perf_counter()
+    result = CheckResult(name="concat_sum", tolerance=tolerance)
+    for name in module_order(adapters):
+        present = [(a.modules[name], w) for a, w in zip(adapters, weights) if name in a.modules]
+        # the concatenated LoRA as module_msus folds it: √s on both halves, the weight on B
+        folded = [(lora.B * (lora.scale**0.5 * w), lora.A * lora.scale**0.5, 1.0) for lora, w in present]
+        result.per_module[name] = factored.relative_error([(lora.B, lora.A, lora.scale * w) for lora, w in present], folded)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
 def _timed(checks: Callable[..., tuple[CheckResult, ...]], *args, **kwargs) -> tuple[CheckResult, ...]:
     """``checks(*args, **kwargs)``, each result timed as the whole call (the caller keeps one of them)."""
     start = time.perf_counter()

@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from lego_viz.adapters import LoraAdapter, LoraModule
 
 if TYPE_CHECKING:
@@ -83,6 +85,21 @@ def _present(name: str, adapters: Sequence[LoraAdapter], weights: Sequence[float
     return [(t, a.modules[name], w) for t, (a, w) in enumerate(zip(adapters, weights)) if name in a.modules]
 
 
+def _exact_error(merged: LoraModule, present: list[tuple[int, LoraModule, float]], reference_sq: float | None,
+                 cross: float, merged_sq: float) -> float:
+    """``‖ΔW_merge − Σ_t w_t ΔW_t‖ / ‖Σ_t w_t ΔW_t‖`` by the QR route: on numpy arrays (the merge command's
+    factors) without torch, on tensors through :func:`lego_viz.checks.invariance.low_rank_relative_error`."""
+    if all(isinstance(m.A, np.ndarray) and isinstance(m.B, np.ndarray) for m in (merged, *(lora for _, lora, _ in present))):
+        from lego_viz.checks import factored
+
+        return factored.relative_error([(lora.B, lora.A, lora.scale * w) for _, lora, w in present],
+                                       [(merged.B, merged.A, merged.scale)])
+    from lego_viz.checks.invariance import Factored, low_rank_relative_error
+
+    reference = Factored.concat([Factored.of(lora, w) for _, lora, w in present])
+    return low_rank_relative_error(reference, Factored.of(merged), reference_sq, cross=cross, candidate_sq=merged_sq)
+
+
 def report_scores(
     merged_modules: Mapping[str, LoraModule],
     adapters: Sequence[LoraAdapter],
@@ -106,7 +123,7 @@ def report_scores(
         ``(errors, retention)``: errors as in :func:`lego_viz.export.folder.reconstruction_errors`,
         retention as in :func:`retention`.
     """
-    from lego_viz.checks.invariance import Factored, expanded_relative_error, low_rank_relative_error
+    from lego_viz.checks.invariance import expanded_relative_error
 
     reference_sq_norms, products = reference_sq_norms or {}, products or {}
     result_errors: dict[str, float] = {}
@@ -125,10 +142,8 @@ def report_scores(
         if errors:
             reference_sq = reference_sq_norms.get(name)
             error = None if reference_sq is None else expanded_relative_error(reference_sq, sum(cross), merged_sq)
-            if error is None:  # the factors themselves (torch) only where the expansion cannot answer
-                reference = Factored.concat([Factored.of(lora, w) for _, lora, w in present])
-                error = low_rank_relative_error(reference, Factored.of(merged), reference_sq, cross=sum(cross),
-                                                candidate_sq=merged_sq)
+            if error is None:  # the factors themselves only where the expansion cannot answer
+                error = _exact_error(merged, present, reference_sq, sum(cross), merged_sq)
             result_errors[name] = error
     kept = {}
     for adapter, per_module in zip(adapters, per_adapter):

@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import time
 from collections.abc import Mapping, Sequence
 
-from lego_viz.adapters import LoraAdapter, adapter_weights, check_compatible, module_order, pattern_value
+from lego_viz.adapters import LoraAdapter, adapter_weights, check_compatible, module_order
+from lego_viz.adapters.patterns import PatternTable, short
 from lego_viz.merge.base import MergedAdapter, MergeError, MergeMethod, MethodOutput, Option
 from lego_viz.merge.lego import PRESETS
 from lego_viz.merge.registry import MERGE_METHODS
 
-__all__ = ["MERGE_METHODS", "PRESETS", "MergeError", "MergeMethod", "MergedAdapter", "Option", "merge", "resolve_k"]
+__all__ = ["MERGE_METHODS", "PRESETS", "MergeError", "MergeMethod", "MergePlan", "MergedAdapter", "Option", "merge", "plan",
+           "resolve_k", "wrap"]
 
 
 def resolve_k(adapters: Sequence[LoraAdapter], k: int | Mapping[str, int] | None) -> dict[str, int]:
@@ -31,15 +32,15 @@ def resolve_k(adapters: Sequence[LoraAdapter], k: int | Mapping[str, int] | None
     default_rank = max(max(a.ranks) for a in adapters)
     names = module_order(adapters)
     if isinstance(k, Mapping):
-        _check_k_patterns([key for key in k if key != "*"], names)
+        table = PatternTable({key: v for key, v in k.items() if key != "*"}, "k pattern")
+        _check_k_patterns(table, names)
     result = {}
     for name in names:
         n = sum(a.modules[name].r for a in adapters if name in a.modules)
         if k is None:
             rank = min(default_rank, n)
         elif isinstance(k, Mapping):
-            patterns = {key: v for key, v in k.items() if key != "*"}
-            rank = pattern_value(patterns, name, k.get("*", min(default_rank, n)))
+            rank = table.value(name, k.get("*", min(default_rank, n)))
         else:
             rank = k
         if isinstance(rank, bool) or not isinstance(rank, int):
@@ -53,19 +54,15 @@ def resolve_k(adapters: Sequence[LoraAdapter], k: int | Mapping[str, int] | None
     return result
 
 
-def _check_k_patterns(patterns: Sequence[str], names: Sequence[str]) -> None:
-    """A per-module k pattern that is not a regex, or matches no module, is a typo: say so."""
-    for key in patterns:
-        try:
-            hit = any(pattern_value({key: True}, name, False) for name in names)
-        except re.error as exc:
-            raise MergeError(f"k pattern {key!r} is not a valid regular expression ({exc}).") from None
-        if not hit:
-            examples = ", ".join(dict.fromkeys(name.rsplit(".", 1)[-1] for name in names))
-            raise MergeError(
-                f"k pattern {key!r} matches no module; patterns match the end of a module name, "
-                f"e.g. {examples} (full names like {names[0]} also work)."
-            )
+def _check_k_patterns(table: PatternTable, names: Sequence[str]) -> None:
+    """A per-module k pattern that matches no module is a typo: say so (one that is not a regex, or
+    backtracks without end, the table refuses)."""
+    for key in table.keys_matching_none(names)[:1]:
+        examples = ", ".join(dict.fromkeys(name.rsplit(".", 1)[-1] for name in names))
+        raise MergeError(
+            f"k pattern {short(key)} matches no module; patterns match the end of a module name, "
+            f"e.g. {examples} (full names like {names[0]} also work)."
+        )
 
 
 def _resolve_options(spec: MergeMethod, options: dict) -> dict:
@@ -85,6 +82,18 @@ def _resolve_options(spec: MergeMethod, options: dict) -> dict:
     return resolved
 
 
+@dataclasses.dataclass(frozen=True)
+class MergePlan:
+    """A merge validated before any weights are read (:func:`plan`): what every step after it takes."""
+
+    method: MergeMethod
+    options: dict  # the method's options, validated, defaults filled in
+    weights: list[float]  # one per adapter
+    ranks: dict[str, int] | None  # k per module (methods that take k)
+    k: int | Mapping[str, int] | None  # k as asked for, for the record
+    warnings: list[str]
+
+
 def plan(
     adapters: Sequence[LoraAdapter],
     method: str,
@@ -92,8 +101,9 @@ def plan(
     weights: Sequence[float] | None,
     allow_base_mismatch: bool,
     options: dict,
-) -> tuple[MergeMethod, dict, list[str], list[float], dict[str, int] | None]:
-    """Validate a merge before any weights are read: (method, resolved options, warnings, weights, ranks)."""
+) -> MergePlan:
+    """Validate a merge before any weights are read: the method, its options, the adapters' compatibility,
+    one weight per adapter and k per module."""
     spec = MERGE_METHODS.get(method)
     if spec is None:
         names = sorted(MERGE_METHODS, key=lambda m: m != "lego")  # the headline method first
@@ -107,21 +117,13 @@ def plan(
         raise MergeError(f"method {method!r} takes no k: its rank is fixed by the inputs. Drop k or choose lego/svd.")
     else:
         ranks = None
-    return spec, resolved, warnings, weights, ranks
+    return MergePlan(method=spec, options=resolved, weights=weights, ranks=ranks, k=k, warnings=warnings)
 
 
-def wrap(
-    spec: MergeMethod,
-    adapters: Sequence[LoraAdapter],
-    output: MethodOutput,
-    resolved: dict,
-    k: int | Mapping[str, int] | None,
-    weights: list[float],
-    warnings: list[str],
-    elapsed: float,
-    name: str | None = None,
-) -> MergedAdapter:
+def wrap(plan: MergePlan, adapters: Sequence[LoraAdapter], output: MethodOutput, elapsed: float,
+         name: str | None = None) -> MergedAdapter:
     """Turn a method's output into the :class:`MergedAdapter` every caller gets."""
+    spec, k = plan.method, plan.k
     first = adapters[0]
     template = {key: first.config.get(key) for key in ("task_type", "fan_in_fan_out", "bias") if key in first.config}
     modules = output.modules
@@ -130,7 +132,7 @@ def wrap(
         # PEFT versions left it out for GPT-2 Conv1D; PEFT resets it from the layer type on load anyway.
         template["fan_in_fan_out"] = True
         modules = {n: dataclasses.replace(m, fan_in_fan_out=True) for n, m in modules.items()}
-    record = dict(resolved)
+    record = dict(plan.options)
     if spec.takes_k:
         record["k"] = k if isinstance(k, int) or k is None else dict(k)
     return MergedAdapter(
@@ -146,11 +148,11 @@ def wrap(
         ],
         base_model=first.base_model,
         template_config=template,
-        weights=[w if math.isfinite(w) else 0.0 for w in weights],
+        weights=[w if math.isfinite(w) else 0.0 for w in plan.weights],
         labels=output.labels,
         unit_owner=output.unit_owner,
         timings={**output.timings, "total": elapsed},
-        warnings=warnings + output.warnings + [w for a in adapters for w in a.warnings],
+        warnings=plan.warnings + output.warnings + [w for a in adapters for w in a.warnings],
         reference_sq_norms=output.reference_sq_norms,
         report_products=output.report_products,
         details=output.details,
@@ -182,8 +184,8 @@ def merge(
         A :class:`MergedAdapter` with scale-1 modules, settings, timings and (lego) cluster labels.
     """
     adapters = list(adapters)
-    spec, resolved, warnings, weights, ranks = plan(adapters, method, k, weights, allow_base_mismatch, options)
+    steps = plan(adapters, method, k, weights, allow_base_mismatch, options)
     start = time.perf_counter()
-    output = spec.fn(adapters, weights, ranks, resolved)
+    output = steps.method.fn(adapters, steps.weights, steps.ranks, steps.options)
     elapsed = time.perf_counter() - start
-    return wrap(spec, adapters, output, resolved, k, weights, warnings, elapsed, name)
+    return wrap(steps, adapters, output, elapsed, name)

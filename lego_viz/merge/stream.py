@@ -33,11 +33,13 @@ from lego_viz.checks.invariance import (
     EXACT_BUDGET,
     CheckResult,
     check_concat_sum,
+    check_concat_sum_arrays,
     check_permutation,
+    check_permutation_arrays,
     exact_cost,
     probe_checks,
 )
-from lego_viz.merge import MergedAdapter, plan, wrap
+from lego_viz.merge import MergedAdapter, MergePlan, plan, wrap
 from lego_viz.merge.base import MethodOutput
 from lego_viz.merge.first_pass import (
     CACHED_GROUP_BYTES,
@@ -47,6 +49,7 @@ from lego_viz.merge.first_pass import (
     module_groups,
     read_stacked,
     stacked_floats,
+    summarize,
 )
 from lego_viz.merge.lego import LegoClusters
 
@@ -86,8 +89,9 @@ def _read(adapters: Sequence[LoraAdapter], names: Sequence[str], arena: Arena | 
     return {name: read_stacked(adapters, name, arena, check=name not in checked) for name in names}
 
 
-def _as_adapters(adapters: Sequence[LoraAdapter], group: Group) -> list[LoraAdapter]:
-    """The adapters restricted to a group's modules, factors in memory as tensors.
+def _as_adapters(adapters: Sequence[LoraAdapter], group: Group, arrays: bool = False) -> list[LoraAdapter]:
+    """The adapters restricted to a group's modules, factors in memory: tensors, or (``arrays``, the
+    merge command's torch-free route) numpy arrays.
 
     Every adapter's module is a view of its block of the stacked buffers, so the merge and the
     checks take the concatenation without copying it (:func:`lego_viz.units.msu.stacked`); modules that
@@ -101,7 +105,8 @@ def _as_adapters(adapters: Sequence[LoraAdapter], group: Group) -> list[LoraAdap
                     modules[t][name] = module.load() if isinstance(module, StoredLoraModule) else module
             continue
         A, B, blocks = found
-        A, B = torch.from_numpy(A), torch.from_numpy(B)
+        if not arrays:
+            A, B = torch.from_numpy(A), torch.from_numpy(B)
         for t, module, units in blocks:
             modules[t][name] = LoraModule(A=A[units], B=B[:, units], scale=module.scale, fan_in_fan_out=module.fan_in_fan_out)
     return [LoraAdapter(name=a.name, source=a.source, config=a.config, modules=found, sha256=a.sha256,
@@ -163,6 +168,133 @@ def _combine_checks(parts: list[CheckResult]) -> CheckResult:
     return combined
 
 
+CHECKS = ("permutation", "concat_sum")
+
+
+@dataclass(frozen=True)
+class _Route:
+    """How every group is merged and checked, decided once for the whole input before the first group."""
+
+    plan: MergePlan
+    clusters: LegoClusters | None  # lego's clusters, made from the first pass without reading a weight
+    on_arrays: bool  # centroids, checks and report from the stacked numpy arrays: no torch
+    checks: bool
+    exact: dict[str, bool]  # per check: exact (small inputs) or by probes, decided as the in-memory checks decide it
+    probes: tuple[CheckResult, CheckResult] | None  # both checks from the clusters' probes of every unit, made up front
+
+
+@dataclass
+class _Totals:
+    """What the groups add up to: the method's output, the checks' parts, the report's errors and retention."""
+
+    output: MethodOutput = field(default_factory=lambda: MethodOutput(modules={}))
+    checks: dict[str, list[CheckResult]] = field(default_factory=lambda: {key: [] for key in CHECKS})
+    errors: dict[str, float] = field(default_factory=dict)
+    retained: dict[str, dict] = field(default_factory=dict)  # per adapter name: {"per_module": {...}}
+    elapsed: float = 0.0  # seconds of merging (not of reading, checking or scoring)
+
+    def add(self, part: MethodOutput, seconds: float) -> None:
+        output = self.output
+        output.modules.update(part.modules)
+        output.labels.update(part.labels)
+        output.unit_owner.update(part.unit_owner)
+        output.reference_sq_norms.update(part.reference_sq_norms)
+        output.report_products.update(part.report_products)
+        output.warnings += [w for w in part.warnings if w not in output.warnings]
+        for key, value in part.timings.items():
+            output.timings[key] = output.timings.get(key, 0.0) + value
+        _add_counts(output.details, part.details)
+        self.elapsed += seconds
+
+    def result(self, merged: MergedAdapter, errors: bool) -> StreamedMerge:
+        checks = {key: _combine_checks(parts) for key, parts in self.checks.items() if parts}
+        retained = {}
+        for name, entry in self.retained.items():
+            values = entry["per_module"].values()
+            retained[name] = {"mean": sum(values) / len(values) if values else 0.0, "per_module": entry["per_module"]}
+        return StreamedMerge(merged=merged, checks=checks, errors=self.errors, retained=retained if errors else {})
+
+
+def _route(
+    adapters: Sequence[LoraAdapter], steps: MergePlan, summaries: Mapping[str, UnitSummary] | None, arrays: bool,
+    checks: bool, totals: _Totals,
+) -> _Route:
+    """Step 1, before the first group: lego's clusters from the first pass (no weight read), and which
+    route the groups take. Where every module has its probe products from the clusters, both checks run
+    here, for all modules at once."""
+    names = set(module_order(adapters))
+    exact = {key: exact_cost(adapters, concatenated=key == "concat_sum") <= EXACT_BUDGET for key in CHECKS}
+    clusters = None
+    if summaries and steps.method.prepare is not None:
+        start = time.perf_counter()
+        clusters = steps.method.prepare(adapters, steps.weights, steps.ranks, steps.options, summaries)
+        totals.add(MethodOutput(modules={}, timings=clusters.timings, details=clusters.details), time.perf_counter() - start)
+    # lego's centroids made straight from the stacked arrays: every module read stacked and its
+    # coefficients known (reweighting none / l2), so neither the merge nor its checks need torch.
+    on_arrays = arrays and clusters is not None and set(clusters.coefficients) == set(summaries) == names
+    probes = None
+    if checks and clusters is not None and set(clusters.unit_probes) == names and (on_arrays or not any(exact.values())):
+        probes = probe_checks(adapters, steps.weights, unit_probes=clusters.unit_probes)
+        for key, result in zip(CHECKS, probes):
+            if not exact[key]:
+                totals.checks[key].append(result)
+    return _Route(plan=steps, clusters=clusters, on_arrays=on_arrays, checks=checks, exact=exact, probes=probes)
+
+
+def _merge_group(
+    route: _Route, adapters: Sequence[LoraAdapter], group: Group, arena: Arena, totals: _Totals
+) -> tuple[list[LoraAdapter], MethodOutput]:
+    """Step 2, per group: the merge of its modules. Returns the group's adapters (views of the stacked
+    buffers, for the checks and the report) and the method's output for them."""
+    steps, start = route.plan, time.perf_counter()
+    block = _as_adapters(adapters, group, arrays=route.on_arrays)
+    if route.on_arrays:
+        part = _centroids_of(route.clusters, group)
+    else:
+        extra = {} if route.clusters is None else {"clusters": route.clusters}
+        part = steps.method.fn(block, steps.weights, steps.ranks, steps.options, **extra)
+        for name, module in part.modules.items():  # the arena is refilled two groups on
+            if arena.owns(module.A.data_ptr()) or arena.owns(module.B.data_ptr()):
+                part.modules[name] = LoraModule(A=module.A.clone(), B=module.B.clone(), scale=module.scale,
+                                                fan_in_fan_out=module.fan_in_fan_out)
+    seconds = time.perf_counter() - start
+    if route.on_arrays:
+        part.timings["centroids"] = seconds
+    totals.add(part, seconds)
+    return block, part
+
+
+def _check_group(route: _Route, block: list[LoraAdapter], part: MethodOutput, totals: _Totals) -> None:
+    """Step 3, per group: the invariance checks of its modules, those not made up front from the units' probes."""
+    exact, weights = route.exact, route.plan.weights
+    if route.probes is not None and not any(exact.values()):
+        return
+    if route.on_arrays:  # exact on the stacked arrays; the probe column from the units' probes
+        found = {"permutation": lambda: check_permutation_arrays(block),
+                 "concat_sum": lambda: check_concat_sum_arrays(block, weights)}
+        for key, probed in zip(CHECKS, route.probes):
+            if exact[key]:
+                result = found[key]()
+                result.probe_max_rel_error = max((probed.per_module[m] for m in result.per_module), default=0.0)
+                totals.checks[key].append(result)
+    elif exact["permutation"] or exact["concat_sum"]:
+        totals.checks["permutation"].append(check_permutation(block, exact=exact["permutation"]))
+        totals.checks["concat_sum"].append(check_concat_sum(block, weights, exact=exact["concat_sum"]))
+    else:  # large inputs: both checks from one probe of every unit
+        for key, result in zip(CHECKS, probe_checks(block, weights, unit_probes=part.unit_probes)):
+            totals.checks[key].append(result)
+
+
+def _score_group(route: _Route, block: list[LoraAdapter], part: MethodOutput, totals: _Totals) -> None:
+    """Step 4, per group: the report's error of each module against the weighted sum, and each adapter's retention."""
+    from lego_viz.checks.retention import report_scores
+
+    errors, retained = report_scores(part.modules, block, route.plan.weights, part.reference_sq_norms, part.report_products)
+    totals.errors.update(errors)
+    for adapter_name, entry in retained.items():
+        totals.retained.setdefault(adapter_name, {"per_module": {}})["per_module"].update(entry["per_module"])
+
+
 def merge_streaming(
     adapters: Sequence[LoraAdapter],
     method: str = "lego",
@@ -191,98 +323,36 @@ def merge_streaming(
             the ``merge`` command makes it beside its own start-up), for methods that take it (lego).
         arrays: where lego's centroids come from the first pass's coefficients (reweighting none /
             l2, every module summarized), keep the merged factors and labels as numpy arrays and
-            run without torch: what the ``merge`` command exports. Checks that need the exact route
-            (small inputs) still import it.
+            run the merge, the checks (exact or by probes) and the report without torch: what the
+            ``merge`` command exports. Without ``summaries``, lego's first pass is made here.
 
     Returns:
         A :class:`StreamedMerge`: the merged adapter, the check results and the errors.
     """
-    from lego_viz.checks.retention import report_scores
-
     adapters = list(adapters)
-    spec, resolved, warnings, weights, ranks = plan(adapters, method, k, weights, allow_base_mismatch, options)
+    steps = plan(adapters, method, k, weights, allow_base_mismatch, options)
+    if arrays and summaries is None and steps.method.prepare is not None:
+        summaries = summarize(adapters)
     hashed = hash_in_background(adapters)  # the report's input hashes, on another core while the merge runs
-    groups = [module_order(adapters)] if method in _WHOLE_ONLY else module_groups(adapters, group_bytes)
-    # Exact or probe is decided once, for the whole input, as the in-memory checks decide it.
-    exact = {key: exact_cost(adapters, concatenated=key == "concat_sum") <= EXACT_BUDGET for key in ("permutation", "concat_sum")}
-
-    output = MethodOutput(modules={})
-    found: dict[str, list[CheckResult]] = {"permutation": [], "concat_sum": []}
-    result_errors: dict[str, float] = {}
-    retained: dict[str, dict] = {a.name: {"per_module": {}} for a in adapters}
-    elapsed, done, trimmed = 0.0, 0, 0
-    # The first pass is known (the merge command makes it first, in two processes): the clusters come from it
-    # without reading a weight, and the groups need only feed the centroids, so they are made small
-    # enough to stay in the CPU cache from their read to their use.
-    prepared = bool(summaries) and spec.prepare is not None
-    if prepared and method not in _WHOLE_ONLY:
-        groups = module_groups(adapters, min(group_bytes, CACHED_GROUP_BYTES))
+    groups = _groups(adapters, method, group_bytes, prepared=bool(summaries) and steps.method.prepare is not None)
     size = max(stacked_floats(adapters, names) for names in groups)
     arenas = [Arena(size), Arena(size if len(groups) > 1 else 0)]
-    total, clusters = sum(len(g) for g in groups), None
+    totals = _Totals(retained={a.name: {"per_module": {}} for a in adapters})
+    done, total, trimmed = 0, sum(len(g) for g in groups), 0
     # The next group is read on another thread while this one is merged (file reads, dtype conversion
     # and the NaN/inf scan; all the arithmetic stays on this one), so reading costs the merge no time.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read") as reader:
         pending = reader.submit(_read, adapters, groups[0], arenas[0], summaries or ())
-        if prepared:
-            start = time.perf_counter()
-            clusters = spec.prepare(adapters, weights, ranks, resolved, summaries)
-            elapsed += time.perf_counter() - start
-            output.timings.update(clusters.timings)
-            _add_counts(output.details, clusters.details)
-        # lego's centroids made straight from the stacked arrays: every module read stacked and its
-        # coefficients known (reweighting none / l2), so the merge itself needs no torch.
-        on_arrays = (arrays and clusters is not None and summaries is not None
-                     and set(clusters.coefficients) == set(summaries) == set(module_order(adapters)))
-        # Large inputs whose every module has its probe products from the clusters: both checks at once,
-        # for all modules, with no weight read.
-        probed = (checks and clusters is not None and not any(exact.values())
-                  and set(clusters.unit_probes) == set(module_order(adapters)))
-        if probed:
-            for key, result in zip(("permutation", "concat_sum"), probe_checks(adapters, weights, unit_probes=clusters.unit_probes)):
-                found[key].append(result)
+        route = _route(adapters, steps, summaries, arrays, checks, totals)
         for index, names in enumerate(groups):
             group = pending.result()
             if index + 1 < len(groups):
                 pending = reader.submit(_read, adapters, groups[index + 1], arenas[(index + 1) % 2], summaries or ())
-            start = time.perf_counter()
-            if on_arrays:
-                block, part = None, _centroids_of(clusters, group)
-            else:
-                block = _as_adapters(adapters, group)
-                part = (spec.fn(block, weights, ranks, resolved) if clusters is None
-                        else spec.fn(block, weights, ranks, resolved, clusters=clusters))
-                for name, module in part.modules.items():  # the arena is refilled two groups on
-                    if arenas[index % 2].owns(module.A.data_ptr()) or arenas[index % 2].owns(module.B.data_ptr()):
-                        part.modules[name] = LoraModule(A=module.A.clone(), B=module.B.clone(), scale=module.scale,
-                                                        fan_in_fan_out=module.fan_in_fan_out)
-            seconds = time.perf_counter() - start
-            elapsed += seconds
-            if on_arrays:
-                part.timings["centroids"] = seconds
-            output.modules.update(part.modules)
-            output.labels.update(part.labels)
-            output.unit_owner.update(part.unit_owner)
-            output.reference_sq_norms.update(part.reference_sq_norms)
-            output.report_products.update(part.report_products)
-            output.warnings += [w for w in part.warnings if w not in output.warnings]
-            for key, value in part.timings.items():
-                output.timings[key] = output.timings.get(key, 0.0) + value
-            _add_counts(output.details, part.details)
-            if checks and not probed:
-                block = block or _as_adapters(adapters, group)  # the exact checks work on tensors
-                if exact["permutation"] or exact["concat_sum"]:
-                    found["permutation"].append(check_permutation(block, exact=exact["permutation"]))
-                    found["concat_sum"].append(check_concat_sum(block, weights, exact=exact["concat_sum"]))
-                else:  # large inputs: both checks from one probe of every unit
-                    for key, result in zip(("permutation", "concat_sum"), probe_checks(block, weights, unit_probes=part.unit_probes)):
-                        found[key].append(result)
+            block, part = _merge_group(route, adapters, group, arenas[index % 2], totals)
+            if checks:
+                _check_group(route, block, part, totals)
             if errors:
-                part_errors, part_retained = report_scores(part.modules, block or adapters, weights, part.reference_sq_norms,
-                                                           part.report_products)
-                result_errors.update(part_errors)
-                for adapter_name, entry in part_retained.items():
-                    retained[adapter_name]["per_module"].update(entry["per_module"])
+                _score_group(route, block, part, totals)
             del group, block, part
             trimmed += stacked_floats(adapters, names)
             if 4 * trimmed >= GROUP_BYTES or index + 1 == len(groups):
@@ -292,10 +362,12 @@ def merge_streaming(
             if progress is not None:
                 progress(done, total)
     hashed()
-    merged = wrap(spec, adapters, output, resolved, k, weights, warnings, elapsed)
-    results = {key: _combine_checks(parts) for key, parts in found.items() if parts}
-    for entry in retained.values():
-        values = entry["per_module"].values()
-        entry["mean"] = sum(values) / len(values) if values else 0.0
-    return StreamedMerge(merged=merged, checks=results, errors=result_errors,
-                         retained={name: {"mean": e["mean"], "per_module": e["per_module"]} for name, e in retained.items()} if errors else {})
+    return totals.result(wrap(steps, adapters, totals.output, totals.elapsed), errors)
+
+
+def _groups(adapters: Sequence[LoraAdapter], method: str, group_bytes: int, prepared: bool) -> list[list[str]]:
+    """The groups of modules the merge reads at a time. With lego's first pass known, the groups need only
+    feed the centroids, so they are made small enough to stay in the CPU cache from their read to their use."""
+    if method in _WHOLE_ONLY:
+        return [module_order(adapters)]
+    return module_groups(adapters, min(group_bytes, CACHED_GROUP_BYTES) if prepared else group_bytes)
