@@ -22,7 +22,7 @@ APP_MESSAGE = {
     "unknown-method": "unknown merge method 'magic'",
 }
 # Inputs the app's controls cannot express at all (choices are radio buttons, one slider per adapter).
-NOT_IN_APP = {"unknown-option", "weights-count"}
+NOT_IN_APP = {"unknown-option", "weights-count", "k-pattern-lookaround"}
 
 
 @pytest.fixture(autouse=True)

@@ -2,7 +2,8 @@
 
 ``from lego_viz.adapters import load_adapters, LoraAdapter, ...`` is the public surface; the modules
 beneath are :mod:`~lego_viz.adapters.types` (imported by everything), :mod:`~lego_viz.adapters.loading`,
-:mod:`~lego_viz.adapters.stored`, :mod:`~lego_viz.adapters.safetensors_io` and
+:mod:`~lego_viz.adapters.stored`, :mod:`~lego_viz.adapters.safetensors_io`,
+:mod:`~lego_viz.adapters.patterns` (rank_pattern keys matched in bounded time) and
 :mod:`~lego_viz.adapters.control` (the random-direction control adapters).
 """
 
@@ -14,12 +15,12 @@ from lego_viz.adapters.loading import (
     load_adapter,
     load_adapters,
     module_order,
-    pattern_value,
     resolve_adapter_path,
     same_base,
     sha256_file,
     stored_dtype,
 )
+from lego_viz.adapters.patterns import pattern_value
 from lego_viz.adapters.types import (
     CONFIG_NAME,
     HUB_ID,

@@ -214,23 +214,40 @@ def _offending_global(exc: Exception) -> str:
     return ""
 
 
-def sha256_file(path: Path) -> str:
-    # The file mapped into memory: hashlib reads the page cache directly (no copy into a buffer first,
-    # 15% less time), and releases the GIL for each 16 MiB step, so the hash runs beside the merge's own
-    # thread without waiting for the GIL at every chunk.
-    import mmap
+def file_identity(path: Path | int) -> tuple[int, int, int, int]:
+    """(device, inode, size, mtime in ns) of a file (a path or an open descriptor): replacing,
+    truncating or rewriting it changes at least one of them."""
+    found = os.fstat(path) if isinstance(path, int) else os.stat(path)
+    return found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns
 
-    digest, step = hashlib.sha256(), 1 << 24
+
+def check_unchanged(path: Path, identity: tuple, label: str, handle: int | None = None) -> None:
+    """Raise :class:`AdapterError` if the file (at ``path``, or open as ``handle``) is no longer the one
+    loaded (``identity`` from :func:`file_identity`)."""
+    try:
+        now = file_identity(path if handle is None else handle)
+    except FileNotFoundError:
+        now = ()
+    if identity and now != tuple(identity):
+        raise AdapterError(
+            f"{label}: {path.name} changed while it was being used (replaced, truncated or rewritten); nothing was written. "
+            "Run again once the file stays as it is."
+        )
+
+
+def sha256_file(path: Path, identity: tuple = (), label: str = "") -> str:
+    """The sha256 of a file, read in chunks (not mapped: a file truncated meanwhile would kill the
+    process with SIGBUS). With ``identity`` (:func:`file_identity` at load), a file that is no longer
+    the one loaded, before or after the hash, is refused, so a hash always names the bytes merged.
+    """
+    digest, step = hashlib.sha256(), 1 << 22
+    buffer = bytearray(step)
+    view = memoryview(buffer)
     with open(path, "rb") as handle:
-        if os.fstat(handle.fileno()).st_size == 0:
-            return digest.hexdigest()
-        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            view = memoryview(mapped)
-            try:
-                for start in range(0, len(view), step):
-                    digest.update(view[start : start + step])
-            finally:
-                view.release()
+        check_unchanged(path, identity, label, handle.fileno())
+        while count := handle.readinto(buffer):
+            digest.update(view[:count])  # hashlib and the read both release the GIL for chunks this large
+        check_unchanged(path, identity, label, handle.fileno())
     return digest.hexdigest()
 
 
@@ -393,6 +410,7 @@ def load_adapter(
     config = _read_config(folder, label)
     _validate_config(config, label)
     weights_path = _weights_path(folder, label)
+    identity = file_identity(weights_path)  # before the first read: any change from here on is caught
     if lazy and weights_path.suffix == ".safetensors":
         from lego_viz.adapters.stored import SafetensorsFile
 
@@ -410,9 +428,10 @@ def load_adapter(
         modules=modules,
         extra_tensors=extra,
         warnings=warnings,
-        sha256=sha256_file(weights_path) if hash_weights else "",
+        sha256=sha256_file(weights_path, identity, label) if hash_weights else "",
         weights_file=weights_path.name,
         weights_path=str(weights_path),
+        weights_identity=identity,
         config_sha256=sha256_file(folder / CONFIG_NAME),
         dtype=stored_dtype(tensors),
     )
@@ -516,20 +535,23 @@ def hash_in_background(adapters: Sequence[LoraAdapter]) -> Callable[[], None]:
     """Hash the weights of adapters loaded with ``hash_weights=False`` in a background thread.
 
     hashlib and file reads release the GIL, so the hashes cost no time on a second core while the
-    caller computes. Returns the function that waits for them and fills in each ``sha256``.
+    caller computes. Returns the function that waits for them, fills in each ``sha256`` and raises
+    :class:`AdapterError` for a weights file that changed since it was loaded (call it after the last read).
     """
     pending = [a for a in adapters if not a.sha256 and a.weights_path]
-    if not pending:
-        return lambda: None
     from concurrent.futures import ThreadPoolExecutor
 
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
-    futures = [(adapter, pool.submit(sha256_file, Path(adapter.weights_path))) for adapter in pending]
+    futures = [(adapter, pool.submit(sha256_file, Path(adapter.weights_path), adapter.weights_identity, adapter.name))
+               for adapter in pending]
     pool.shutdown(wait=False)
 
     def finish() -> None:
         for adapter, future in futures:
             adapter.sha256 = future.result()
+        for adapter in adapters:  # read after the hash: the files must still be the ones loaded
+            if adapter.weights_path:
+                check_unchanged(Path(adapter.weights_path), adapter.weights_identity, adapter.name)
 
     return finish
 

@@ -53,7 +53,7 @@ def _k_value(text: str) -> int | dict[str, int]:
     try:
         if "=" not in text:
             return int(text)
-        return {key.strip(): int(value) for key, value in (part.split("=", 1) for part in text.split(",") if part.strip())}
+        return {key.strip(): int(value) for key, value in (part.rsplit("=", 1) for part in text.split(",") if part.strip())}
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer or NAME=INT,... ; got {text!r}") from None
 
