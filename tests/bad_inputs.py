@@ -26,7 +26,7 @@ Q = "base_model.model.model.layers.0.self_attn.q_proj"
 class Case:
     id: str
     description: str
-    kind: str  # "load": build(tmp) -> spec; "merge": build(tmp) -> (specs, merge kwargs)
+    kind: str  # "load": build(tmp) -> spec; "merge": build(tmp) -> (specs, merge kwargs); "config": -> a YAML path
     build: Callable[[Path], object]
     message: str  # regex the error message must match
     cli_message: str | None = None  # where the CLI's wording differs (argparse catches it first)
@@ -152,6 +152,17 @@ def _merge(tmp: Path, others: list[dict] | None = None, **kwargs):
     return [str(s) for s in specs], kwargs
 
 
+def _config(tmp: Path, text: str | bytes | None = None, **fields) -> str:
+    """A merge config of two good adapters (``fields`` replace its keys), or ``text`` as the whole file."""
+    if text is None:
+        a, b = _good(tmp, "a", seed=1), _good(tmp, "b", seed=2)
+        config = {"merge_method": "lego", "models": [{"model": str(a)}, {"model": str(b)}], "parameters": {"k": 2}}
+        text = json.dumps({**config, **fields})  # JSON is YAML
+    path = tmp / "config.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return str(path)
+
+
 _NARROW = {"model.layers.0.self_attn.q_proj": (32, 64)}
 _OTHER_TARGET = {"model.layers.0.mlp.up_proj": (32, 48)}
 
@@ -223,6 +234,11 @@ CASES: list[Case] = [
          lambda t: _with(t, {"rank_pattern": {"(?=(a|a)*c)": 2}}), r"rank_pattern key .* not a valid regular expression"),
     Case("k-pattern-lookaround", "--k pattern (?=(.|.)*Z)q_proj", "merge",
          lambda t: _merge(t, k={"(?=(.|.)*Z)q_proj": 2}), r"k pattern .* not a valid regular expression"),
+    # issue 26: only a method's declared options come from users, never the program's own arguments
+    Case("option-internal", "--option checks=false (an argument of the streamed merge)", "merge",
+         lambda t: _merge(t, checks=False), r"unknown option\(s\) checks .*valid options: features"),
+    Case("config-internal-parameter", "config parameters: {errors: false}", "config",
+         lambda t: _config(t, parameters={"k": 2, "errors": False}), r"parameters: unknown option\(s\) errors .*valid options"),
 ]
 
 
@@ -235,6 +251,11 @@ def load_case_error(case: Case, tmp: Path) -> str:
         built = case.build(tmp)
         if case.kind == "load":
             load_adapter(built)
+        elif case.kind == "config":
+            from lego_viz.export.recipe import load_config, load_models
+
+            config = load_config(built)
+            merge(load_models(config)[0], config.method, config.k, config.weights, **config.options)
         else:
             specs, kwargs = built
             merge(load_adapters(specs), **{"method": "lego", **kwargs})
@@ -248,6 +269,8 @@ def cli_words(case: Case, tmp: Path) -> list[str]:
     built = case.build(tmp)
     if case.kind == "load":
         return ["inspect", os.fspath(built)]
+    if case.kind == "config":
+        return ["merge", "--config", built, "--out", str(tmp / "out")]
     specs, kwargs = built
     words = ["merge", *specs, "--out", str(tmp / "out")]
     for key, value in kwargs.items():
@@ -257,9 +280,14 @@ def cli_words(case: Case, tmp: Path) -> list[str]:
             words += ["--k", ",".join(f"{name}={rank}" for name, rank in value.items())]
         elif key == "feature":  # a typo has no CLI flag; argparse's own error covers it
             words += ["--feature", str(value)]
-        else:
+        elif key in _FLAGS:
             words += [f"--{key.replace('_', '-')}", str(value)]
+        else:  # any other method option, as the CLI spells it
+            words += ["--option", f"{key}={str(value).lower() if isinstance(value, bool) else value}"]
     return words
+
+
+_FLAGS = ("method", "k", "features", "param_reweight", "preset", "seed", "n_init", "density")
 
 
 def describe() -> list[dict]:

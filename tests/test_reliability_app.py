@@ -22,7 +22,7 @@ APP_MESSAGE = {
     "unknown-method": "unknown merge method 'magic'",
 }
 # Inputs the app's controls cannot express at all (choices are radio buttons, one slider per adapter).
-NOT_IN_APP = {"unknown-option", "weights-count", "k-pattern-lookaround"}
+NOT_IN_APP = {"unknown-option", "weights-count", "k-pattern-lookaround", "option-internal"}
 
 
 @pytest.fixture(autouse=True)
@@ -43,7 +43,7 @@ def _load(session, spec):
     return load_handler(False)(session, None, spec, False)
 
 
-APP_CASES = [c for c in CASES if c.id not in NOT_IN_APP]
+APP_CASES = [c for c in CASES if c.id not in NOT_IN_APP and c.kind != "config"]  # the app reads no configs
 
 
 @pytest.mark.parametrize("case", APP_CASES, ids=[c.id for c in APP_CASES])

@@ -224,7 +224,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
                 options[key] = value
         if args.no_output_reweight:
             options["output_reweight"] = False
-        options.update(args.option or [])
+        from lego_viz.merge.registry import user_options
+
+        # merge_streaming's own arguments (checks, errors, group_bytes, ...) are no options of a method
+        options.update(user_options(method, dict(args.option or []), "--option"))
     from lego_viz.export.folder import export_adapter
     from lego_viz.merge.stream import merge_streaming
 

@@ -28,6 +28,7 @@ import yaml
 
 from lego_viz.adapters import AdapterError, LoraAdapter, load_adapters, same_base
 from lego_viz.export.serving import DTYPES
+from lego_viz.merge.registry import user_options
 
 RECIPE_VERSION = 2
 TOP_LEVEL_KEYS = ("merge_method", "models", "parameters", "base_model", "dtype", "out_dtype", "max_rank",
@@ -161,7 +162,10 @@ def parse_config(data, label: str = "config") -> MergeConfig:
     allow = data.get("allow_base_mismatch", False)
     if not isinstance(allow, bool):
         raise ConfigError(f"{label}: allow_base_mismatch must be true or false, got {allow!r}.")
-    return MergeConfig(method=METHOD_ALIASES.get(method, method), models=tuple(entries), k=k, options=params,
+    method = METHOD_ALIASES.get(method, method)
+    # Only the method's declared options: 'checks', 'errors', 'weights', ... are the program's own arguments.
+    params = user_options(method, params, f"{label}: parameters")
+    return MergeConfig(method=method, models=tuple(entries), k=k, options=params,
                        base_model=base, dtype=None if dtype is None else str(dtype).lower(), max_rank=max_rank,
                        allow_base_mismatch=allow)
 
