@@ -237,6 +237,9 @@ CASES: list[Case] = [
     # issue 26: only a method's declared options come from users, never the program's own arguments
     Case("option-internal", "--option checks=false (an argument of the streamed merge)", "merge",
          lambda t: _merge(t, checks=False), r"unknown option\(s\) checks .*valid options: features"),
+    Case("recipe-weights-count", "old-format recipe: two adapters, weights: [1.0]", "config",
+         lambda t: _config(t, text=json.dumps({"lego_viz_recipe": 1, "method": "linear", "weights": [1.0], "adapters": [
+             {"path": str(_good(t, n, seed=i)), "name": n} for i, n in enumerate("ab")]})), r"one number per adapter \(2 adapters\), got 1 weights"),
     Case("config-internal-parameter", "config parameters: {errors: false}", "config",
          lambda t: _config(t, parameters={"k": 2, "errors": False}), r"parameters: unknown option\(s\) errors .*valid options"),
 ]

@@ -17,6 +17,7 @@ import os
 import pickle
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -294,21 +295,19 @@ def _validate_config(config: dict, label: str) -> None:
         PatternTable(patterns, f"{label}: {key} key")  # every key a valid, bounded regex
 
 
-def build_modules(
-    tensors: dict[str, torch.Tensor], config: dict, label: str, weights_name: str, stored=None
-) -> tuple[dict[str, LoraModule], dict[str, torch.Tensor], list[str]]:
-    """Pair up ``lora_A``/``lora_B`` tensors into validated :class:`LoraModule` objects.
+@dataclass
+class BuiltModules:
+    """What :func:`build_modules` makes of a weights file."""
 
-    Args:
-        stored: a :class:`lego_viz.adapters.stored.SafetensorsFile` whose ``tensors`` (shapes only) are
-            passed as ``tensors``: the modules stay on disk (:class:`~lego_viz.adapters.stored.StoredLoraModule`).
+    modules: dict[str, LoraModule]
+    extra: dict[str, torch.Tensor]  # tensors kept aside (their headers only for a file left on disk)
+    warnings: list[str]
 
-    Returns:
-        (modules, extra tensors kept aside — their headers only when ``stored`` —, warnings)
-    """
+
+def _pair_keys(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, tuple[str, torch.Tensor]]], dict[str, torch.Tensor]]:
+    """The ``lora_A``/``lora_B`` tensors by module and side (``{module: {"A": (key, tensor), ...}}``), and the rest."""
     pairs: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     extra: dict[str, torch.Tensor] = {}
-    warnings: list[str] = []
     for key, tensor in tensors.items():
         short = key[len(KEY_PREFIX):] if key.startswith(KEY_PREFIX) else key
         match = LORA_KEY.match(short)
@@ -316,59 +315,97 @@ def build_modules(
             extra[short] = tensor
             continue
         pairs.setdefault(match["module"], {})[match["side"]] = (key, tensor)
-    modules: dict[str, LoraModule] = {}
+    return pairs, extra
+
+
+def _check_pair(module: str, sides: dict[str, tuple[str, torch.Tensor]], label: str, weights_name: str) -> None:
+    """Raise :class:`AdapterError` unless the module has both its ``lora_A`` and its ``lora_B`` tensor."""
+    for side in ("A", "B"):
+        if side not in sides:
+            other = "A" if side == "B" else "B"
+            raise AdapterError(
+                f"{label}: {weights_name} has {sides[other][0]} but no matching lora_{side} tensor for module {module}."
+            )
+
+
+def _check_ranks(module: str, key_a: str, A, key_b: str, B, r: int, label: str) -> None:
+    """Raise :class:`AdapterError` unless ``A`` (r, d_in) and ``B`` (d_out, r) share the config's ``r``."""
+    if A.shape[0] != B.shape[1]:
+        raise AdapterError(
+            f"{label}: {key_a} is {tuple(A.shape)} but {key_b} is {tuple(B.shape)}; "
+            "expected A (r, d_in) and B (d_out, r) with the same r."
+        )
+    if A.shape[0] != r:
+        raise AdapterError(
+            f"{label}: {key_a} has r={A.shape[0]} rows but the config says r={r} for {module} "
+            "(r / rank_pattern); the config and the weights do not belong together."
+        )
+
+
+def _finite_module(A, B, keys: tuple[str, str], scale: float, fan_in_fan_out: bool, label: str, weights_name: str) -> LoraModule:
+    """A module of float32 copies of ``A`` and ``B``, refused if either holds NaN or inf."""
+    import torch
+
+    A32, B32 = A.detach().to(torch.float32), B.detach().to(torch.float32)
+    for key, tensor in zip(keys, (A32, B32)):
+        if not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise AdapterError(f"{label}: {weights_name} tensor {key} has {bad} NaN/inf values.")
+    return LoraModule(A=A32.contiguous(), B=B32.contiguous(), scale=scale, fan_in_fan_out=fan_in_fan_out)
+
+
+def _stored_module(stored, keys: tuple[str, str], scale: float, fan_in_fan_out: bool, label: str, weights_name: str):
+    """A module left on disk in ``stored``; its tensors are scanned for NaN/inf now unless ``stored`` checks on read."""
+    from lego_viz.adapters.stored import StoredLoraModule
+
+    for key in keys if not stored.check_on_read else ():
+        if bad := stored.count_nonfinite(key):
+            raise AdapterError(f"{label}: {weights_name} tensor {key} has {bad} NaN/inf values.")
+    return StoredLoraModule(stored, keys[0], keys[1], scale, fan_in_fan_out)
+
+
+def _extra_warning(extra: dict[str, torch.Tensor]) -> str:
+    heads = sorted({k.split(".")[0] if "." not in k else k.rsplit(".", 1)[0] for k in extra})
+    shown = ", ".join(heads[:4]) + (" …" if len(heads) > 4 else "")
+    return (f"{len(extra)} non-LoRA tensors ({shown}) — task heads, modules_to_save or LoRA biases — are "
+            "kept aside and left out of merges.")
+
+
+def build_modules(
+    tensors: dict[str, torch.Tensor], config: dict, label: str, weights_name: str, stored=None
+) -> BuiltModules:
+    """Pair up ``lora_A``/``lora_B`` tensors into validated :class:`LoraModule` objects.
+
+    Args:
+        stored: a :class:`lego_viz.adapters.stored.SafetensorsFile` whose ``tensors`` (shapes only) are
+            passed as ``tensors``: the modules stay on disk (:class:`~lego_viz.adapters.stored.StoredLoraModule`).
+
+    Returns:
+        The modules, the extra tensors kept aside (their headers only when ``stored``) and the warnings.
+    """
+    pairs, extra = _pair_keys(tensors)
+    built = BuiltModules(modules={}, extra=extra, warnings=[])
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
     tables = _pattern_tables(config, label)
     for module, sides in pairs.items():
-        for side in ("A", "B"):
-            if side not in sides:
-                other = "A" if side == "B" else "B"
-                raise AdapterError(
-                    f"{label}: {weights_name} has {sides[other][0]} but no matching lora_{side} tensor for module {module}."
-                )
+        _check_pair(module, sides, label, weights_name)
         (key_a, A), (key_b, B) = sides["A"], sides["B"]
         if A.dim() != 2 or B.dim() != 2:
-            warnings.append(f"{module}: {A.dim()}-D LoRA tensors (conv/embedding LoRA) are not supported and were left out.")
+            built.warnings.append(f"{module}: {A.dim()}-D LoRA tensors (conv/embedding LoRA) are not supported and were left out.")
             extra[key_a] = A
             extra[key_b] = B
             continue
         r, scale = _module_scale(config, module, label, tables)
-        if A.shape[0] != B.shape[1]:
-            raise AdapterError(
-                f"{label}: {key_a} is {tuple(A.shape)} but {key_b} is {tuple(B.shape)}; "
-                "expected A (r, d_in) and B (d_out, r) with the same r."
-            )
-        if A.shape[0] != r:
-            raise AdapterError(
-                f"{label}: {key_a} has r={A.shape[0]} rows but the config says r={r} for {module} "
-                "(r / rank_pattern); the config and the weights do not belong together."
-            )
+        _check_ranks(module, key_a, A, key_b, B, r, label)
         if stored is not None:
-            for key in (key_a, key_b) if not stored.check_on_read else ():
-                if bad := stored.count_nonfinite(key):
-                    raise AdapterError(f"{label}: {weights_name} tensor {key} has {bad} NaN/inf values.")
-            from lego_viz.adapters.stored import StoredLoraModule
-
-            modules[module] = StoredLoraModule(stored, key_a, key_b, scale, fan_in_fan_out)
-            continue
-        import torch
-
-        A32, B32 = A.detach().to(torch.float32), B.detach().to(torch.float32)
-        for key, tensor in ((key_a, A32), (key_b, B32)):
-            if not torch.isfinite(tensor).all():
-                bad = int((~torch.isfinite(tensor)).sum())
-                raise AdapterError(f"{label}: {weights_name} tensor {key} has {bad} NaN/inf values.")
-        modules[module] = LoraModule(A=A32.contiguous(), B=B32.contiguous(), scale=scale, fan_in_fan_out=fan_in_fan_out)
-    if not modules:
+            built.modules[module] = _stored_module(stored, (key_a, key_b), scale, fan_in_fan_out, label, weights_name)
+        else:
+            built.modules[module] = _finite_module(A, B, (key_a, key_b), scale, fan_in_fan_out, label, weights_name)
+    if not built.modules:
         raise AdapterError(f"{label}: {weights_name} holds no lora_A/lora_B weight pairs.")
     if extra:
-        heads = sorted({k.split(".")[0] if "." not in k else k.rsplit(".", 1)[0] for k in extra})
-        shown = ", ".join(heads[:4]) + (" …" if len(heads) > 4 else "")
-        warnings.append(
-            f"{len(extra)} non-LoRA tensors ({shown}) — task heads, modules_to_save or LoRA biases — are "
-            "kept aside and left out of merges."
-        )
-    return modules, extra, warnings
+        built.warnings.append(_extra_warning(extra))
+    return built
 
 
 def stored_dtype(tensors: dict[str, torch.Tensor]) -> str:
@@ -417,17 +454,17 @@ def load_adapter(
         stored = SafetensorsFile(weights_path, label)
         stored.check_on_read = defer_checks
         tensors = stored.tensors
-        modules, extra, warnings = build_modules(tensors, config, label, weights_path.name, stored=stored)
+        built = build_modules(tensors, config, label, weights_path.name, stored=stored)
     else:
         tensors = _read_weights(weights_path, label)
-        modules, extra, warnings = build_modules(tensors, config, label, weights_path.name)
+        built = build_modules(tensors, config, label, weights_path.name)
     return LoraAdapter(
         name=label,
         source=os.fspath(spec),
         config=config,
-        modules=modules,
-        extra_tensors=extra,
-        warnings=warnings,
+        modules=built.modules,
+        extra_tensors=built.extra,
+        warnings=built.warnings,
         sha256=sha256_file(weights_path, identity, label) if hash_weights else "",
         weights_file=weights_path.name,
         weights_path=str(weights_path),

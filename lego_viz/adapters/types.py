@@ -71,6 +71,9 @@ class LoraAdapter:
     config_sha256: str = ""  # the config sets the scale, so a recipe checks it as well as the weights
     weights_path: str = ""  # the weights file read, for a hash computed later (hash_in_background)
     dtype: str = "float32"  # how the file stored A and B (loading converts to float32); exports default to it
+    # (device, inode, size, mtime) of the weights file when it was loaded: a merge that reads or hashes
+    # it later refuses a file that has changed since (lego_viz.adapters.loading.check_unchanged)
+    weights_identity: tuple = ()
 
     @property
     def base_model(self) -> str | None:

@@ -7,6 +7,7 @@ message that says what to change rather than a failure on the server.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -72,6 +73,11 @@ def cast_factor(factor: torch.Tensor | np.ndarray, dtype: str | torch.dtype, key
         out = factor.detach().to(getattr(torch, name)).contiguous().cpu()
         # A finite sum proves every value finite (one pass, no mask); only a non-finite one is looked at.
         finite = torch.isfinite(out.sum(dtype=torch.float64)) or torch.isfinite(out).all()
+    if not finite and not math.isfinite(largest := float(abs(factor).max())):
+        # Not the cast: the merge itself made NaN/inf, from inputs it could not add up in float32.
+        raise ServingError(f"{key} of the merge holds NaN/inf values (largest |value| {largest}) before any cast: an input "
+                           "holds NaN/inf or values too large to merge in float32, or changed during the merge. "
+                           "Check the inputs (python -m lego_viz inspect) and run again.")
     if not finite:
         raise ServingError(f"{key} overflows in {name} (largest |value| {float(abs(factor).max()):.3g}); "
                            "export in bf16 or fp32 instead.")

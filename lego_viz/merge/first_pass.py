@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lego_viz.adapters import LoraAdapter, module_order
+from lego_viz.adapters import AdapterError, LoraAdapter, module_order
 from lego_viz.adapters.stored import StoredLoraModule
 
 # float32 bytes of the factors read per group (all adapters' copies of the group's modules). The group
@@ -75,7 +75,8 @@ def summarize_module(A: np.ndarray, B: np.ndarray) -> UnitSummary:
     multiply-adds of a general product (torch has no syrk: 0.8 s against 1.3 s for the reference
     shape's 224 modules on one thread).
     """
-    with one_blas_thread():
+    # Values whose squares overflow are reported by _checked, in words, not as numpy warnings.
+    with one_blas_thread(), np.errstate(over="ignore", invalid="ignore"):
         return UnitSummary(gram_a=A @ A.T, gram_b=B.T @ B, row_max=A.max(axis=1), row_min=A.min(axis=1))
 
 
@@ -160,7 +161,9 @@ def read_stacked(
         blocks.append((t, module, units))
         start += module.r
     if check:
-        check_stacked(A, B, blocks, bool(np.isfinite(A.sum()) and np.isfinite(B.sum())))
+        with np.errstate(over="ignore"):  # a sum that overflows only sends the check down the exact route
+            finite = bool(np.isfinite(A.sum()) and np.isfinite(B.sum()))
+        check_stacked(A, B, blocks, finite)
     return A, B, blocks
 
 
@@ -204,8 +207,21 @@ def _checked(adapters: Sequence[LoraAdapter], name: str, summary: UnitSummary) -
     A NaN/inf anywhere in a unit makes its squared norm, a Gram diagonal entry, NaN/inf: the Gram
     matrices stand in for the finite-sum scan, and only a failing module is read again to name the tensor.
     """
-    if not np.isfinite(summary.gram_a.diagonal().sum() + summary.gram_b.diagonal().sum()):
-        read_stacked(adapters, name, check=True)
+    with np.errstate(over="ignore", invalid="ignore"):
+        finite = np.isfinite(summary.gram_a.diagonal().sum() + summary.gram_b.diagonal().sum())
+    if not finite:
+        A, B, blocks = read_stacked(adapters, name, check=True)
+        # Finite values whose squares overflow (|value| ~1e19 and up), or values that changed after
+        # the file was checked: either way the units cannot be merged; say which adapter and why.
+        peaks = [(max(float(np.abs(A[units]).max(initial=0)), float(np.abs(B[:, units]).max(initial=0))), module)
+                 for _, module, units in blocks]
+        for largest, module in peaks:
+            if not np.isfinite(largest):
+                raise AdapterError(f"{module.file.label}: {module.file.path.name} holds NaN/inf values in module {name} "
+                                   "(the file changed after it was checked?); nothing was written.")
+        largest, worst = max(peaks, key=lambda peak: peak[0])
+        raise AdapterError(f"{worst.file.label}: {worst.file.path.name} holds values up to {largest:.3g} in module {name}, too "
+                           "large to merge in float32 (their squares overflow); the adapter is broken or saved at the wrong scale.")
     return summary
 
 
