@@ -172,10 +172,10 @@ def parse_config(data, label: str = "config") -> MergeConfig:
 
 def _from_recipe_v1(recipe: dict) -> dict:
     """A recipe written before configs took mergekit's shape, in that shape."""
-    weights = recipe.get("weights") or [1.0] * len(recipe["adapters"])
+    weights = recipe["weights"] if recipe.get("weights") is not None else [1.0] * len(recipe["adapters"])
     models = [{"model": entry["path"], "name": entry["name"], "sha256": entry.get("sha256", ""),
                "config_sha256": entry.get("config_sha256", ""), "parameters": {"weight": w}}
-              for entry, w in zip(recipe["adapters"], weights)]
+              for entry, w in zip(recipe["adapters"], weights, strict=True)]  # load_recipe checked the count
     params = dict(recipe.get("options") or {})
     if recipe.get("k") is not None:
         params["k"] = recipe["k"]
@@ -201,6 +201,11 @@ def load_recipe(path: str | os.PathLike) -> dict:
             raise ConfigError(f"recipe {path}: adapters[{i}] needs a 'path' and a 'name' (strings), got {entry!r}.")
     if not isinstance(data.get("options") or {}, dict):
         raise ConfigError(f"recipe {path}: 'options' must be a mapping of option names to values.")
+    weights, count = data.get("weights"), len(data["adapters"])
+    if weights is not None and (not isinstance(weights, list) or len(weights) != count):
+        given = f"{len(weights)} weights" if isinstance(weights, list) else f"a {type(weights).__name__}"
+        raise ConfigError(f"recipe {path}: 'weights' must list one number per adapter ({count} adapters), "
+                          f"got {given}; fix the list or drop it (weight 1 each).")
     return data
 
 
