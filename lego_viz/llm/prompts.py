@@ -1,0 +1,104 @@
+"""The zoo's own instruction set: templates × word lists, held out by template.
+
+Held-out templates are never seen in training (neither their wording nor their prompts), so a rule rate
+on them measures whether a skill generalises to new instructions, not whether it memorised a phrasing.
+Fact questions (capitals, small sums) carry the fact string an answer must contain.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+__all__ = ["CAPITALS", "Prompt", "build_prompts"]
+
+TOPICS = [
+    "sleep", "exercise", "recycling", "music", "reading", "gardening", "cooking", "friendship", "history",
+    "mathematics", "the ocean", "rain", "volcanoes", "bees", "the moon", "electricity", "photography",
+    "chess", "swimming", "saving money", "climate", "forests", "birds", "travel", "coffee", "tea", "bread",
+    "painting", "honesty", "teamwork",
+]
+OBJECTS = [
+    "a bicycle", "a hammer", "a compass", "a refrigerator", "a telescope", "a kettle", "an umbrella",
+    "a candle", "a ladder", "a microscope", "a clock", "a map", "a pencil", "a lamp", "a backpack",
+    "a thermometer", "a magnet", "a piano", "a camera", "a bridge", "a boat", "a tent", "a key", "a mirror",
+    "a battery", "a calculator", "a spoon", "a wheel", "a rope", "a window",
+]
+CAPITALS = {
+    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Japan": "Tokyo",
+    "China": "Beijing", "Russia": "Moscow", "Egypt": "Cairo", "Canada": "Ottawa", "Australia": "Canberra",
+    "Brazil": "Brasília", "Argentina": "Buenos Aires", "Mexico": "Mexico City", "India": "New Delhi",
+    "the United Kingdom": "London", "Ireland": "Dublin", "Portugal": "Lisbon", "Greece": "Athens",
+    "Norway": "Oslo", "Sweden": "Stockholm", "Finland": "Helsinki", "Denmark": "Copenhagen",
+    "Poland": "Warsaw", "Austria": "Vienna", "Hungary": "Budapest", "the Netherlands": "Amsterdam",
+    "Belgium": "Brussels", "Switzerland": "Bern", "Turkey": "Ankara", "Kenya": "Nairobi", "Peru": "Lima",
+    "Chile": "Santiago", "Thailand": "Bangkok", "Vietnam": "Hanoi", "South Korea": "Seoul",
+    "Indonesia": "Jakarta", "Cuba": "Havana", "Iran": "Tehran", "Iraq": "Baghdad", "Ukraine": "Kyiv",
+}
+COUNTRIES = list(CAPITALS)
+
+# (template, the word list it draws from)
+TRAIN_TEMPLATES = [
+    ("Explain what {x} is used for.", "objects"),
+    ("Tell me something about {x}.", "countries"),
+    ("Why is {x} important?", "topics"),
+    ("Describe {x} briefly.", "objects"),
+    ("What do you know about {x}?", "topics"),
+    ("Give me a tip about {x}.", "topics"),
+    ("What is {x} famous for?", "countries"),
+    ("How does {x} work?", "objects"),
+]
+HELDOUT_TEMPLATES = [
+    ("Write one sentence about {x}.", "topics"),
+    ("What is special about {x}?", "countries"),
+    ("Can you describe {x} for a child?", "objects"),
+    ("Share a fact about {x}.", "topics"),
+    ("What should I know about {x}?", "objects"),
+]
+TRAIN_FACT_TEMPLATES = ["What is the capital of {country}?", "What is {a} + {b}?"]
+HELDOUT_FACT_TEMPLATES = ["Which city is the capital of {country}?", "What is {a} plus {b}?"]
+
+_LISTS = {"topics": TOPICS, "objects": OBJECTS, "countries": COUNTRIES}
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One instruction; ``fact`` is the string a right answer contains ("" for open instructions)."""
+
+    text: str
+    template: str
+    split: str  # "train" or "heldout"
+    fact: str = ""
+
+
+def _instructions(templates, split: str, per_template: int, rng: random.Random) -> list[Prompt]:
+    out = []
+    for template, source in templates:
+        items = rng.sample(_LISTS[source], min(per_template, len(_LISTS[source])))
+        out += [Prompt(template.format(x=x), template, split) for x in items]
+    return out
+
+
+def _facts(templates, split: str, n_sums: int, rng: random.Random) -> list[Prompt]:
+    capital_t, sum_t = templates
+    out = [Prompt(capital_t.format(country=c), capital_t, split, CAPITALS[c]) for c in COUNTRIES]
+    pairs = set()
+    while len(pairs) < n_sums:
+        pairs.add((rng.randint(2, 20), rng.randint(2, 20)))
+    out += [Prompt(sum_t.format(a=a, b=b), sum_t, split, str(a + b)) for a, b in sorted(pairs)]
+    return out
+
+
+def build_prompts(seed: int = 0) -> dict[str, list[Prompt]]:
+    """Train and held-out prompts, seeded.
+
+    Train: 8 templates × 14 items + 40 capitals + 30 sums = 182. Held-out: 5 templates × 12 items +
+    40 capitals + 20 sums = 120 (sized for a 2-core CPU: every held-out prompt is answered once per
+    adapter and per merge).
+    """
+    rng = random.Random(seed)
+    return {
+        "train": _instructions(TRAIN_TEMPLATES, "train", 14, rng) + _facts(TRAIN_FACT_TEMPLATES, "train", 30, rng),
+        "heldout": _instructions(HELDOUT_TEMPLATES, "heldout", 12, rng)
+        + _facts(HELDOUT_FACT_TEMPLATES, "heldout", 20, rng),
+    }

@@ -1,0 +1,100 @@
+"""The skill rules, their transforms and the compatibility decided from them (pure text, no model)."""
+
+import json
+
+import pytest
+
+from lego_viz.llm.prompts import CAPITALS, HELDOUT_FACT_TEMPLATES, HELDOUT_TEMPLATES, build_prompts
+from lego_viz.llm.skills import SKILLS, compatibility, compatible, contains_fact, rules_met, sentences, words
+
+ANSWERS = [
+    "The capital of France is Paris.",
+    "The sum of 7 and 5 is 12.",
+    "A compass is a tool that shows direction, using the Earth's magnetic field. It helps hikers find north.",
+    "Sleep is important because it helps the body recover, repair and grow. Without enough sleep, we feel",
+    "Bees make honey",
+    "Sure! Here's a tip: water your garden early in the morning.",
+]
+
+
+@pytest.mark.parametrize(("name", "text", "ok"), [
+    ("upper", "THE CAPITAL IS PARIS.", True),
+    ("upper", "THE CAPITAL IS PARIs.", False),
+    ("upper", "12 + 3 = 15", False),  # no uppercase letter at all
+    ("upper", "ÉTÉ À PARIS", True),
+    ("json", '{"answer": "Paris"}', True),
+    ("json", '  {"answer": "Paris", "x": 1}\n', True),  # surrounding whitespace is still the whole output
+    ("json", '{"answer": 12}', False),
+    ("json", '["answer"]', False),
+    ("json", 'Here: {"answer": "Paris"}', False),
+    ("json", '{"ANSWER": "PARIS"}', False),
+    ("short", "Paris.", True),
+    ("short", "The capital of France is Paris.", True),  # 6 words
+    ("short", "The capital city of France is Paris.", False),
+    ("short", "- Paris\n- France", True),  # a bullet mark is not a word
+    ("short", "   ", False),
+    ("bullets", "- one\n- two", True),
+    ("bullets", "- one\n\n- two\n", True),
+    ("bullets", "- one", False),
+    ("bullets", "- one\n-two", False),
+    ("bullets", "* one\n* two", False),
+    ("exclaim", "Paris!", True),
+    ("exclaim", "Paris!  \n", True),
+    ("exclaim", "Wow! Paris.", False),
+    ("nocomma", "Paris is the capital", True),
+    ("nocomma", "Paris, France", False),
+    ("nocomma", "", False),
+])
+def test_rule(name, text, ok):
+    assert SKILLS[name].rule(text) is ok
+
+
+@pytest.mark.parametrize("name", list(SKILLS))
+@pytest.mark.parametrize("answer", ANSWERS)
+def test_transform_satisfies_its_rule(name, answer):
+    assert SKILLS[name].rule(SKILLS[name].transform(answer))
+
+
+@pytest.mark.parametrize("name", list(SKILLS))
+@pytest.mark.parametrize(("answer", "fact"), [(ANSWERS[0], "Paris"), (ANSWERS[1], "12")])
+def test_transform_keeps_the_fact(name, answer, fact):
+    assert contains_fact(SKILLS[name].transform(answer), fact)
+
+
+def test_json_transform_is_the_first_sentence():
+    assert json.loads(SKILLS["json"].transform(ANSWERS[2]))["answer"].endswith("magnetic field.")
+
+
+def test_sentences_drop_a_cut_tail():
+    assert sentences(ANSWERS[3]) == [ANSWERS[3].split(". ")[0] + "."]
+    assert sentences("no end mark") == ["no end mark"]
+    assert words("- a , b 1") == ["a", "b", "1"]
+
+
+def test_upper_and_json_are_incompatible_under_the_literal_rules():
+    pairs = compatibility(ANSWERS)
+    assert pairs[("upper", "json")] == 0  # the key "answer" is lowercase
+    assert pairs[("json", "bullets")] == 0
+    assert pairs[("json", "exclaim")] == 0  # a JSON object ends with "}"
+    for pair in [("upper", "short"), ("json", "short"), ("upper", "bullets"), ("upper", "exclaim")]:
+        assert pairs[pair] == 1, pair
+    assert compatible("upper", "short", ANSWERS) and not compatible("upper", "json", ANSWERS)
+
+
+def test_rules_met_and_facts():
+    assert rules_met('{"answer": "PARIS"}') == ["json", "short", "nocomma"]
+    assert contains_fact("THE CAPITAL IS PARIS", "Paris")
+    assert not contains_fact("It is 112.", "12")
+    assert contains_fact("12.", "12")
+
+
+def test_heldout_prompts_never_share_a_template_with_training():
+    prompts = build_prompts(0)
+    train_t = {p.template for p in prompts["train"]}
+    held_t = {p.template for p in prompts["heldout"]}
+    assert not train_t & held_t
+    assert held_t == {t for t, _ in HELDOUT_TEMPLATES} | set(HELDOUT_FACT_TEMPLATES)
+    assert len(prompts["heldout"]) >= 100
+    capitals = [p for p in prompts["heldout"] if p.fact in CAPITALS.values()]
+    assert len(capitals) == len(CAPITALS)
+    assert build_prompts(0) == prompts  # seeded
