@@ -47,6 +47,7 @@ from lego_viz.merge.first_pass import (
     Arena,
     UnitSummary,
     module_groups,
+    one_blas_thread,
     read_stacked,
     stacked_floats,
     summarize,
@@ -349,10 +350,11 @@ def merge_streaming(
             if index + 1 < len(groups):
                 pending = reader.submit(_read, adapters, groups[index + 1], arenas[(index + 1) % 2], summaries or ())
             block, part = _merge_group(route, adapters, group, arenas[index % 2], totals)
-            if checks:
-                _check_group(route, block, part, totals)
-            if errors:
-                _score_group(route, block, part, totals)
+            with one_blas_thread():  # the reader and the hashes have the other cores; threaded BLAS would spin against them
+                if checks:
+                    _check_group(route, block, part, totals)
+                if errors:
+                    _score_group(route, block, part, totals)
             del group, block, part
             trimmed += stacked_floats(adapters, names)
             if 4 * trimmed >= GROUP_BYTES or index + 1 == len(groups):
