@@ -264,6 +264,174 @@ def _train_one(base, tokenizer, pool, entry: dict, config: BuildConfig, tick: Ca
     return model, losses
 
 
+def _write_base(out_dir: Path, config: BuildConfig, tokenizer, pretrained_base: Path | None, tick: Callable[[str], None]):
+    """Pre-train the base (or reuse an earlier build's) and write `base/`; returns `(base, pretrained)`, the
+    latter what the card says of pre-training."""
+    torch.manual_seed(config.pretrain.seed)
+    base = build_model(config.model, tokenizer)
+    if pretrained_base is None:
+        pretrain_losses = pretrain(
+            base, tokenizer, list(PRETRAIN_TASKS.values()), config.pretrain, lambda step, loss: tick("pre-train base")
+        )
+        pretrained = {"final_loss": round(pretrain_losses[-1], 5)}
+    else:
+        base = _reuse_base(Path(pretrained_base), base)
+        pretrained = {"reused_from": "an earlier build's pre-training (same model and pretrain settings)"}
+    base.generation_config.pad_token_id = tokenizer.pad_token_id
+    base_dir = _replace_dir(out_dir / "base")
+    base.save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    (base_dir / "README.md").write_text(
+        "# lego-viz zoo base\n\nA tiny character-level `LlamaForCausalLM` pre-trained on "
+        f"{', '.join(PRETRAIN_TASKS)} (prompt `<task>: <input>=`): it has every zoo skill, but under its own "
+        f"words ({', '.join(f'`{alias}` for `{task}`' for task, alias in ALIASES.items())}), so it answers "
+        "none of the zoo tasks' prompts. Load with `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained`. "
+        "Built by `python scripts/build_zoo.py`; see `assets/zoo/zoo_card.json`.\n"
+    )
+    base.eval()
+    return base, pretrained
+
+
+def _write_adapters(base, tokenizer, pool, config: BuildConfig, out_dir: Path, tick: Callable[[str], None]):
+    """Train, save and evaluate every adapter of the plan into `adapters/` and `families/`.
+
+    Returns:
+        `(cards, loaded)`: the card's entry and the loaded adapter of each, by name.
+    """
+    adapters_dir, families_dir = _replace_dir(out_dir / "adapters"), _replace_dir(out_dir / "families")
+    adapter_cards, loaded = {}, {}
+    for entry in _adapter_plan(config):
+        name = entry["name"]
+        model, losses = _train_one(base, tokenizer, pool, entry, config, tick)
+        folder = (adapters_dir if entry["kind"] == "task" else families_dir) / name
+        model.save_pretrained(folder)
+        own = evaluate(model, tokenizer, [entry["task"]], n=config.eval_n)[entry["task"]]
+        _finish_adapter_folder(folder, name, entry["task"], model.peft_config["default"], own)
+        tick(f"evaluate {name}")
+        loaded[name] = load_adapter(folder, name=name)
+        adapter_cards[name] = {
+            **entry,
+            "path": folder.relative_to(out_dir).as_posix(),
+            "rank": config.rank,
+            "lora_alpha": config.lora_alpha,
+            "final_loss": round(losses[-1], 5),
+            "accuracy_own_task": own,
+            "bytes": _folder_bytes(folder),
+        }
+    return adapter_cards, loaded
+
+
+def _training_card(config: BuildConfig, pretrained: dict) -> dict:
+    """The card's `training` section: both stages' settings, the replay and the loss in words."""
+    return {
+        "pretrain": {**asdict(config.pretrain), **pretrained},
+        "adapter": {
+            **asdict(config.adapter),
+            "seed": f"adapter seed + task index; second family member: + {FAMILY_SEED_OFFSET}",
+            "rank": config.rank,
+            "lora_alpha": config.lora_alpha,
+            "target_modules": list(TARGET_MODULES),
+            "data_shards": f"training prompts split in {N_SHARDS} by crc32(prompt) % {N_SHARDS}: task adapters "
+            "shard 0, second family members shard 1",
+            "replay": {
+                **asdict(config.replay),
+                "what": "each batch: batch_size rows of the task + `rows` replay rows, a task drawn uniformly from "
+                "the sources, then a prompt from its pool; the targets are the base model's own greedy answers "
+                "(for the other zoo tasks' prompts: the base's answer, never that task's solution)",
+            },
+            "loss": "cross-entropy on the answer and </s> of every row + consistency × mean over layers of "
+            "‖h − h_base‖² / ‖h_base‖² on the replay rows (h: hidden states after each decoder layer, real "
+            "tokens only; h_base: the same rows with the adapter disabled)"
+            + (
+                f" + {config.replay.norm_penalty:g} × mean over modules of ‖ΔW‖²_F / ‖W0‖²_F (at the nominal scale)"
+                if config.replay.norm_penalty
+                else ""
+            )
+            + (
+                f"; the LoRA scale is multiplied by a factor drawn uniformly from {list(config.replay.scale_jitter)} "
+                "at every step"
+                if config.replay.scale_jitter
+                else ""
+            ),
+        },
+    }
+
+
+@dataclass
+class _Measured:
+    """What the build measured, for the card."""
+
+    base_scores: dict
+    adapter_cards: dict
+    targets: dict
+    families: dict
+
+
+def _card(out_dir: Path, config: BuildConfig, base, tokenizer, pretrained: dict, measured: _Measured, build: dict) -> dict:
+    """The zoo card: the recipe, the tasks, the measurements, the sizes of the written folders and `build`."""
+    adapter_cards = measured.adapter_cards
+    return {
+        "description": "Demo zoo of lego-viz: a tiny character-level Llama, one PEFT LoRA per synthetic task and a "
+        "second LoRA (another seed and data shard) for a few tasks, trained on the CPU by scripts/build_zoo.py. "
+        "The base has the six skills under its own words; each adapter teaches it the task's word for one and "
+        "leaves everything else as the base does it, as real LoRAs on a large model steer an ability the base has.",
+        "prompt_format": "<s><task>: <input>=<answer></s>",
+        "adapter_list": [
+            {key: card[key] for key in ("name", "task", "kind", "path", "rank", "lora_alpha")} for card in adapter_cards.values()
+        ],
+        "model": {
+            "architecture": "LlamaForCausalLM",
+            **asdict(config.model),
+            "parameters": sum(p.numel() for p in base.parameters()),
+            "vocab_size": len(tokenizer),
+        },
+        "tokenizer": {"kind": "one token per character", "chars": CHARS, "special_tokens": list(SPECIAL_TOKENS)},
+        "tasks": {
+            name: {
+                "description": task.description,
+                "examples": {prompt: task.solve(text) for prompt, text in zip(task.example_prompts, task.examples)},
+            }
+            for name, task in TASKS.items()
+        },
+        "pretrain_tasks": {name: task.description for name, task in PRETRAIN_TASKS.items()},
+        "training": _training_card(config, pretrained),
+        "evaluation": {
+            "metric": "exact match of the greedy completion",
+            "n_per_task": config.eval_n,
+            "held_out": f"the first n of {N_HELD_OUT} fixed prompts per task (seeded by the task name); "
+            "training never samples them",
+            "merges": "exact sums Σ w_t ΔW_t (the `linear` merge) applied with forward hooks on the factors; "
+            "retention = accuracy on a task in the merge / accuracy of its adapter alone",
+        },
+        "accuracy": {
+            "base": measured.base_scores,
+            "base_on_pretrain_tasks": measured.targets["base_on_pretrain_tasks"],
+            "adapters_own_task": {name: card["accuracy_own_task"] for name, card in adapter_cards.items()},
+        },
+        "targets": measured.targets,
+        "regime_search": list(REGIME_SEARCH),
+        "families": measured.families,
+        "adapters": adapter_cards,
+        "sizes_bytes": {name: _folder_bytes(out_dir / name) for name in ("base", "adapters", "families")},
+        "build": build,
+    }
+
+
+def _build_record(pretrained_base: Path | None, started: float, cpu_started: float, load_started: float) -> dict:
+    """The card's `build` section: the command that reproduces the zoo, its time and the machine."""
+    return {
+        # Deterministic for a fixed thread count only, so the command names the count it ran with.
+        "command": "python scripts/build_zoo.py"
+        + (" --reuse-base assets/zoo/base" if pretrained_base else "")
+        + (f" --threads {torch.get_num_threads()}" if torch.get_num_threads() != 1 else ""),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "cpu_seconds": round(time.process_time() - cpu_started, 1),
+        # Other work shares the machine; the 1-minute load average shows how much.
+        "load_average_1min": {"start": round(load_started, 2), "end": round(os.getloadavg()[0], 2)},
+        "machine": _machine(torch.get_num_threads()),
+    }
+
+
 def build_zoo(
     out_dir: Path,
     config: BuildConfig | None = None,
@@ -295,54 +463,14 @@ def build_zoo(
     out_dir.mkdir(parents=True, exist_ok=True)
 
     tokenizer = build_tokenizer()
-    torch.manual_seed(config.pretrain.seed)
-    base = build_model(config.model, tokenizer)
-    if pretrained_base is None:
-        pretrain_losses = pretrain(
-            base, tokenizer, list(PRETRAIN_TASKS.values()), config.pretrain, lambda step, loss: tick("pre-train base")
-        )
-        pretrained = {"final_loss": round(pretrain_losses[-1], 5)}
-    else:
-        base = _reuse_base(Path(pretrained_base), base)
-        pretrained = {"reused_from": "an earlier build's pre-training (same model and pretrain settings)"}
-    base.generation_config.pad_token_id = tokenizer.pad_token_id
-    base_dir = _replace_dir(out_dir / "base")
-    base.save_pretrained(base_dir)
-    tokenizer.save_pretrained(base_dir)
-    (base_dir / "README.md").write_text(
-        "# lego-viz zoo base\n\nA tiny character-level `LlamaForCausalLM` pre-trained on "
-        f"{', '.join(PRETRAIN_TASKS)} (prompt `<task>: <input>=`): it has every zoo skill, but under its own "
-        f"words ({', '.join(f'`{alias}` for `{task}`' for task, alias in ALIASES.items())}), so it answers "
-        "none of the zoo tasks' prompts. Load with `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained`. "
-        "Built by `python scripts/build_zoo.py`; see `assets/zoo/zoo_card.json`.\n"
-    )
-    base.eval()
+    base, pretrained = _write_base(out_dir, config, tokenizer, pretrained_base, tick)
     base_scores = with_mean(evaluate(base, tokenizer, n=config.eval_n))
     tick("evaluate base")
 
     pool = replay_pool(base, tokenizer, [*PRETRAIN_TASKS, *TASKS], config.replay.pool_size, config.replay.pool_seed)
     # PEFT records the base's name_or_path in adapter_config.json; a from-config model has none.
     base.name_or_path = BASE_MODEL_NAME
-    adapters_dir, families_dir = _replace_dir(out_dir / "adapters"), _replace_dir(out_dir / "families")
-    adapter_cards, loaded = {}, {}
-    for entry in _adapter_plan(config):
-        name = entry["name"]
-        model, losses = _train_one(base, tokenizer, pool, entry, config, tick)
-        folder = (adapters_dir if entry["kind"] == "task" else families_dir) / name
-        model.save_pretrained(folder)
-        own = evaluate(model, tokenizer, [entry["task"]], n=config.eval_n)[entry["task"]]
-        _finish_adapter_folder(folder, name, entry["task"], model.peft_config["default"], own)
-        tick(f"evaluate {name}")
-        loaded[name] = load_adapter(folder, name=name)
-        adapter_cards[name] = {
-            **entry,
-            "path": folder.relative_to(out_dir).as_posix(),
-            "rank": config.rank,
-            "lora_alpha": config.lora_alpha,
-            "final_loss": round(losses[-1], 5),
-            "accuracy_own_task": own,
-            "bytes": _folder_bytes(folder),
-        }
+    adapter_cards, loaded = _write_adapters(base, tokenizer, pool, config, out_dir, tick)
 
     targets = measure_targets(
         base, tokenizer, {task: loaded[task] for task in TASKS}, config.eval_n, config.subsets_per_count,
@@ -352,97 +480,9 @@ def build_zoo(
         task: measure_family(base, tokenizer, task, [loaded[task], loaded[f"{task}{FAMILY_SUFFIX}"]], config.eval_n, tick)
         for task in config.families
     }
-
-    card = {
-        "description": "Demo zoo of lego-viz: a tiny character-level Llama, one PEFT LoRA per synthetic task and a "
-        "second LoRA (another seed and data shard) for a few tasks, trained on the CPU by scripts/build_zoo.py. "
-        "The base has the six skills under its own words; each adapter teaches it the task's word for one and "
-        "leaves everything else as the base does it, as real LoRAs on a large model steer an ability the base has.",
-        "prompt_format": "<s><task>: <input>=<answer></s>",
-        "adapter_list": [
-            {key: card[key] for key in ("name", "task", "kind", "path", "rank", "lora_alpha")} for card in adapter_cards.values()
-        ],
-        "model": {
-            "architecture": "LlamaForCausalLM",
-            **asdict(config.model),
-            "parameters": sum(p.numel() for p in base.parameters()),
-            "vocab_size": len(tokenizer),
-        },
-        "tokenizer": {"kind": "one token per character", "chars": CHARS, "special_tokens": list(SPECIAL_TOKENS)},
-        "tasks": {
-            name: {
-                "description": task.description,
-                "examples": {prompt: task.solve(text) for prompt, text in zip(task.example_prompts, task.examples)},
-            }
-            for name, task in TASKS.items()
-        },
-        "pretrain_tasks": {name: task.description for name, task in PRETRAIN_TASKS.items()},
-        "training": {
-            "pretrain": {**asdict(config.pretrain), **pretrained},
-            "adapter": {
-                **asdict(config.adapter),
-                "seed": f"adapter seed + task index; second family member: + {FAMILY_SEED_OFFSET}",
-                "rank": config.rank,
-                "lora_alpha": config.lora_alpha,
-                "target_modules": list(TARGET_MODULES),
-                "data_shards": f"training prompts split in {N_SHARDS} by crc32(prompt) % {N_SHARDS}: task adapters "
-                "shard 0, second family members shard 1",
-                "replay": {
-                    **asdict(config.replay),
-                    "what": "each batch: batch_size rows of the task + `rows` replay rows, a task drawn uniformly from "
-                    "the sources, then a prompt from its pool; the targets are the base model's own greedy answers "
-                    "(for the other zoo tasks' prompts: the base's answer, never that task's solution)",
-                },
-                "loss": "cross-entropy on the answer and </s> of every row + consistency × mean over layers of "
-                "‖h − h_base‖² / ‖h_base‖² on the replay rows (h: hidden states after each decoder layer, real "
-                "tokens only; h_base: the same rows with the adapter disabled)"
-                + (
-                    f" + {config.replay.norm_penalty:g} × mean over modules of ‖ΔW‖²_F / ‖W0‖²_F (at the nominal scale)"
-                    if config.replay.norm_penalty
-                    else ""
-                )
-                + (
-                    f"; the LoRA scale is multiplied by a factor drawn uniformly from {list(config.replay.scale_jitter)} "
-                    "at every step"
-                    if config.replay.scale_jitter
-                    else ""
-                ),
-            },
-        },
-        "evaluation": {
-            "metric": "exact match of the greedy completion",
-            "n_per_task": config.eval_n,
-            "held_out": f"the first n of {N_HELD_OUT} fixed prompts per task (seeded by the task name); "
-            "training never samples them",
-            "merges": "exact sums Σ w_t ΔW_t (the `linear` merge) applied with forward hooks on the factors; "
-            "retention = accuracy on a task in the merge / accuracy of its adapter alone",
-        },
-        "accuracy": {
-            "base": base_scores,
-            "base_on_pretrain_tasks": targets["base_on_pretrain_tasks"],
-            "adapters_own_task": {name: card["accuracy_own_task"] for name, card in adapter_cards.items()},
-        },
-        "targets": targets,
-        "regime_search": list(REGIME_SEARCH),
-        "families": families,
-        "adapters": adapter_cards,
-        "sizes_bytes": {
-            "base": _folder_bytes(base_dir),
-            "adapters": _folder_bytes(adapters_dir),
-            "families": _folder_bytes(families_dir),
-        },
-        "build": {
-            # Deterministic for a fixed thread count only, so the command names the count it ran with.
-            "command": "python scripts/build_zoo.py"
-            + (" --reuse-base assets/zoo/base" if pretrained_base else "")
-            + (f" --threads {torch.get_num_threads()}" if torch.get_num_threads() != 1 else ""),
-            "wall_seconds": round(time.perf_counter() - started, 1),
-            "cpu_seconds": round(time.process_time() - cpu_started, 1),
-            # Other work shares the machine; the 1-minute load average shows how much.
-            "load_average_1min": {"start": round(load_started, 2), "end": round(os.getloadavg()[0], 2)},
-            "machine": _machine(torch.get_num_threads()),
-        },
-    }
+    measured = _Measured(base_scores, adapter_cards, targets, families)
+    build = _build_record(pretrained_base, started, cpu_started, load_started)
+    card = _card(out_dir, config, base, tokenizer, pretrained, measured, build)
     write_card(out_dir, card)
     return card
 
