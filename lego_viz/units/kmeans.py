@@ -1,9 +1,9 @@
 """k-means with torch tensors in and out, and a scikit-learn-like estimator.
 
-Gram k-means (:func:`gram_kmeans`, :class:`GramKMeans`) runs the numpy kernel of
-:mod:`lego_viz.units.gram_kmeans`, which explains how k-means needs only Gram matrices. It runs on the
-CPU whatever the tensors' device: an iteration costs ``O(k n²)`` on small ``n × n`` matrices, too
-little to gain from an accelerator. The seeding draws come from a torch generator, so a seed gives
+The Gram k-means estimator (:class:`GramKMeans`) runs the one k-means kernel,
+:func:`lego_viz.units.gram_kmeans.gram_kmeans` (numpy), which explains how k-means needs only Gram
+matrices. It runs on the CPU whatever the tensors' device: an iteration costs ``O(k n²)`` on small
+``n × n`` matrices, too little to gain from an accelerator. The seeding draws come from a torch generator, so a seed gives
 the clusters it gave before the kernel moved to numpy. Point sets too large for an ``n × n``
 matrix go to :func:`sketch_kmeans`, which stays in torch and on the device.
 """
@@ -14,10 +14,9 @@ from collections.abc import Sequence
 
 import torch
 
-from lego_viz.units.gram_kmeans import _check_gram, _check_params, _n_local_trials
-from lego_viz.units.gram_kmeans import gram_kmeans as _numpy_gram_kmeans
+from lego_viz.units.gram_kmeans import _check_gram, _check_params, _n_local_trials, gram_kmeans
 
-__all__ = ["GramKMeans", "cluster_means", "gram_kmeans", "pairwise_gram", "sketch_kmeans"]
+__all__ = ["GramKMeans", "cluster_means", "pairwise_gram", "sketch_kmeans"]
 
 
 def pairwise_gram(x: torch.Tensor) -> torch.Tensor:
@@ -72,58 +71,6 @@ def _relocate_empty(labels: torch.Tensor, point_dist: torch.Tensor, k: int) -> t
     return padded.scatter(-1, target, cluster_ids)[..., :n]
 
 
-def gram_kmeans(
-    gram: torch.Tensor,
-    n_clusters: int,
-    *,
-    n_init: int = 10,
-    max_iter: int = 100,
-    tol: float = 1e-4,
-    generator: torch.Generator | None = None,
-    n_features: int | Sequence[int] | torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """k-means with k-means++ seeding on a batch of Gram matrices, computed on the CPU.
-
-    Args:
-        gram: Gram matrices ``X Xᵀ`` of equal-size problems, shape ``(batch, n, n)``,
-            float32 or float64 (other dtypes are computed in float32), on any device.
-        n_clusters: Number of clusters ``k``, ``1 ≤ k ≤ n``.
-        n_init: Restarts per problem; the lowest inertia wins.
-        max_iter: Maximum Lloyd iterations per restart.
-        tol: Convergence threshold on the total squared centre shift, relative to the
-            data's mean per-feature variance as in scikit-learn.
-        generator: CPU generator for the seeding draws (the same draws serve every
-            problem, so results do not depend on batching or on the device).
-        n_features: Feature dimension ``d`` of the points behind ``gram`` — one for all
-            problems or one per problem — used only to turn total variance into mean
-            per-feature variance for ``tol``; defaults to ``n`` (the dimension of the span of
-            the centred points, plus one).
-
-    Returns:
-        ``(labels, inertia, n_iter)`` on the device of ``gram``: labels ``(batch, n)`` long,
-        inertia ``(batch,)`` — the sum of squared distances of points to the mean of their
-        cluster — and the Lloyd iterations of the winning restart ``(batch,)`` long.
-    """
-    _check_gram(tuple(gram.shape))
-    _check_params(n_clusters, gram.shape[-1], n_init, max_iter, tol)
-    shape = (n_init, n_clusters, _n_local_trials(n_clusters))
-    uniforms = torch.rand(shape, generator=generator, dtype=torch.float64)
-    dtype = gram.dtype if gram.dtype in (torch.float32, torch.float64) else torch.float32
-    if isinstance(n_features, torch.Tensor):
-        n_features = n_features.detach().cpu().numpy()
-    results = _numpy_gram_kmeans(
-        gram.detach().to(device="cpu", dtype=dtype).numpy(),
-        n_clusters,
-        n_init=n_init,
-        max_iter=max_iter,
-        tol=tol,
-        n_features=n_features,
-        uniforms=uniforms.numpy(),
-    )
-    labels, inertia, n_iter = (torch.from_numpy(result).to(gram.device) for result in results)
-    return labels, inertia, n_iter
-
-
 def sketch_kmeans(
     x: torch.Tensor,
     n_clusters: int,
@@ -147,8 +94,9 @@ def sketch_kmeans(
     Args:
         x: points ``(n, d)``.
         n_clusters: ``k``, ``1 ≤ k ≤ n``.
-        n_init, max_iter, tol, generator: as in :func:`gram_kmeans` (``tol`` relative to the mean
-            per-feature variance, here of the sketch).
+        n_init, max_iter, tol: as in :class:`GramKMeans` (``tol`` relative to the mean per-feature
+            variance, here of the sketch).
+        generator: CPU generator of the sketch and the k-means++ draws.
         sketch_dim: columns of the sketch.
         polish_iter: most Lloyd steps on the full points.
         polish_top: restarts (best by sketch inertia) polished; the best on the full points wins.
@@ -240,7 +188,8 @@ def cluster_means(x: torch.Tensor, labels: torch.Tensor, n_clusters: int) -> tor
 
 
 class GramKMeans:
-    """k-means (k-means++ seeding, Lloyd) that runs on Gram matrices, batched, on the CPU (:func:`gram_kmeans`).
+    """k-means (k-means++ seeding, Lloyd) on Gram matrices, batched, on the CPU
+    (:func:`lego_viz.units.gram_kmeans.gram_kmeans` with torch tensors in and out).
 
     Args:
         n_clusters: Number of clusters ``k``, checked at fit time against ``n``: ``1 ≤ k ≤ n``.
@@ -310,21 +259,32 @@ class GramKMeans:
             n_features, matrices = source.shape[-1], pairwise_gram(source)
         else:
             matrices = source
-        seed = self.random_state if self.random_state is not None else int(torch.seed() % 2**63)
-        generator = torch.Generator().manual_seed(seed)
-        labels, inertia, n_iter = gram_kmeans(
-            matrices,
-            self.n_clusters,
-            n_init=self.n_init,
-            max_iter=self.max_iter,
-            tol=self.tol,
-            generator=generator,
-            n_features=n_features,
-        )
+        labels, inertia, n_iter = self._cluster(matrices, n_features)
         if unbatched:
             labels, inertia, n_iter = labels[0], inertia[0], n_iter[0]
         self.labels_, self.inertia_, self.n_iter_ = labels, inertia, n_iter
         return self
+
+    def _cluster(
+        self, gram: torch.Tensor, n_features: int | Sequence[int] | torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The numpy kernel on ``gram`` (batch, n, n): labels, inertia and iterations on the device of ``gram``.
+
+        The k-means++ draws come from a torch generator seeded with ``random_state`` (the same draws
+        serve every problem, so results depend neither on batching nor on the device).
+        """
+        _check_gram(tuple(gram.shape))
+        _check_params(self.n_clusters, gram.shape[-1], self.n_init, self.max_iter, self.tol)
+        seed = self.random_state if self.random_state is not None else int(torch.seed() % 2**63)
+        shape = (self.n_init, self.n_clusters, _n_local_trials(self.n_clusters))
+        uniforms = torch.rand(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        dtype = gram.dtype if gram.dtype in (torch.float32, torch.float64) else torch.float32
+        if isinstance(n_features, torch.Tensor):
+            n_features = n_features.detach().cpu().numpy()
+        results = gram_kmeans(gram.detach().to(device="cpu", dtype=dtype).numpy(), self.n_clusters, n_init=self.n_init,
+                              max_iter=self.max_iter, tol=self.tol, n_features=n_features, uniforms=uniforms.numpy())
+        labels, inertia, n_iter = (torch.from_numpy(result).to(gram.device) for result in results)
+        return labels, inertia, n_iter
 
     def fit_predict(self, X: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """Fit and return ``labels_``."""
