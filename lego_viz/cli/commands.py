@@ -11,6 +11,7 @@ there and give the module a ``configure(name, parser)`` that adds the options an
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import re
@@ -20,6 +21,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from lego_viz.adapters import LoraAdapter
+    from lego_viz.merge.first_pass import SharedFirstPass
+    from lego_viz.merge.stream import StreamedMerge
 
 # Subcommands of other packages: name → (module with ``configure(name, parser)``, help line).
 PLUGIN_COMMANDS = {
@@ -183,76 +186,104 @@ def _leave_cores_for_helpers(helpers: int = 2) -> None:
     os.environ["OMP_NUM_THREADS"] = str(min(int(given), limit) if given.isdigit() and int(given) > 0 else limit)
 
 
-def cmd_merge(args: argparse.Namespace) -> int:
-    options = {}
-    dtype, max_rank = args.dtype, args.max_rank
-    first_pass = None
-    if args.config or args.recipe:
-        from lego_viz.export.recipe import load_config, load_models
+@dataclasses.dataclass
+class _MergeRequest:
+    """A merge as the command line or a config asks for it, before anything is merged."""
 
-        flag, what = ("--config", "config") if args.config else ("--recipe", "recipe")
-        if args.config and args.recipe:
-            raise UsageError("give --config or --recipe, not both (a recipe is a config).")
-        if args.adapters:
-            raise UsageError(f"give either adapters or {flag}, not both.")
-        given = [option for option, value in _recipe_settings(args) if value not in (None, False)]
-        if given:
-            raise UsageError(f"{flag} takes the merge settings from the {what}; drop {', '.join(given)} "
-                             f"(or edit the {what}).")
-        config = load_config(args.config or args.recipe, what)
-        adapters, notes = load_models(config)
-        for note in notes:
-            print(f"warning: {note}", file=sys.stderr)
-        method, k, weights, allow = config.method, config.k, config.weights, config.allow_base_mismatch
-        options.update(config.options)
-        dtype = dtype or config.dtype
-        max_rank = max_rank or config.max_rank
-    else:
-        # Values are checked as the merge reads each module and the hashes are made beside the merge
-        # (lego_viz.merge.stream): each file is read once by the merge and once by the hash, not three times.
-        adapters = _load(args.adapters, defer_checks=True, hash_weights=False)
-        method, k, weights, allow = args.method or "lego", args.k, args.weights, args.allow_base_mismatch
-        if method == "lego":
-            # lego's first pass over the weights (numpy only) starts in a forked process now, and this one
-            # joins in once it has set up the merge.
-            from lego_viz.merge.first_pass import SharedFirstPass
+    adapters: list[LoraAdapter]
+    method: str
+    k: int | dict[str, int] | None
+    weights: list[float] | None
+    allow_base_mismatch: bool
+    options: dict
+    dtype: str | None
+    max_rank: int | None
+    first_pass: SharedFirstPass | None = None  # lego's first pass, started in a forked process
 
-            first_pass = SharedFirstPass.start(adapters)
-        for key in ("features", "param_reweight", "seed", "n_init", "density", "preset"):
-            value = getattr(args, key)
-            if value is not None:
-                options[key] = value
-        if args.no_output_reweight:
-            options["output_reweight"] = False
-        from lego_viz.merge.registry import user_options
 
-        # merge_streaming's own arguments (checks, errors, group_bytes, ...) are no options of a method
-        options.update(user_options(method, dict(args.option or []), "--option"))
-    from lego_viz.export.folder import export_adapter
+def _first_pass(adapters: list[LoraAdapter], method: str) -> SharedFirstPass | None:
+    """lego's first pass over the weights (numpy only), started in a forked process now; this one joins
+    in once it has set up the merge."""
+    if method != "lego":
+        return None
+    from lego_viz.merge.first_pass import SharedFirstPass
+
+    return SharedFirstPass.start(adapters)
+
+
+def _request_from_config(args: argparse.Namespace) -> _MergeRequest:
+    """``--config`` / ``--recipe``: every merge setting comes from the file."""
+    from lego_viz.export.recipe import load_config, load_models
+
+    flag, what = ("--config", "config") if args.config else ("--recipe", "recipe")
+    if args.config and args.recipe:
+        raise UsageError("give --config or --recipe, not both (a recipe is a config).")
+    if args.adapters:
+        raise UsageError(f"give either adapters or {flag}, not both.")
+    given = [option for option, value in _recipe_settings(args) if value not in (None, False)]
+    if given:
+        raise UsageError(f"{flag} takes the merge settings from the {what}; drop {', '.join(given)} "
+                         f"(or edit the {what}).")
+    config = load_config(args.config or args.recipe, what)
+    adapters, notes = load_models(config, lazy=True)
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
+    return _MergeRequest(adapters, config.method, config.k, config.weights, config.allow_base_mismatch,
+                         dict(config.options), args.dtype or config.dtype, args.max_rank or config.max_rank,
+                         _first_pass(adapters, config.method))
+
+
+def _request_from_args(args: argparse.Namespace) -> _MergeRequest:
+    """Adapters and settings from the command line."""
+    from lego_viz.merge.registry import user_options
+
+    # Values are checked as the merge reads each module and the hashes are made beside the merge
+    # (lego_viz.merge.stream): each file is read once by the merge and once by the hash, not three times.
+    adapters = _load(args.adapters, defer_checks=True, hash_weights=False)
+    method = args.method or "lego"
+    first_pass = _first_pass(adapters, method)
+    options = {key: value for key in ("features", "param_reweight", "seed", "n_init", "density", "preset")
+               if (value := getattr(args, key)) is not None}
+    if args.no_output_reweight:
+        options["output_reweight"] = False
+    # merge_streaming's own arguments (checks, errors, group_bytes, ...) are no options of a method
+    options.update(user_options(method, dict(args.option or []), "--option"))
+    return _MergeRequest(adapters, method, args.k, args.weights, args.allow_base_mismatch, options, args.dtype,
+                         args.max_rank, first_pass)
+
+
+def _run_merge(request: _MergeRequest, checks: bool) -> StreamedMerge:
+    """The merge, its checks and the report's scores, module group by group (lego_viz.merge.stream): memory
+    stays at one group, and the checks and scores use the factors the merge just read."""
     from lego_viz.merge.stream import merge_streaming
 
     summaries = None
-    if first_pass is not None:
-        summaries = first_pass.result()
+    if request.first_pass is not None:
+        summaries = request.first_pass.result()
         # From here on a reader thread and the input hashes each keep a core busy beside the merge: torch's
         # own threads on those cores, where a step needs torch, would only contend (2 cores, 8 adapters of
         # the reference shape: 7.5 s with torch's default 2 threads, 5.5 s with one).
         _leave_cores_for_helpers()
-    # Module group by group: memory stays at one group, and the checks and the report's errors and
-    # retention use the tensors the merge just read (lego_viz.merge.stream).
     progress = _ProgressBar()
     try:
-        result = merge_streaming(adapters, method=method, k=k, weights=weights, allow_base_mismatch=allow,
-                                 checks=not args.no_checks, progress=progress, summaries=summaries, arrays=True,
-                                 **options)
+        return merge_streaming(request.adapters, method=request.method, k=request.k, weights=request.weights,
+                               allow_base_mismatch=request.allow_base_mismatch, checks=checks, progress=progress,
+                               summaries=summaries, arrays=True, **request.options)
     finally:
         progress.close()
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from lego_viz.export.folder import export_adapter
+
+    request = _request_from_config(args) if args.config or args.recipe else _request_from_args(args)
+    result = _run_merge(request, checks=not args.no_checks)
     merged = result.merged
     checks = {key: r.to_dict(per_module=False) for key, r in result.checks.items()} or None
     out = export_adapter(merged, args.out, force=args.force, checks=checks, errors=result.errors,
-                         retained=result.retained, dtype=dtype, max_rank=max_rank)
+                         retained=result.retained, dtype=request.dtype, max_rank=request.max_rank)
     ranks = sorted(set(merged.ranks.values()))
-    print(f"merged {len(adapters)} adapters with {method} → rank {ranks[0] if len(ranks) == 1 else ranks} "
+    print(f"merged {len(request.adapters)} adapters with {request.method} → rank {ranks[0] if len(ranks) == 1 else ranks} "
           f"over {len(merged.modules)} modules in {merged.timings['total']:.2f} s → {out}")
     for warning in dict.fromkeys(merged.warnings):
         print(f"note: {warning}")
@@ -364,14 +395,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def run() -> None:
     """The console entry point: :func:`main`, then a quick exit where the command loaded torch.
 
     Python's own shutdown with torch loaded takes about a second (it tears down every module
     object, and torch has very many); the command has closed everything it wrote by then. So the
     output is flushed, the exit handlers run (temporary directories, thread pools) and the process
-    leaves without the teardown.
+    leaves without the teardown. SIGTERM and SIGHUP end the command as Ctrl-C does, so what it
+    was writing and the zips it extracted are removed on the way out.
     """
+    import signal
+
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), _interrupt)
     code = main()
     if "torch" in sys.modules:
         import atexit

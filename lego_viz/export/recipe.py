@@ -24,10 +24,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from lego_viz.adapters import AdapterError, LoraAdapter, load_adapters, same_base
+from lego_viz.adapters import LoraAdapter, load_adapters, same_base
 from lego_viz.export.serving import DTYPES
+from lego_viz.export.yaml_io import ConfigError, read_yaml, shown
 from lego_viz.merge.registry import user_options
 
 RECIPE_VERSION = 2
@@ -36,10 +35,6 @@ TOP_LEVEL_KEYS = ("merge_method", "models", "parameters", "base_model", "dtype",
 MODEL_KEYS = ("model", "parameters", "name", "sha256", "config_sha256")
 MODEL_PARAMETERS = ("weight", "density")
 METHOD_ALIASES = {"task_arithmetic": "linear"}
-
-
-class ConfigError(AdapterError):
-    """A merge config is malformed; the message names the key and the valid choices."""
 
 
 @dataclass(frozen=True)
@@ -72,14 +67,14 @@ class MergeConfig:
 
 
 def _check_keys(mapping: Mapping, valid: tuple[str, ...], where: str) -> None:
-    unknown = [str(key) for key in mapping if key not in valid]
+    unknown = [shown(key) if not isinstance(key, str) or len(key) > 60 else key for key in mapping if key not in valid][:5]
     if unknown:
         raise ConfigError(f"unknown key(s) {', '.join(unknown)} in {where}; valid keys: {', '.join(valid)}.")
 
 
 def _number(value, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ConfigError(f"{what} must be a finite number, got {value!r} (per-layer lists or gradients are not supported).")
+        raise ConfigError(f"{what} must be a finite number, got {shown(value)} (per-layer lists or gradients are not supported).")
     return float(value)
 
 
@@ -94,7 +89,7 @@ def _mapping(value, what: str) -> dict:
 def _model_entry(raw, i: int, label: str) -> tuple[ModelEntry, float | None]:
     where = f"{label}: models[{i}]"
     if not isinstance(raw, dict) or not isinstance(raw.get("model"), str) or not raw["model"].strip():
-        raise ConfigError(f"{where} needs 'model: PATH_OR_HUB_ID' (a LoRA adapter), got {raw!r}.")
+        raise ConfigError(f"{where} needs 'model: PATH_OR_HUB_ID' (a LoRA adapter), got {shown(raw)}.")
     _check_keys(raw, MODEL_KEYS, where)
     params = _mapping(raw.get("parameters"), f"{where}.parameters")
     _check_keys(params, MODEL_PARAMETERS, f"{where}.parameters")
@@ -102,7 +97,7 @@ def _model_entry(raw, i: int, label: str) -> tuple[ModelEntry, float | None]:
     density = _number(params["density"], f"{where}.parameters.density") if "density" in params else None
     name = raw.get("name")
     if name is not None and not isinstance(name, str):
-        raise ConfigError(f"{where}.name must be a string, got {name!r}.")
+        raise ConfigError(f"{where}.name must be a string, got {shown(name)}.")
     entry = ModelEntry(model=raw["model"], weight=weight, name=name, sha256=str(raw.get("sha256") or ""),
                        config_sha256=str(raw.get("config_sha256") or ""))
     return entry, density
@@ -134,10 +129,10 @@ def parse_config(data, label: str = "config") -> MergeConfig:
     params = dict(_mapping(data.get("parameters"), f"{label}: parameters"))
     k = params.pop("k", None)
     if not (k is None or (isinstance(k, int) and not isinstance(k, bool)) or isinstance(k, dict)):
-        raise ConfigError(f"{label}: parameters.k must be a whole number or a mapping of module patterns to ranks, got {k!r}.")
+        raise ConfigError(f"{label}: parameters.k must be a whole number or a mapping of module patterns to ranks, got {shown(k)}.")
     normalize = params.pop("normalize", False)
     if not isinstance(normalize, bool):
-        raise ConfigError(f"{label}: parameters.normalize must be true or false, got {normalize!r}.")
+        raise ConfigError(f"{label}: parameters.normalize must be true or false, got {shown(normalize)}.")
     given = {d for d in densities if d is not None}
     if given:
         # mergekit sets density per model; the PEFT-style methods here apply one density to all factors.
@@ -152,16 +147,16 @@ def parse_config(data, label: str = "config") -> MergeConfig:
         entries = tuple(ModelEntry(e.model, e.weight / total, e.name, e.sha256, e.config_sha256) for e in entries)
     dtype = data.get("out_dtype", data.get("dtype"))
     if dtype is not None and str(dtype).lower() not in DTYPES:
-        raise ConfigError(f"{label}: dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
+        raise ConfigError(f"{label}: dtype {shown(dtype)} is not one of {', '.join(DTYPES)}.")
     max_rank = data.get("max_rank")
     if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1):
-        raise ConfigError(f"{label}: max_rank must be a positive whole number, got {max_rank!r}.")
+        raise ConfigError(f"{label}: max_rank must be a positive whole number, got {shown(max_rank)}.")
     base = data.get("base_model")
     if base is not None and not isinstance(base, str):
-        raise ConfigError(f"{label}: base_model must be a model name or path, got {base!r}.")
+        raise ConfigError(f"{label}: base_model must be a model name or path, got {shown(base)}.")
     allow = data.get("allow_base_mismatch", False)
     if not isinstance(allow, bool):
-        raise ConfigError(f"{label}: allow_base_mismatch must be true or false, got {allow!r}.")
+        raise ConfigError(f"{label}: allow_base_mismatch must be true or false, got {shown(allow)}.")
     method = METHOD_ALIASES.get(method, method)
     # Only the method's declared options: 'checks', 'errors', 'weights', ... are the program's own arguments.
     params = user_options(method, params, f"{label}: parameters")
@@ -186,19 +181,14 @@ def _from_recipe_v1(recipe: dict) -> dict:
 def load_recipe(path: str | os.PathLike) -> dict:
     """Read and validate a version-1 ``recipe.yaml`` (lego_viz_recipe: 1)."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"recipe {path} does not exist.") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"recipe {path} is not valid YAML ({str(exc).splitlines()[0]}).") from None
+    data = read_yaml(path, "recipe")
     if not isinstance(data, dict) or data.get("lego_viz_recipe") != 1 or not isinstance(data.get("adapters"), list):
         raise ConfigError(f"{path} is not a lego-viz recipe (expected keys lego_viz_recipe: 1, adapters, method).")
     if not isinstance(data.get("method"), str):
         raise ConfigError(f"recipe {path} names no merge method: add e.g. 'method: lego' (as written by an export).")
     for i, entry in enumerate(data["adapters"]):
         if not isinstance(entry, dict) or not all(isinstance(entry.get(key), str) for key in ("path", "name")):
-            raise ConfigError(f"recipe {path}: adapters[{i}] needs a 'path' and a 'name' (strings), got {entry!r}.")
+            raise ConfigError(f"recipe {path}: adapters[{i}] needs a 'path' and a 'name' (strings), got {shown(entry)}.")
     if not isinstance(data.get("options") or {}, dict):
         raise ConfigError(f"recipe {path}: 'options' must be a mapping of option names to values.")
     weights, count = data.get("weights"), len(data["adapters"])
@@ -212,19 +202,17 @@ def load_recipe(path: str | os.PathLike) -> dict:
 def load_config(path: str | os.PathLike, what: str = "config") -> MergeConfig:
     """Read and validate a config file (mergekit shape, or a lego-viz recipe of any version)."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{what} {path} does not exist.") from None
-    except (yaml.YAMLError, UnicodeDecodeError, IsADirectoryError) as exc:
-        raise ConfigError(f"{what} {path} is not valid YAML ({str(exc).splitlines()[0]}).") from None
+    data = read_yaml(path, what)
     if isinstance(data, dict) and data.get("lego_viz_recipe") == 1:
         data = _from_recipe_v1(load_recipe(path))
     return parse_config(data, f"{what} {path}")
 
 
-def load_models(config: MergeConfig) -> tuple[list[LoraAdapter], list[str]]:
+def load_models(config: MergeConfig, lazy: bool = False) -> tuple[list[LoraAdapter], list[str]]:
     """Load a config's adapters and check them against what it records.
+
+    Args:
+        lazy: leave the weights in their files, read when a module is used (the merge command).
 
     Returns:
         (adapters, notes): notes say which adapter changed since a recipe hashed it.
@@ -232,7 +220,7 @@ def load_models(config: MergeConfig) -> tuple[list[LoraAdapter], list[str]]:
     Raises:
         ConfigError: ``base_model`` disagrees with an adapter's base (unless allow_base_mismatch).
     """
-    adapters = load_adapters([m.model for m in config.models], [m.name for m in config.models])
+    adapters = load_adapters([m.model for m in config.models], [m.name for m in config.models], lazy=lazy)
     notes = []
     for entry, adapter in zip(config.models, adapters):
         if config.base_model and not config.allow_base_mismatch and not same_base(config.base_model, adapter.base_model):
