@@ -117,12 +117,23 @@ def _symlink_zip(tmp: Path) -> Path:
     return _zip(tmp, [(info, b"/etc/passwd")])
 
 
+CONFIG_CAP = 64 << 10  # tests lower yaml_io.MAX_CONFIG_BYTES (512 KiB) to this
 BOMB_CAP = 4 << 20  # tests lower MAX_UNZIPPED_BYTES (2 GiB) to this, so the bomb stays small and fast
 
 
 def _bomb(tmp: Path) -> Path:
     # 16 MiB of zeros in a ~16 kB zip: 4x over the (lowered) cap
     return _zip(tmp, [("adapter/adapter_config.json", b"{}"), ("adapter/adapter_model.safetensors", b"\0" * (16 << 20))])
+
+
+def _lying_zip(tmp: Path) -> Path:
+    # the central directory says the weights unpack to 10 bytes; the data inflates to 1 MiB
+    path = _zip(tmp, [("adapter/adapter_config.json", b"{}"), ("adapter/adapter_model.safetensors", b"\0" * (1 << 20))])
+    raw = bytearray(path.read_bytes())
+    record = raw.rindex(b"PK\x01\x02")  # the last entry's central directory record
+    raw[record + 24 : record + 28] = (10).to_bytes(4, "little")  # its uncompressed size
+    path.write_bytes(bytes(raw))
+    return path
 
 
 def _non_utf8_name(tmp: Path) -> str:
@@ -161,6 +172,13 @@ def _config(tmp: Path, text: str | bytes | None = None, **fields) -> str:
     path = tmp / "config.yaml"
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
     return str(path)
+
+
+def _alias_bomb(tmp: Path) -> str:
+    # "billion laughs": 9 aliases per level, 6 levels: 0.5 M strings from 400 bytes
+    lines = ["merge_method: lego", "models: [{model: a}]", 'l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 5)]
+    return _config(tmp, text="\n".join([*lines, f"base_model: [{', '.join(['*l4'] * 9)}]", ""]))
 
 
 _NARROW = {"model.layers.0.self_attn.q_proj": (32, 64)}
@@ -209,6 +227,9 @@ CASES: list[Case] = [
     Case("zip-absolute", "zip entry /etc/cron.d/x", "load", lambda t: _zip(t, [("/etc/cron.d/adapter_config.json", b"{}")]), "absolute path"),
     Case("zip-symlink", "zip entry that is a symlink", "load", _symlink_zip, "symbolic link"),
     Case("zip-bomb", "zip that inflates past the size cap", "load", _bomb, "zip bomb"),
+    Case("zip-lying-sizes", "zip whose directory says 10 bytes for 1 MiB of data", "load", _lying_zip, "damaged zip"),
+    Case("zip-many-entries", "zip of 1,001 empty files", "load",
+         lambda t: _zip(t, [(f"adapter/{i}", b"") for i in range(1001)]), "holds 1001 entries"),
     Case("zip-garbage", "a .zip that is not a zip", "load",
          lambda t: (t / "x.zip").write_bytes(b"PK\x03\x04garbage") and t / "x.zip", "not a folder, a .zip"),
     Case("hub-id-long", "1000-character hub id with ..", "load", lambda t: "a/" + "../" * 332 + "b", "not a valid hub id"),
@@ -240,6 +261,16 @@ CASES: list[Case] = [
     Case("recipe-weights-count", "old-format recipe: two adapters, weights: [1.0]", "config",
          lambda t: _config(t, text=json.dumps({"lego_viz_recipe": 1, "method": "linear", "weights": [1.0], "adapters": [
              {"path": str(_good(t, n, seed=i)), "name": n} for i, n in enumerate("ab")]})), r"one number per adapter \(2 adapters\), got 1 weights"),
+    # issue 26: YAML is refused on size, depth, alias expansion and integer length before objects are built
+    Case("config-alias-bomb", "config whose aliases expand to 0.5 M strings (billion laughs)", "config", _alias_bomb,
+         r"key 'base_model' expands to over .* aliases \(an alias bomb\?\)"),
+    Case("config-deep", "config nested 500 levels deep", "config",
+         lambda t: _config(t, text="merge_method: lego\nmodels: " + "[" * 500 + "]" * 500), "nests deeper than 64 levels"),
+    Case("config-huge", "config over the size cap", "config",
+         lambda t: _config(t, text="merge_method: lego\n" + "# padding\n" * (CONFIG_CAP // 8)), "is larger than 64 KiB"),
+    Case("config-not-a-file", "--config given a folder (a device or pipe alike)", "config", lambda t: str(t), "not a regular file"),
+    Case("config-long-int", "parameters.k of 5,000 digits", "config",
+         lambda t: _config(t, text="merge_method: lego\nparameters:\n  k: " + "9" * 5000), r"line 3: key 'k' holds a whole number of 5000 digits"),
     Case("config-internal-parameter", "config parameters: {errors: false}", "config",
          lambda t: _config(t, parameters={"k": 2, "errors": False}), r"parameters: unknown option\(s\) errors .*valid options"),
 ]

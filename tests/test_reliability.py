@@ -4,15 +4,17 @@ import os
 import re
 
 import pytest
-from bad_inputs import BOMB_CAP, CASES, cli_words, load_case_error
+from bad_inputs import BOMB_CAP, CASES, CONFIG_CAP, cli_words, load_case_error
 
 import lego_viz.adapters.loading as adapters_mod
+import lego_viz.export.yaml_io as yaml_io
 from lego_viz.cli.commands import main
 
 
 @pytest.fixture(autouse=True)
 def small_unzip_cap(monkeypatch):
     monkeypatch.setattr(adapters_mod, "MAX_UNZIPPED_BYTES", BOMB_CAP)
+    monkeypatch.setattr(yaml_io, "MAX_CONFIG_BYTES", CONFIG_CAP)
 
 
 def test_corpus_is_large_and_distinct():
