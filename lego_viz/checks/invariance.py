@@ -411,6 +411,62 @@ def _starts(ranks: Sequence[int]) -> list[int]:
     return [0, *itertools.accumulate(ranks)][:-1]
 
 
+# One batch of probe_checks: modules with the same adapters, ranks, scales and weights (``present``: per
+# adapter (index, r, scale, weight)), probe count and dtype.
+_BatchKey = tuple[tuple[tuple[int, int, float, float], ...], int, np.dtype]
+
+
+def _probed_units(
+    adapters: Sequence[LoraAdapter], weights: list[float], perms: dict[tuple[int, str], np.ndarray],
+    unit_probes: Mapping[str, tuple[np.ndarray, np.ndarray]] | None,
+) -> dict[_BatchKey, list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]]:
+    """Every module's probed units ``u = x Aᵀ``, ``v = z B`` (p, n) and its permutation of the stacked units,
+    grouped into batches: ``{key: [(name, u, v, moved), ...]}``. Given ``unit_probes`` read no weights."""
+    batches: dict[_BatchKey, list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]] = {}
+    probes: dict[tuple[str, int], torch.Tensor] = {}
+    buffers = (StackBuffer(), StackBuffer())  # one reused copy per side: fresh ones cost more in page faults
+    for name in module_order(adapters):
+        present = [(t, a.modules[name], w) for t, (a, w) in enumerate(zip(adapters, weights)) if name in a.modules]
+        if unit_probes and name in unit_probes:
+            u, v = unit_probes[name]
+        else:
+            first = present[0][1]
+            z, x = _probe_pair(first.d_in, first.d_out, probes)
+            u = (x @ stacked([lora.A for _, lora, _ in present], 0, buffers[0]).T).cpu().numpy()  # (p, n)
+            v = (z @ stacked([lora.B for _, lora, _ in present], 1, buffers[1])).cpu().numpy()  # (p, n)
+        key = (tuple((t, lora.r, lora.scale, w) for t, lora, w in present), u.shape[0], u.dtype)
+        moved = np.concatenate([perms[t, name] + begin for (t, _, _), begin in zip(present, _starts([lora.r for _, lora, _ in present]))])
+        batches.setdefault(key, []).append((name, u, v, moved))
+    return batches
+
+
+def _batch_errors(
+    key: _BatchKey, members: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], shuffle: str
+) -> tuple[list[float], list[float]]:
+    """One batch's errors from its probed units: per module and adapter (module-major) the permutation's,
+    per module the concatenation's."""
+    present, _, dtype = key
+    u, v, moved = (np.stack([member[i] for member in members]) for i in (1, 2, 3))  # (m, p, n) ×2, (m, n)
+    ranks = [r for _, r, _, _ in present]
+    starts = _starts(ranks)  # first unit of each adapter's block
+    block = np.repeat(np.arange(len(present)), ranks)  # (n,) adapter block of each unit
+    scale = np.repeat(np.array([s for _, _, s, _ in present], dtype=dtype), ranks)
+    weight = np.array([w for _, _, _, w in present], dtype=dtype)
+    # Every unit's rank-one sketch v_i u_iᵀ (m, n, p, p); an adapter's update sums its units' sketches.
+    u, v = np.swapaxes(u, 1, 2), np.swapaxes(v, 1, 2)  # (m, n, p)
+    sketches = v[..., :, None] * u[..., None, :] * scale[:, None, None]
+    moved_v = v if shuffle == "a_only" else np.take_along_axis(v, moved[..., None], 1)
+    moved_sketches = moved_v[..., :, None] * np.take_along_axis(u, moved[..., None], 1)[..., None, :] * scale[:, None, None]
+    own = np.add.reduceat(sketches, starts, axis=1)  # (m, T, p, p)
+    shuffled = np.add.reduceat(moved_sketches, starts, axis=1)
+    p = sketches.shape[-1]
+    permutation = _sketch_errors(own.reshape(-1, p, p), shuffled.reshape(-1, p, p))
+    # the weighted sum of the adapters' updates vs the concatenated LoRA (scale and weight per unit)
+    summed = (own * weight[:, None, None]).sum(axis=1)
+    concatenated = (sketches * weight[block][:, None, None]).sum(axis=1)
+    return permutation, _sketch_errors(summed, concatenated)
+
+
 def probe_checks(
     adapters: Sequence[LoraAdapter],
     weights: Sequence[float] | None = None,
@@ -449,50 +505,16 @@ def probe_checks(
         raise ValueError(f"shuffle must be 'both' or 'a_only', got {shuffle!r}.")
     start = time.perf_counter()
     weights = list(weights) if weights is not None else [1.0] * len(adapters)
-    perms = _permutations(adapters, seed)
     label = "permutation" if shuffle == "both" else "permutation_a_only"
     permutation = CheckResult(name=label, tolerance=tolerance, expect_pass=shuffle == "both", method="probe")
     concat = CheckResult(name="concat_sum", tolerance=tolerance, method="probe")
-    # Modules with the same adapters, ranks, scales and probe count are checked together, as one batch.
-    batches: dict[tuple, list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]] = {}
-    probes: dict[tuple[str, int], torch.Tensor] = {}
-    buffers = (StackBuffer(), StackBuffer())  # one reused copy per side: fresh ones cost more in page faults
-    for name in module_order(adapters):
-        present = [(t, a.modules[name], w) for t, (a, w) in enumerate(zip(adapters, weights)) if name in a.modules]
-        if unit_probes and name in unit_probes:
-            u, v = unit_probes[name]
-        else:
-            first = present[0][1]
-            z, x = _probe_pair(first.d_in, first.d_out, probes)
-            u = (x @ stacked([lora.A for _, lora, _ in present], 0, buffers[0]).T).cpu().numpy()  # (p, n)
-            v = (z @ stacked([lora.B for _, lora, _ in present], 1, buffers[1])).cpu().numpy()  # (p, n)
-        key = (tuple((t, lora.r, lora.scale, w) for t, lora, w in present), u.shape[0], u.dtype)
-        moved = np.concatenate([perms[t, name] + begin for (t, _, _), begin in zip(present, _starts([lora.r for _, lora, _ in present]))])
-        batches.setdefault(key, []).append((name, u, v, moved))
-    for (present, _, dtype), members in batches.items():
-        names = [name for name, *_ in members]
-        u, v, moved = (np.stack([member[i] for member in members]) for i in (1, 2, 3))  # (m, p, n) ×2, (m, n)
-        ranks = [r for _, r, _, _ in present]
-        starts = _starts(ranks)  # first unit of each adapter's block
-        block = np.repeat(np.arange(len(present)), ranks)  # (n,) adapter block of each unit
-        scale = np.repeat(np.array([s for _, _, s, _ in present], dtype=dtype), ranks)
-        weight = np.array([w for _, _, _, w in present], dtype=dtype)
-        # Every unit's rank-one sketch v_i u_iᵀ (m, n, p, p); an adapter's update sums its units' sketches.
-        u, v = np.swapaxes(u, 1, 2), np.swapaxes(v, 1, 2)  # (m, n, p)
-        sketches = v[..., :, None] * u[..., None, :] * scale[:, None, None]
-        moved_v = v if shuffle == "a_only" else np.take_along_axis(v, moved[..., None], 1)
-        moved_sketches = moved_v[..., :, None] * np.take_along_axis(u, moved[..., None], 1)[..., None, :] * scale[:, None, None]
-        own = np.add.reduceat(sketches, starts, axis=1)  # (m, T, p, p)
-        shuffled = np.add.reduceat(moved_sketches, starts, axis=1)
-        p = sketches.shape[-1]
-        errors = _sketch_errors(own.reshape(-1, p, p), shuffled.reshape(-1, p, p))
+    for key, members in _probed_units(adapters, weights, _permutations(adapters, seed), unit_probes).items():
+        present, names = key[0], [name for name, *_ in members]
+        errors, concat_errors = _batch_errors(key, members, shuffle)
         for i, name in enumerate(names):
             for (t, *_), error in zip(present, errors[i * len(present) : (i + 1) * len(present)]):
                 permutation.per_module[f"{adapters[t].name}:{name}"] = error
-        # the weighted sum of the adapters' updates vs the concatenated LoRA (scale and weight per unit)
-        summed = (own * weight[:, None, None]).sum(axis=1)
-        concatenated = (sketches * weight[block][:, None, None]).sum(axis=1)
-        concat.per_module.update(zip(names, _sketch_errors(summed, concatenated)))
+        concat.per_module.update(zip(names, concat_errors))
     # in the order the other checks report them: adapter by adapter, module by module
     permutation.per_module = {key: permutation.per_module[key] for key in (f"{a.name}:{m}" for a in adapters for m in a.modules)}
     concat.per_module = {name: concat.per_module[name] for name in module_order(adapters)}
