@@ -174,9 +174,14 @@ def test_export_refuses_non_empty_folder_without_force(tmp_path, toy_adapters):
     (target / "keep.txt").write_text("user data")
     with pytest.raises(ExportError, match="not empty.*--force"):
         export_adapter(merged, target)
-    assert (target / "keep.txt").exists()
-    export_adapter(merged, target, force=True)
-    assert not (target / "keep.txt").exists() and (target / "adapter_model.safetensors").exists()
+    # --force replaces an earlier export only (issue 26): a folder with the user's own files stays
+    with pytest.raises(ExportError, match="not a folder an export wrote .it holds keep.txt"):
+        export_adapter(merged, target, force=True)
+    assert (target / "keep.txt").read_text() == "user data"
+    (target / "keep.txt").unlink()
+    export_adapter(merged, target)
+    export_adapter(merge(toy_adapters, "svd", k=2), target, force=True)
+    assert json.loads((target / "merge_report.json").read_text())["method"] == "svd"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]  # no temp or backup folders left
 
 

@@ -1,12 +1,16 @@
 """Hostile inputs on the newer surfaces (issue 26, part A): attacks that need more than one error line
 to describe, beside the corpus in bad_inputs.py."""
 
+import json
 import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from conftest import make_adapter, save_peft_folder
+
+from lego_viz.cli.commands import main
 
 
 def test_backtracking_patterns_match_in_linear_time(tmp_path):
@@ -32,3 +36,34 @@ def test_backtracking_patterns_match_in_linear_time(tmp_path):
     r, message = done.stdout.split(" ", 1)
     assert r == "4"  # the pattern matches no module: the config's r
     assert message.startswith("k pattern '(.|.)*Z' matches no module")
+
+
+def _tree(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("where", ["foreign", "input", "inside-input", "holds-input"])
+def test_force_never_replaces_what_an_export_did_not_write(where, tmp_path, capsys):
+    # --force on a project folder deleted src/main.py; on an input's own folder it replaced the input
+    work = tmp_path / "work"
+    a = save_peft_folder(make_adapter("a", seed=1), work / "a")
+    b = save_peft_folder(make_adapter("b", seed=2), tmp_path / "b")
+    (tmp_path / "project" / "src").mkdir(parents=True)
+    (tmp_path / "project" / "src" / "main.py").write_text("print('mine')\n")
+    out = {"foreign": tmp_path / "project", "input": a, "inside-input": a / "merged", "holds-input": work}[where]
+    before = _tree(tmp_path)
+    code = main(["merge", str(a), str(b), "--method", "linear", "--out", str(out), "--force"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    expected = "not a folder an export wrote" if where == "foreign" else "input adapter 'a'"
+    assert expected in err[0], err[0]
+    assert _tree(tmp_path) == before  # nothing replaced, nothing left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "project", "work"]
+
+
+def test_force_replaces_an_earlier_export(tmp_path, capsys):
+    a = save_peft_folder(make_adapter("a", seed=1), tmp_path / "a")
+    out = tmp_path / "out"
+    assert main(["merge", str(a), "--method", "linear", "--out", str(out)]) == 0
+    assert main(["merge", str(a), "--method", "svd", "--k", "2", "--out", str(out), "--force"]) == 0
+    assert json.loads((out / "merge_report.json").read_text())["method"] == "svd"

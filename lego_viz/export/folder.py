@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import yaml
 
-from lego_viz.adapters import CONFIG_NAME, KEY_PREFIX, AdapterError, LoraAdapter, safetensors_io
+from lego_viz.adapters import CONFIG_NAME, KEY_PREFIX, AdapterError, LoraAdapter, printable, safetensors_io
 from lego_viz.export.model_card import CARD_NAME, model_card
 from lego_viz.export.recipe import recipe_config
 from lego_viz.export.serving import cast_factor, check_max_rank, resolve_dtype
@@ -181,6 +181,36 @@ def _write(folder: Path, merged: MergedAdapter, report: dict, dtype: str) -> Non
     (folder / CARD_NAME).write_text(model_card(merged, steps, dtype, config["task_type"]), encoding="utf-8")
 
 
+EXPORT_FILES = frozenset({WEIGHTS_NAME, CONFIG_NAME, REPORT_NAME, RECIPE_NAME, CARD_NAME})
+
+
+def _check_target(out: Path, merged: MergedAdapter, force: bool) -> None:
+    """Refuse an output folder that is, holds or lies inside an input, and (with ``force``) one that an
+    export did not write: ``--force`` replaces a previous export, never the user's other files."""
+    for source in merged.sources:
+        spec = source.get("source") or ""
+        if not spec or spec.startswith("memory:") or not Path(spec).expanduser().exists():
+            continue  # a hub id or an adapter built in memory
+        src = Path(spec).expanduser().resolve()
+        relation = "is" if out == src else "is inside" if src in out.parents else "holds" if out in src.parents else ""
+        if relation:
+            raise ExportError(f"the output folder {out} {relation} input adapter {source.get('name')!r} ({src}); "
+                              "write the merge to a folder apart from its inputs.")
+    if not out.is_dir():
+        return
+    entries = list(out.iterdir())
+    if not entries:
+        return
+    if not force:
+        raise ExportError(f"{out} is not empty; choose an empty folder or pass --force to replace an earlier export.")
+    foreign = sorted(e.name for e in entries if e.name not in EXPORT_FILES or e.is_symlink() or not e.is_file())
+    if foreign or not {CONFIG_NAME, REPORT_NAME} <= {e.name for e in entries}:
+        shown = ", ".join(printable(name)[:40] for name in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        what = f"it holds {shown}" if foreign else f"it has no {REPORT_NAME}"
+        raise ExportError(f"{out} is not a folder an export wrote ({what}); --force replaces only an earlier export "
+                          f"({CONFIG_NAME} + {REPORT_NAME} and the files beside them): choose another folder.")
+
+
 def export_adapter(
     merged: MergedAdapter,
     out_dir: str | os.PathLike,
@@ -197,8 +227,9 @@ def export_adapter(
 
     Args:
         merged: the merge result.
-        out_dir: target folder; must not exist or be empty unless ``force``.
-        force: replace a non-empty folder.
+        out_dir: target folder; must not exist or be empty unless ``force``, and is never an input's
+            folder (nor holds one, nor lies inside one).
+        force: replace a folder that an earlier export wrote (nothing else).
         adapters: the source adapters, to put reconstruction errors in the report.
         checks: invariance results to put in the report.
         dtype: ``fp32``/``bf16``/``fp16`` for the saved factors; default the inputs' dtype.
@@ -213,8 +244,7 @@ def export_adapter(
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is not a folder; choose another --out.")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise ExportError(f"{out} is not empty; choose an empty folder or pass --force to replace it.")
+    _check_target(out, merged, force)
     check_max_rank(merged, max_rank)
     saved_dtype = resolve_dtype(dtype, [s.get("dtype", "float32") for s in merged.sources])
     out.parent.mkdir(parents=True, exist_ok=True)
