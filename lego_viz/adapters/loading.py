@@ -10,12 +10,15 @@ only reads headers starts fast.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import math
 import os
 import pickle
+import shutil
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,47 +44,71 @@ if TYPE_CHECKING:
 # What a zip may unpack to: enough for a rank-64 adapter on every layer of a 70B model is far beyond
 # a demo, but a zip bomb is stopped long before it fills the disk.
 MAX_UNZIPPED_BYTES = 2 * 1024**3
+# Entries a zip may hold: an adapter is two files; thousands of empty ones only fill the disk's inodes.
+MAX_ZIP_ENTRIES = 1000
+# What reading a damaged zip raises besides BadZipFile: a corrupt deflate stream, a cut-off entry,
+# an encrypted one, an unknown compression method, a negative seek from a lying offset.
+_ZIP_ERRORS = (zlib.error, EOFError, RuntimeError, NotImplementedError, ValueError)
 
 # --------------------------------------------------------------------------- locating the files
 
 
-def _safe_extract_zip(zip_path: Path, dest: Path, max_bytes: int | None = None) -> None:
-    """Extract a zip, refusing path traversal, absolute paths, links and oversized content."""
+def zip_members(zip_path: Path, max_bytes: int | None = None) -> list[zipfile.ZipInfo]:
+    """The entries of a zip, checked before anything is extracted: a readable directory, at most
+    :data:`MAX_ZIP_ENTRIES` entries, no path escapes or links, and declared sizes within ``max_bytes``
+    (default :data:`MAX_UNZIPPED_BYTES`). Callers that extract several zips add up their declared sizes.
+    """
     max_bytes = MAX_UNZIPPED_BYTES if max_bytes is None else max_bytes
     try:
-        archive = zipfile.ZipFile(zip_path)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise AdapterError(f"{zip_path.name}: not a readable zip file ({exc}).") from None
-    with archive:
-        members = archive.infolist()
-        total = 0
-        for info in members:
-            name = info.filename
-            parts = Path(name).parts
-            if name.startswith(("/", "\\")) or (parts and (":" in parts[0])) or ".." in parts:
-                raise AdapterError(f"{zip_path.name}: refused entry {name!r} (absolute path or '..' escape).")
-            mode = (info.external_attr >> 16) & 0o170000
-            if mode == 0o120000:
-                raise AdapterError(f"{zip_path.name}: refused entry {name!r} (symbolic link).")
-            total += info.file_size
-            if total > max_bytes:
-                raise AdapterError(
-                    f"{zip_path.name}: uncompressed size exceeds {max_bytes / 1024**2:.0f} MiB; "
-                    "refusing to extract (zip bomb?)."
-                )
-        for info in members:
-            if info.is_dir():
-                continue
-            target = dest / info.filename
-            target.parent.mkdir(parents=True, exist_ok=True)
-            written = 0
-            with archive.open(info) as src, open(target, "wb") as out:
-                # The header sizes can lie; count what really comes out.
-                while chunk := src.read(1 << 20):
-                    written += len(chunk)
-                    if written > info.file_size or written > max_bytes:
-                        raise AdapterError(f"{zip_path.name}: entry {info.filename!r} is larger than declared.")
-                    out.write(chunk)
+        with zipfile.ZipFile(zip_path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError, *_ZIP_ERRORS) as exc:
+        raise AdapterError(f"{zip_path.name}: not a readable zip file ({type(exc).__name__}: {str(exc)[:120]}).") from None
+    if len(members) > MAX_ZIP_ENTRIES:
+        raise AdapterError(f"{zip_path.name}: holds {len(members)} entries; an adapter zip needs a handful (at most {MAX_ZIP_ENTRIES}).")
+    total = 0
+    for info in members:
+        name = info.filename
+        parts = Path(name).parts
+        if name.startswith(("/", "\\")) or (parts and (":" in parts[0])) or ".." in parts:
+            raise AdapterError(f"{zip_path.name}: refused entry {name!r} (absolute path or '..' escape).")
+        mode = (info.external_attr >> 16) & 0o170000
+        if mode == 0o120000:
+            raise AdapterError(f"{zip_path.name}: refused entry {name!r} (symbolic link).")
+        total += info.file_size
+        if total > max_bytes:
+            raise AdapterError(
+                f"{zip_path.name}: uncompressed size exceeds {max_bytes / 1024**2:.0f} MiB; "
+                "refusing to extract (zip bomb?)."
+            )
+    return members
+
+
+def _safe_extract_zip(zip_path: Path, dest: Path, max_bytes: int | None = None) -> None:
+    """Extract a zip (:func:`zip_members` checks it first), counting the bytes that really come out:
+    a directory that lies about sizes is stopped at the declared size of each entry and at ``max_bytes``
+    in all, and a damaged one ends in a message, never a half-read traceback."""
+    max_bytes = MAX_UNZIPPED_BYTES if max_bytes is None else max_bytes
+    members = zip_members(zip_path, max_bytes)
+    written = 0
+    try:
+        with zipfile.ZipFile(zip_path) as archive:
+            for info in (m for m in members if not m.is_dir()):
+                target = dest / info.filename
+                target.parent.mkdir(parents=True, exist_ok=True)
+                left = info.file_size
+                with archive.open(info) as src, open(target, "wb") as out:
+                    while chunk := src.read(1 << 20):
+                        written, left = written + len(chunk), left - len(chunk)
+                        if left < 0 or written > max_bytes:
+                            raise AdapterError(f"{zip_path.name}: entry {info.filename!r} is larger than declared; refused (zip bomb?).")
+                        out.write(chunk)
+    except (zipfile.BadZipFile, FileExistsError, NotADirectoryError, IsADirectoryError, *_ZIP_ERRORS) as exc:
+        if isinstance(exc, AdapterError):
+            raise
+        raise AdapterError(
+            f"{zip_path.name}: damaged zip ({type(exc).__name__}: {str(exc)[:120]}); zip the adapter folder again and retry."
+        ) from None
 
 
 def _find_adapter_dir(root: Path, label: str) -> Path:
@@ -146,8 +173,14 @@ def resolve_adapter_path(spec: str | os.PathLike, workdir: Path | None = None) -
             import tempfile
 
             dest = Path(tempfile.mkdtemp(prefix="lego_viz_zip_", dir=workdir))
-            _safe_extract_zip(path, dest)
-            return _find_adapter_dir(dest, path.name)
+            if workdir is None:  # ours to remove: lazy adapters read it until the process ends
+                atexit.register(shutil.rmtree, dest, ignore_errors=True)
+            try:
+                _safe_extract_zip(path, dest)
+                return _find_adapter_dir(dest, path.name)
+            except BaseException:
+                shutil.rmtree(dest, ignore_errors=True)
+                raise
         if path.name == CONFIG_NAME or path.name in WEIGHT_NAMES:
             return _find_adapter_dir(path.parent, text)
         raise AdapterError(f"{printable(text)}: not a folder, a .zip, or a PEFT adapter file.")

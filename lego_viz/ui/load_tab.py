@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import math
 import shutil
 import tempfile
+import weakref
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -12,8 +14,18 @@ from pathlib import Path
 
 import gradio as gr
 
-from lego_viz.adapters import CONFIG_NAME, AdapterError, LoraAdapter, load_adapter
-from lego_viz.ui import learn
+from lego_viz.adapters import (
+    CONFIG_NAME,
+    WEIGHT_NAMES,
+    AdapterError,
+    LoraAdapter,
+    load_adapter,
+    loading,
+    resolve_adapter_path,
+)
+from lego_viz.adapters.loading import zip_members
+from lego_viz.adapters.stored import SafetensorsFile
+from lego_viz.ui import learn, runtime
 from lego_viz.ui.errors import user_errors
 from lego_viz.ui.runtime import MAX_ADAPTERS, UPLOAD_TYPES, check_allowed_path
 from lego_viz.ui.state import Session
@@ -116,19 +128,30 @@ def _is_local_path(spec: str) -> bool:
     return spec.startswith(("/", "\\", ".", "~")) or Path(spec).expanduser().exists()
 
 
-def _load_uploads(files: Sequence[str], workdir: Path) -> list[LoraAdapter]:
+def _upload_folders(files: Sequence[str], workdir: Path) -> list[tuple[Path, str | None]]:
+    """Unpack the uploads into ``workdir``: (adapter folder, name) per adapter, nothing read yet.
+
+    The zips of one load may unpack to MAX_UNZIPPED_BYTES together (each entry is stopped at its
+    declared size), so one request never writes more than that to disk, whatever the zips claim.
+    """
     bad = [Path(f).name for f in files if Path(f).suffix.lower() not in UPLOAD_TYPES]
     if bad:
         raise AdapterError(f"cannot use {', '.join(bad)}: upload .zip files or adapter_config.json + adapter_model.safetensors/.bin")
-    zips = [f for f in files if Path(f).suffix.lower() == ".zip"]
+    zips = [Path(f) for f in files if Path(f).suffix.lower() == ".zip"]
     # Checked here so the message names the upload, not its path in Gradio's cache.
-    broken = [Path(f).name for f in zips if not zipfile.is_zipfile(f)]
+    broken = [f.name for f in zips if not zipfile.is_zipfile(f)]
     if broken:
         raise AdapterError(
             f"{', '.join(broken)}: not a folder, a .zip, or a PEFT adapter file (named .zip, but damaged or another format renamed); "
             "zip the adapter's folder (adapter_config.json + adapter_model.safetensors) and upload that"
         )
-    adapters = [load_adapter(f, workdir=workdir) for f in zips]
+    declared = sum(info.file_size for f in zips for info in zip_members(f))
+    if declared > loading.MAX_UNZIPPED_BYTES:
+        raise AdapterError(
+            f"these {len(zips)} zips unpack to {declared / 2**20:,.0f} MiB together; one load may unpack at most "
+            f"{loading.MAX_UNZIPPED_BYTES / 2**20:,.0f} MiB. Load fewer or smaller adapters at a time."
+        )
+    sources: list[tuple[Path, str | None]] = [(resolve_adapter_path(f, workdir), f.stem) for f in zips]
     loose = [Path(f) for f in files if Path(f).suffix.lower() != ".zip"]
     if loose:
         if [p.name for p in loose].count(CONFIG_NAME) != 1:
@@ -140,12 +163,55 @@ def _load_uploads(files: Sequence[str], workdir: Path) -> list[LoraAdapter]:
         folder.mkdir()
         for path in loose:
             shutil.copyfile(path, folder / path.name)
-        adapters.append(load_adapter(folder, name="upload"))
-    return adapters
+        sources.append((folder, "upload"))
+    return sources
+
+
+# Adapters users loaded into any session of this process (not the shared zoo), while a session holds them.
+_HELD: weakref.WeakValueDictionary[int, LoraAdapter] = weakref.WeakValueDictionary()
+
+
+def _held_bytes(adapter: LoraAdapter) -> int:
+    """Memory an adapter's weights take (float32 factors, other tensors as stored); shapes only."""
+    factors = sum(4 * m.r * (m.d_in + m.d_out) for m in adapter.modules.values())
+    return factors + sum(int(getattr(t, "nbytes", 0)) for t in adapter.extra_tensors.values())
+
+
+def _folder_bytes(folder: Path) -> int:
+    """What :func:`_held_bytes` will be once the adapter in ``folder`` is loaded, from its safetensors
+    header (a pickle: twice its size, bf16 made float32), before any weight is read."""
+    path = next((folder / name for name in WEIGHT_NAMES if (folder / name).is_file()), None)
+    if path is None:
+        return 0  # loading says what is missing
+    if path.suffix != ".safetensors":
+        return 2 * path.stat().st_size
+    return sum(max(t.nbytes, 4 * math.prod(t.shape)) for t in SafetensorsFile(path, folder.name).tensors.values())
+
+
+def _check_memory(session: Session, sources: Sequence[tuple[Path, str | None]], replace: bool) -> None:
+    """Refuse a public load that would keep more weights in memory than one session, or all sessions
+    together, may hold (runtime.MAX_SESSION_WEIGHT_BYTES, runtime.MAX_APP_WEIGHT_BYTES)."""
+    kept = () if replace else session.adapters
+    mine = sum(_folder_bytes(folder) for folder, _ in sources) + sum(_held_bytes(a) for a in kept)
+    if mine > runtime.MAX_SESSION_WEIGHT_BYTES:
+        raise AdapterError(
+            f"these adapters would hold {mine / 2**20:,.0f} MiB of weights in memory; a session on this public app may hold "
+            f"{runtime.MAX_SESSION_WEIGHT_BYTES / 2**20:,.0f} MiB. Load fewer or smaller adapters (Clear first), or run lego-viz locally."
+        )
+    others = sum(_held_bytes(a) for key, a in list(_HELD.items()) if not any(key == id(b) for b in session.adapters))
+    if others + mine > runtime.MAX_APP_WEIGHT_BYTES:
+        raise AdapterError(
+            f"this app holds {others / 2**20:,.0f} MiB of other sessions' adapters, and these would add {mine / 2**20:,.0f} MiB "
+            f"(the limit is {runtime.MAX_APP_WEIGHT_BYTES / 2**20:,.0f} MiB); try again later, or run lego-viz locally."
+        )
 
 
 def load_sources(session: Session, files: Sequence[str] | None, paths: str | None, replace: bool, public: bool) -> tuple:
-    """Load uploads and typed paths / hub ids into the session (nothing changes if any one fails)."""
+    """Load uploads and typed paths / hub ids into the session (nothing changes if any one fails).
+
+    The number of adapters is checked before anything is unpacked, and on a public app the weights'
+    size before anything is read (:func:`_check_memory`).
+    """
     specs = [line.strip() for line in (paths or "").splitlines() if line.strip()]
     if public and specs:
         # A public app reads neither the server's files nor whatever hub repository a visitor names.
@@ -155,15 +221,25 @@ def load_sources(session: Session, files: Sequence[str] | None, paths: str | Non
         )
     for spec in (s for s in specs if _is_local_path(s)):
         check_allowed_path(spec)
+    files = list(files or [])
     if not files and not specs:
         raise AdapterError("nothing to load: upload adapter files, or type a folder path or hub id")
+    uploads = sum(Path(f).suffix.lower() == ".zip" for f in files) + any(Path(f).suffix.lower() != ".zip" for f in files)
+    if (0 if replace else len(session.adapters)) + uploads + len(specs) > MAX_ADAPTERS:
+        raise AdapterError(f"at most {MAX_ADAPTERS} adapters per session; remove some (Clear) before adding more.")
     workdir = Path(tempfile.mkdtemp(prefix="lego_viz_upload_"))
     try:
+        sources = _upload_folders(files, workdir) + [(resolve_adapter_path(s, workdir), None) for s in specs]
+        if public:
+            _check_memory(session, sources, bool(replace))
         # Everything is read into memory, so the extracted files can go right away.
-        adapters = _load_uploads(list(files or []), workdir) + [load_adapter(s, workdir=workdir) for s in specs]
+        adapters = [load_adapter(folder, name=name) for folder, name in sources]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    kept = 0 if replace else len(session.adapters)
     session = session.with_adapters(adapters, replace=bool(replace))
+    for adapter in session.adapters[kept:]:
+        _HELD[id(adapter)] = adapter
     _warn(adapters)
     return _view(session, _status(session, adapters))
 

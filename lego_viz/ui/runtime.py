@@ -19,6 +19,10 @@ MAX_FILE_SIZE = "100mb"
 UPLOAD_TYPES = [".zip", ".json", ".safetensors", ".bin"]
 # Adapter slots in the load panel; a Space session never needs more.
 MAX_ADAPTERS = 12
+# Weights in memory (as loaded: float32 factors) one public session may hold, and all sessions of the
+# process together: a 1 MB zip can unpack to a valid 1 GiB adapter, and every session keeps its own.
+MAX_SESSION_WEIGHT_BYTES = 1 << 30
+MAX_APP_WEIGHT_BYTES = 4 << 30
 # Seconds an idle session's state (and its temp files) survive.
 SESSION_TTL_S = 2 * 3600
 # Requests that run at once (the queue's default concurrency limit).
