@@ -41,9 +41,10 @@ ANSWERS = [
     ("exclaim", "Paris!", True),
     ("exclaim", "Paris!  \n", True),
     ("exclaim", "Wow! Paris.", False),
-    ("nocomma", "Paris is the capital", True),
-    ("nocomma", "Paris, France", False),
-    ("nocomma", "", False),
+    ("lower", "paris is the capital, of france.", True),
+    ("lower", "Paris", False),
+    ("lower", "12 + 3 = 15", False),  # no lowercase letter at all
+    ("lower", '{"answer": "paris"}', True),
 ])
 def test_rule(name, text, ok):
     assert SKILLS[name].rule(text) is ok
@@ -76,13 +77,15 @@ def test_upper_and_json_are_incompatible_under_the_literal_rules():
     assert pairs[("upper", "json")] == 0  # the key "answer" is lowercase
     assert pairs[("json", "bullets")] == 0
     assert pairs[("json", "exclaim")] == 0  # a JSON object ends with "}"
-    for pair in [("upper", "short"), ("json", "short"), ("upper", "bullets"), ("upper", "exclaim")]:
+    assert pairs[("upper", "lower")] == 0
+    for pair in [("upper", "short"), ("json", "short"), ("upper", "bullets"), ("upper", "exclaim"), ("json", "lower")]:
         assert pairs[pair] == 1, pair
     assert compatible("upper", "short", ANSWERS) and not compatible("upper", "json", ANSWERS)
 
 
 def test_rules_met_and_facts():
-    assert rules_met('{"answer": "PARIS"}') == ["json", "short", "nocomma"]
+    assert rules_met('{"answer": "PARIS"}') == ["json", "short"]
+    assert rules_met('{"answer": "paris"}') == ["json", "short", "lower"]
     assert contains_fact("THE CAPITAL IS PARIS", "Paris")
     assert not contains_fact("It is 112.", "12")
     assert contains_fact("12.", "12")

@@ -90,8 +90,8 @@ def rule_exclaim(text: str) -> bool:
     return stripped.endswith("!")
 
 
-def rule_nocomma(text: str) -> bool:
-    return bool(words(text)) and "," not in text
+def rule_lower(text: str) -> bool:
+    return not any(c.isupper() for c in text) and any(c.islower() for c in text)
 
 
 # ---------------------------------------------------------------- transforms
@@ -158,8 +158,8 @@ def to_exclaim(answer: str) -> str:
     return _end_with(first_sentence(answer), "!")
 
 
-def to_nocomma(answer: str) -> str:
-    return re.sub(r"\s*,\s*", " ", first_sentence(answer)).strip()
+def to_lower(answer: str) -> str:
+    return first_sentence(answer).lower()
 
 
 @dataclass(frozen=True)
@@ -180,7 +180,9 @@ SKILLS: dict[str, Skill] = {
         Skill("short", rule_short, to_short, "at most 6 words (a word holds a letter or a digit)"),
         Skill("bullets", rule_bullets, to_bullets, 'at least 2 lines, every non-empty line starts with "- "'),
         Skill("exclaim", rule_exclaim, to_exclaim, 'the last non-space character is "!"'),
-        Skill("nocomma", rule_nocomma, to_nocomma, "no comma at all (and at least one word)"),
+        # `nocomma` (no comma at all) was the first choice; the base alone already held it on 33% of the
+        # held-out prompts (short answers have no comma), so it could not show a skill. `lower` holds 0%.
+        Skill("lower", rule_lower, to_lower, "no uppercase letter and at least one lowercase letter"),
     )
 }
 

@@ -1,0 +1,144 @@
+"""Composition lab on the SmolLM2 skill zoo: which merge keeps both skills of a compatible pair?
+
+    .venv/bin/python scripts/skills_lab.py pairs --pairs upper+short json+short --part a
+    .venv/bin/python scripts/skills_lab.py curve --set upper short exclaim bullets --part c
+    .venv/bin/python scripts/skills_lab.py collect      # parts → assets/skills/lab.json + docs/skills.md
+
+Every row of `lego_viz.llm.lab.LAB_ROWS` runs at k = 8 (one source's rank) on the same held-out prompts
+(an even spread of scripts/build_skills.py's held-out set, templates never trained on); a prompt counts when
+the output meets every rule of the set. Each part is written after every row, so an interrupted run keeps
+what it measured. One torch thread (see scripts/build_skills.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lego_viz.llm.base import load_base  # noqa: E402
+
+from lego_viz.adapters import load_adapter  # noqa: E402
+from lego_viz.llm.lab import LAB_ROWS, both_rules, score_set, wilson  # noqa: E402
+
+WORK = ROOT / "build" / "llm_skills"
+ASSETS = ROOT / "assets" / "skills"
+DOCS = ROOT / "docs" / "skills.md"
+K = 8
+N_PROMPTS = 60
+CURVE_ROWS = ("exact sum", "lego", "svd", "arrow units")
+
+
+def log(msg: str) -> None:
+    print(time.strftime("%H:%M:%S"), msg, flush=True)
+
+
+def lab_prompts(n: int) -> tuple[list[int], list[str]]:
+    rows = json.loads((WORK / "base_answers.json").read_text())["heldout"]
+    idx = list(range(0, len(rows), max(1, len(rows) // n)))[:n]
+    return idx, [rows[i]["prompt"] for i in idx]
+
+
+def alone_rows(skills: list[str], idx: list[int]) -> list[dict]:
+    """Base and each adapter alone on the same prompts, from the skill evaluation's stored outputs."""
+    base = json.loads((WORK / "base_answers.json").read_text())["heldout"]
+    out = []
+    for label, outs in [("base", [base[i]["answer"] for i in idx])] + [
+            (f"{s} alone", [json.loads((WORK / f"outputs_{s}.json").read_text())[i] for i in idx]) for s in skills]:
+        held = both_rules(outs, skills)
+        out.append(dict(label=label, skills=skills, k=None, rate=round(held / len(idx), 4), ci=list(wilson(held, len(idx))),
+                        held=held, n=len(idx), per_rule={s: both_rules(outs, [s]) for s in skills}, seconds=0.0,
+                        refused=""))
+    return out
+
+
+def run_set(model, tok, skills: list[str], rows, part: Path, key: str, n: int) -> None:
+    idx, prompts = lab_prompts(n)
+    adapters = [load_adapter(ASSETS / s, name=s) for s in skills]
+    data = json.loads(part.read_text()) if part.exists() else {}
+    entry = data.setdefault(key, {"skills": skills, "rows": alone_rows(skills, idx)})
+    done = {r["label"] for r in entry["rows"]}
+    for row in score_set(model, tok, adapters, prompts, k=K, rows=[r for r in rows if r[0] not in done]):
+        entry["rows"].append(row.as_dict())
+        part.write_text(json.dumps(data, indent=1))
+        log(f"{key}: {row.label} {row.held}/{row.n} ({row.seconds:.0f} s){' refused: ' + row.refused if row.refused else ''}")
+
+
+def collect() -> dict:
+    parts = sorted(WORK.glob("lab_part_*.json"))
+    pairs, curve = {}, {}
+    for part in parts:
+        for key, entry in json.loads(part.read_text()).items():
+            (curve if key.startswith("curve:") else pairs)[key] = entry
+    skills = json.loads((ASSETS / "skills.json").read_text())
+    lab = dict(k=K, n_prompts=N_PROMPTS, rows=[r[0] for r in LAB_ROWS], curve_rows=list(CURVE_ROWS),
+               compatible_pairs=skills["compatible_pairs"], incompatible_pairs=skills["incompatible_pairs"],
+               pairs=pairs, curve=curve,
+               not_run=[f"{a}+{b}" for a, b in skills["compatible_pairs"] if f"{a}+{b}" not in pairs])
+    (ASSETS / "lab.json").write_text(json.dumps(lab, indent=1) + "\n")
+    write_docs(lab)
+    return lab
+
+
+def _cell(row: dict) -> str:
+    if row["refused"]:
+        return "refused"
+    return f"{100 * row['rate']:.0f}% ({100 * row['ci'][0]:.0f}–{100 * row['ci'][1]:.0f})"
+
+
+def write_docs(lab: dict) -> None:
+    labels = ["base", "1st alone", "2nd alone", *lab["rows"]]
+    head = ["| pair | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+    for key, entry in lab["pairs"].items():
+        by = {r["label"]: r for r in entry["rows"]}
+        first, second = entry["skills"]
+        by["1st alone"], by["2nd alone"] = by.get(f"{first} alone"), by.get(f"{second} alone")
+        head.append(f"| {key} | " + " | ".join(_cell(by[c]) if by.get(c) else "–" for c in labels) + " |")
+    curve = ["| skills merged | " + " | ".join(lab["curve_rows"]) + " |", "|---" * (len(lab["curve_rows"]) + 1) + "|"]
+    for entry in sorted(lab["curve"].values(), key=lambda e: len(e["skills"])):
+        by = {r["label"]: r for r in entry["rows"]}
+        curve.append(f"| {len(entry['skills'])}: {'+'.join(entry['skills'])} | "
+                     + " | ".join(_cell(by[c]) if c in by else "–" for c in lab["curve_rows"]) + " |")
+    text = DOCS.read_text()
+    for tag, body in (("lab-table", head), ("lab-curve", curve)):
+        start, end = f"<!-- {tag} -->", f"<!-- /{tag} -->"
+        if start in text:
+            before, rest = text.split(start, 1)
+            text = before + start + "\n" + "\n".join(body) + "\n" + end + rest.split(end, 1)[1]
+    DOCS.write_text(text)
+
+
+def main() -> None:
+    import torch
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("stage", choices=["pairs", "curve", "collect"])
+    parser.add_argument("--pairs", nargs="*", default=[], help="pairs as a+b")
+    parser.add_argument("--set", nargs="*", default=[], help="curve: the skills, merged 2, 3, … at a time in this order")
+    parser.add_argument("--part", default="a", help="name of this run's part file (parallel runs use different parts)")
+    parser.add_argument("--n", type=int, default=N_PROMPTS)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    if args.stage == "collect":
+        lab = collect()
+        log(f"wrote {ASSETS / 'lab.json'} ({len(lab['pairs'])} pairs, {len(lab['curve'])} curve points)")
+        return
+    torch.set_num_threads(args.threads)
+    model, tok = load_base()
+    part = WORK / f"lab_part_{args.part}.json"
+    if args.stage == "pairs":
+        for pair in args.pairs:
+            run_set(model, tok, pair.split("+"), LAB_ROWS, part, pair, args.n)
+    else:
+        rows = [r for r in LAB_ROWS if r[0] in CURVE_ROWS]
+        for size in range(3, len(args.set) + 1):  # size 2 is the pair table's row
+            run_set(model, tok, args.set[:size], rows, part, "curve:" + "+".join(args.set[:size]), args.n)
+
+
+if __name__ == "__main__":
+    main()
