@@ -21,10 +21,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lego_viz.llm.base import load_base  # noqa: E402
-
 from lego_viz.adapters import load_adapter  # noqa: E402
 from lego_viz.llm.lab import LAB_ROWS, both_rules, score_set, wilson  # noqa: E402
+from lego_viz.models.smollm2 import load_base  # noqa: E402
 
 WORK = ROOT / "build" / "llm_skills"
 ASSETS = ROOT / "assets" / "skills"
