@@ -333,6 +333,28 @@ def load_base(source: BaseSource, device: str = "cpu") -> tuple[torch.nn.Module,
     return model.to(device).eval(), tokenizer
 
 
+def check_fit(model: torch.nn.Module, adapters: Sequence[LoraAdapter], base: str) -> None:
+    """Refuse a base whose layers do not fit the adapters, naming the first module that does not.
+
+    Raises:
+        BaseModelError: a module is missing or has other sizes (``nn.Linear`` stores ``(d_out, d_in)``,
+            GPT-2's ``Conv1D`` ``(d_in, d_out)``).
+    """
+    named = dict(model.named_modules())
+    for adapter in adapters:
+        for name, lora in adapter.modules.items():
+            weight = getattr(named.get(name), "weight", None)
+            if weight is None or weight.dim() != 2:
+                raise BaseModelError(f"adapter {adapter.name!r} targets {name}, which the base {printable(base)} does not have; "
+                                     f"give the base it was trained on ({adapter.base_model or 'see its adapter_config.json'}).")
+            d_out, d_in = tuple(weight.shape)[::-1] if lora.fan_in_fan_out else tuple(weight.shape)
+            if (d_in, d_out) != (lora.d_in, lora.d_out):
+                raise BaseModelError(
+                    f"adapter {adapter.name!r} targets {name} with d_in={lora.d_in}, d_out={lora.d_out} but the base "
+                    f"{printable(base)} has {d_in}, {d_out}; give the base it was trained on ({adapter.base_model or 'see its adapter_config.json'})."
+                )
+
+
 # --------------------------------------------------------------------------- task heads
 
 

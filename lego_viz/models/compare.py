@@ -26,6 +26,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import stat
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -162,10 +164,20 @@ def read_texts(path: str | Path, max_texts: int = MAX_TEXTS) -> tuple[list[str],
     kind = path.suffix.lower().lstrip(".")
     if kind not in ("txt", "jsonl"):
         raise TextError(f"{path.name}: give a .txt (one prompt per line) or .jsonl file.")
-    if path.stat().st_size > MAX_TEXT_BYTES:
+    try:
+        # Non-blocking, so a FIFO cannot hang the open; then only a regular file is read, and at most
+        # one byte past the cap (a symlink to /dev/zero has size 0 and no end).
+        handle = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise TextError(f"{path.name}: cannot be read ({exc.strerror}).") from None
+    with os.fdopen(handle, "rb") as file:
+        if not stat.S_ISREG(os.fstat(handle).st_mode):
+            raise TextError(f"{path.name} is not a regular file (a device, pipe or folder); give a .txt or .jsonl file.")
+        raw = file.read(MAX_TEXT_BYTES + 1)
+    if len(raw) > MAX_TEXT_BYTES:
         raise TextError(f"{path.name} is larger than {MAX_TEXT_BYTES // 1000} kB; give fewer or shorter prompts.")
     try:
-        content = path.read_text(encoding="utf-8")
+        content = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise TextError(f"{path.name} is not UTF-8 text.") from None
     return parse_texts(content, kind, max_texts)
