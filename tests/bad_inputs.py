@@ -251,6 +251,13 @@ CASES: list[Case] = [
     Case("unequal-ranks-ties", "ties on r=4 and r=2 adapters", "merge", lambda t: _merge(t, method="ties"), "equal ranks"),
     Case("no-adapters", "empty adapter list", "merge", lambda t: ([], {}), "no adapters given|at least one adapter"),
     # issue 26: regexes from files and command lines run on RE2 (linear time), which has no lookarounds
+    # issue 26, smaller things: a name past the file system's limit, a bounded search, integers int() refuses
+    Case("name-too-long", "a 300-character adapter name", "load", lambda t: "n" * 300, "longer than the 255 bytes"),
+    Case("adapter-too-deep", "an adapter 5 folders below the one given", "load",
+         lambda t: (_good(t / "1" / "2" / "3" / "4", "deep"), t)[1], "no adapter_config.json found within 3 levels"),
+    Case("config-long-int-json", "adapter_config.json with r of 5,000 digits", "load",
+         lambda t: _config_text(t, b'{"peft_type": "LORA", "r": ' + b"9" * 5000 + b"}"),
+         "adapter_config.json key 'r' holds a whole number of 5000 digits"),
     Case("rank-pattern-lookaround", "rank_pattern key (?=(a|a)*c): backtracking regex", "load",
          lambda t: _with(t, {"rank_pattern": {"(?=(a|a)*c)": 2}}), r"rank_pattern key .* not a valid regular expression"),
     Case("k-pattern-lookaround", "--k pattern (?=(.|.)*Z)q_proj", "merge",

@@ -17,6 +17,7 @@ import math
 import os
 import pickle
 import shutil
+import stat
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Sequence
@@ -111,15 +112,46 @@ def _safe_extract_zip(zip_path: Path, dest: Path, max_bytes: int | None = None) 
         ) from None
 
 
+# How far below a given folder an adapter is looked for: a zip's folder or a training run's
+# checkpoint-N/adapter is found, and ``model: /`` does not walk the whole filesystem (13 s).
+SEARCH_DEPTH = 3
+SEARCH_ENTRIES = 10_000
+
+
+def _config_folders(root: Path, label: str) -> list[Path]:
+    """Folders holding ``adapter_config.json`` at most :data:`SEARCH_DEPTH` levels below ``root``
+    (breadth first, links not followed, at most :data:`SEARCH_ENTRIES` entries looked at)."""
+    found, level, seen = [], [root], 0
+    for _ in range(SEARCH_DEPTH + 1):
+        below = []
+        for folder in level:
+            try:
+                with os.scandir(folder) as entries:
+                    for entry in entries:
+                        seen += 1
+                        if seen > SEARCH_ENTRIES:
+                            raise AdapterError(f"{label}: no {CONFIG_NAME} in the first {SEARCH_ENTRIES:,} entries of this "
+                                               "folder; give the adapter's own folder.")
+                        if entry.name == CONFIG_NAME and entry.is_file():
+                            found.append(folder)
+                        elif entry.is_dir(follow_symlinks=False):
+                            below.append(Path(entry.path))
+            except OSError:  # unreadable, or gone meanwhile (/proc)
+                continue
+        level = below
+    return sorted(found)
+
+
 def _find_adapter_dir(root: Path, label: str) -> Path:
-    """The folder under ``root`` that holds ``adapter_config.json`` (root itself or one level down)."""
+    """The folder under ``root`` that holds ``adapter_config.json`` (root itself or a few levels down)."""
     if (root / CONFIG_NAME).is_file():
         return root
-    found = sorted(p.parent for p in root.rglob(CONFIG_NAME))
+    found = _config_folders(root, label)
     if len(found) == 1:
         return found[0]
     if not found:
-        raise AdapterError(f"{label}: no {CONFIG_NAME} found; expected a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors).")
+        raise AdapterError(f"{label}: no {CONFIG_NAME} found within {SEARCH_DEPTH} levels; expected a PEFT LoRA folder "
+                           "(adapter_config.json + adapter_model.safetensors).")
     raise AdapterError(f"{label}: holds {len(found)} adapters ({', '.join(p.name for p in found)}); give one at a time.")
 
 
@@ -166,6 +198,10 @@ def resolve_adapter_path(spec: str | os.PathLike, workdir: Path | None = None) -
     if "\x00" in text:
         raise AdapterError("adapter path contains a NUL byte.")
     path = Path(text).expanduser()
+    if len(os.fsencode(path)) > 4096 or any(len(os.fsencode(part)) > 255 for part in path.parts):
+        # the file system's limits: checking such a path raises OSError (File name too long)
+        raise AdapterError(f"{printable(text[:80])!r}{'…' if len(text) > 80 else ''}: no such file or folder (a name in it is longer than the 255 bytes "
+                           "a file system allows), and not a valid hub id (owner/name).")
     if path.is_dir():
         return _find_adapter_dir(path, text)
     if path.is_file():
@@ -192,14 +228,45 @@ def resolve_adapter_path(spec: str | os.PathLike, workdir: Path | None = None) -
 # --------------------------------------------------------------------------- reading the files
 
 
+MAX_CONFIG_BYTES = 4 << 20  # an adapter_config.json is a few kB; rank_pattern for every module of a 70B model ~100 kB
+
+
+class _LongInt(str):
+    """A JSON integer too long for ``int()`` (4,300 digits), kept as text so that the message can name its key."""
+
+
+def _json_int(text: str):
+    return int(text) if len(text) <= 100 else _LongInt(text)
+
+
+def _json_object(label: str):
+    def pairs(items: list[tuple[str, object]]) -> dict:
+        for key, value in items:
+            for item in value if isinstance(value, list) else (value,):
+                if isinstance(item, _LongInt):
+                    raise AdapterError(f"{label}: {CONFIG_NAME} key {key[:60]!r} holds a whole number of {len(item)} digits; "
+                                       "expected at most 100.")
+        return dict(items)
+
+    return pairs
+
+
 def _read_config(folder: Path, label: str) -> dict:
     path = folder / CONFIG_NAME
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as handle:  # a FIFO must not block
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                raise AdapterError(f"{label}: {CONFIG_NAME} is not a regular file (a device or pipe?).")
+            data = handle.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise AdapterError(f"{label}: {CONFIG_NAME} is larger than {MAX_CONFIG_BYTES >> 20} MiB; not a PEFT config.")
+        config = json.loads(data.decode("utf-8"), parse_int=_json_int, object_pairs_hook=_json_object(label))
     except FileNotFoundError:
         raise AdapterError(f"{label}: {CONFIG_NAME} is missing.") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AdapterError(f"{label}: {CONFIG_NAME} is not valid JSON ({exc}).") from None
+    except RecursionError:
+        raise AdapterError(f"{label}: {CONFIG_NAME} nests too deeply to be a PEFT config.") from None
     if not isinstance(config, dict):
         raise AdapterError(f"{label}: {CONFIG_NAME} must hold a JSON object, got {type(config).__name__}.")
     return config
@@ -597,8 +664,22 @@ def load_adapters(
         while any(a.name == adapter.name for a in adapters):
             adapter.name = f"{base}_{n}"
             n += 1
+        twin = next((a for a in adapters if _same_files(a, adapter)), None)
+        if twin is not None:
+            adapter.warnings.append(f"{adapter.name} is the same adapter as {twin.name} ({printable(str(spec))[:120]}), given twice: "
+                                    "it counts twice in a merge; drop one, or give one a weight of 2 if that is meant.")
         adapters.append(adapter)
     return adapters
+
+
+def _same_files(a: LoraAdapter, b: LoraAdapter) -> bool:
+    """The same weights file (after links), or the same contents where both are hashed already."""
+    if a.sha256 and a.sha256 == b.sha256:
+        return True
+    try:
+        return bool(a.weights_path and b.weights_path) and os.path.samefile(a.weights_path, b.weights_path)
+    except OSError:
+        return False
 
 
 def hash_in_background(adapters: Sequence[LoraAdapter]) -> Callable[[], None]:

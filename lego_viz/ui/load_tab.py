@@ -38,6 +38,7 @@ class LoadTab:
     """The components other tabs wire to."""
 
     zoo_button: gr.Button
+    skills_button: gr.Button
     load_button: gr.Button
     clear_button: gr.Button
     files: gr.File
@@ -100,7 +101,7 @@ def _warn(adapters: Sequence[LoraAdapter]) -> None:
             gr.Warning(f"{adapter.name}: {message}")
 
 
-@functools.lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=2)  # the demo zoo and the SmolLM2 skills
 def _zoo_adapters(stamp: tuple[tuple[str, float], ...]) -> tuple[LoraAdapter, ...]:
     # Keyed by paths and mtimes, so a rebuilt zoo is re-read; the objects are never mutated.
     return tuple(load_adapter(path, name=Path(path).name) for path, _ in stamp)
@@ -124,8 +125,30 @@ def load_zoo(session: Session) -> tuple:
     return _view(session, _status(session, adapters))
 
 
+def skill_adapters() -> tuple[LoraAdapter, ...]:
+    """The SmolLM2 skill adapters under assets/skills, loaded once per process (again when rebuilt)."""
+    from lego_viz.llm.assets import BUILD_HINT, SKILLS_DIR, skill_dirs
+
+    dirs = skill_dirs()
+    if not dirs:
+        raise FileNotFoundError(f"no SmolLM2 skill adapters are built (none under {SKILLS_DIR.name}/ in assets); {BUILD_HINT}")
+    return _zoo_adapters(tuple((str(p), (p / "adapter_config.json").stat().st_mtime) for p in dirs.values()))
+
+
+@user_errors
+def load_skills(session: Session) -> tuple:
+    """Replace the session's adapters with the SmolLM2 skills (their base loads in the run tab's real-base panel)."""
+    adapters = skill_adapters()
+    session = session.with_adapters(adapters, replace=True)
+    _warn(adapters)
+    return _view(session, _status(session, adapters) + " Their base, SmolLM2-135M-Instruct, runs in tab 4's real-base panel.")
+
+
 def _is_local_path(spec: str) -> bool:
-    return spec.startswith(("/", "\\", ".", "~")) or Path(spec).expanduser().exists()
+    try:
+        return spec.startswith(("/", "\\", ".", "~")) or Path(spec).expanduser().exists()
+    except OSError:  # a name too long for the file system: resolve_adapter_path says so
+        return False
 
 
 def _upload_folders(files: Sequence[str], workdir: Path) -> list[tuple[Path, str | None]]:
@@ -262,6 +285,7 @@ def build(session: gr.State, public: bool) -> LoadTab:
         with gr.Column(scale=3):
             with gr.Row():
                 zoo_button = gr.Button("Load demo zoo", variant="primary", elem_id="load-zoo")
+                skills_button = gr.Button("Load SmolLM2 skills", variant="primary", elem_id="load-skills")
                 clear_button = gr.Button("Clear", variant="secondary", elem_id="clear")
             files = gr.File(
                 label="Upload PEFT adapters: one .zip per adapter, or adapter_config.json + adapter_model.safetensors",
@@ -290,10 +314,11 @@ def build(session: gr.State, public: bool) -> LoadTab:
             for i in (row, row + 1):
                 use.append(gr.Checkbox(value=True, label="", visible=False, scale=1, min_width=120, elem_id=f"use-{i}"))
                 weights.append(gr.Slider(-1.0, 2.0, value=1.0, step=0.05, label="weight", visible=False, scale=3, elem_id=f"weight-{i}"))
-    tab = LoadTab(zoo_button, load_button, clear_button, files, paths, replace, table, status, use, weights)
+    tab = LoadTab(zoo_button, skills_button, load_button, clear_button, files, paths, replace, table, status, use, weights)
     outputs = [session, *tab.outputs]
     tab.loaded = [
         zoo_button.click(load_zoo, [session], outputs, api_name="load_zoo"),
+        skills_button.click(load_skills, [session], outputs, api_name="load_skills"),
         load_button.click(load_handler(public), [session, files, paths, replace], outputs, api_name="load"),
     ]
     clear_button.click(clear, [session], outputs, api_name="clear")
