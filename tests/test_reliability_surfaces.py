@@ -67,3 +67,33 @@ def test_force_replaces_an_earlier_export(tmp_path, capsys):
     assert main(["merge", str(a), "--method", "linear", "--out", str(out)]) == 0
     assert main(["merge", str(a), "--method", "svd", "--k", "2", "--out", str(out), "--force"]) == 0
     assert json.loads((out / "merge_report.json").read_text())["method"] == "svd"
+
+
+def test_sigterm_during_export_leaves_no_temp_folder(tmp_path):
+    # SIGTERM arrives once the export's files are written to its temporary folder, before the rename
+    a = save_peft_folder(make_adapter("a", seed=1), tmp_path / "a")
+    out = tmp_path / "out"
+    script = textwrap.dedent(f"""
+        import os, signal, sys, time
+        import lego_viz.export.folder as folder
+        from lego_viz.cli.commands import run
+
+        write = folder._write
+        def write_then_terminate(*args):
+            write(*args)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)  # the signal ends the command before this
+        folder._write = write_then_terminate
+        sys.argv = ["lego_viz", "merge", {str(a)!r}, "--method", "linear", "--out", {str(out)!r}]
+        run()
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 130 and done.stderr.strip() == "interrupted", done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no out, no .out.tmp-*
+
+
+def test_the_same_adapter_twice_is_noted(tmp_path, capsys):
+    a = save_peft_folder(make_adapter("reverse", seed=1), tmp_path / "reverse")
+    assert main(["merge", str(a), f"{a}/", "--method", "linear", "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "note: reverse_2 is the same adapter as reverse" in out, out
