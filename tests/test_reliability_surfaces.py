@@ -97,3 +97,16 @@ def test_the_same_adapter_twice_is_noted(tmp_path, capsys):
     assert main(["merge", str(a), f"{a}/", "--method", "linear", "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "note: reverse_2 is the same adapter as reverse" in out, out
+
+
+def test_the_same_adapter_twice_is_a_warning_in_the_app(tmp_path, monkeypatch):
+    from lego_viz.ui import load_tab
+    from lego_viz.ui.state import Session
+
+    shown = []
+    monkeypatch.setattr(load_tab.gr, "Warning", shown.append)
+    a = save_peft_folder(make_adapter("reverse", seed=1), tmp_path / "reverse")
+    session = load_tab.load_handler(False)(Session(), None, str(a), False)[0]
+    session = load_tab.load_handler(False)(session, None, f"{a}/", False)[0]  # added in a second load
+    assert [x.name for x in session.adapters] == ["reverse", "reverse_2"]
+    assert any(m.startswith("reverse_2 is the same adapter as reverse") for m in shown), shown

@@ -19,6 +19,7 @@ from lego_viz.adapters.loading import (
     same_base,
     sha256_file,
     stored_dtype,
+    twin_note,
 )
 from lego_viz.adapters.patterns import pattern_value
 from lego_viz.adapters.types import (
@@ -37,5 +38,5 @@ __all__ = [
     "CONFIG_NAME", "HUB_ID", "KEY_PREFIX", "PEFT_DEFAULT_ALPHA", "WEIGHT_NAMES", "AdapterError", "LoraAdapter",
     "LoraModule", "adapter_weights", "build_modules", "check_compatible", "hash_in_background", "load_adapter",
     "load_adapters", "module_order", "pattern_value", "printable", "resolve_adapter_path", "same_base",
-    "sha256_file", "stored_dtype",
+    "sha256_file", "stored_dtype", "twin_note",
 ]

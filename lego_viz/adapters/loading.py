@@ -664,10 +664,8 @@ def load_adapters(
         while any(a.name == adapter.name for a in adapters):
             adapter.name = f"{base}_{n}"
             n += 1
-        twin = next((a for a in adapters if _same_files(a, adapter)), None)
-        if twin is not None:
-            adapter.warnings.append(f"{adapter.name} is the same adapter as {twin.name} ({printable(str(spec))[:120]}), given twice: "
-                                    "it counts twice in a merge; drop one, or give one a weight of 2 if that is meant.")
+        if note := twin_note(adapters, adapter):
+            adapter.warnings.append(note)
         adapters.append(adapter)
     return adapters
 
@@ -680,6 +678,15 @@ def _same_files(a: LoraAdapter, b: LoraAdapter) -> bool:
         return bool(a.weights_path and b.weights_path) and os.path.samefile(a.weights_path, b.weights_path)
     except OSError:
         return False
+
+
+def twin_note(earlier: Sequence[LoraAdapter], adapter: LoraAdapter) -> str | None:
+    """A warning when ``adapter`` is one of ``earlier`` given again (it would count twice in a merge)."""
+    twin = next((a for a in earlier if a is not adapter and _same_files(a, adapter)), None)
+    if twin is None:
+        return None
+    return (f"{adapter.name} is the same adapter as {twin.name}, given twice: it counts twice in a merge; "
+            "drop one, or give one a weight of 2 if that is meant.")
 
 
 def hash_in_background(adapters: Sequence[LoraAdapter]) -> Callable[[], None]:

@@ -22,6 +22,7 @@ from lego_viz.adapters import (
     load_adapter,
     loading,
     resolve_adapter_path,
+    twin_note,
 )
 from lego_viz.adapters.loading import zip_members
 from lego_viz.adapters.stored import SafetensorsFile
@@ -261,8 +262,10 @@ def load_sources(session: Session, files: Sequence[str] | None, paths: str | Non
         shutil.rmtree(workdir, ignore_errors=True)
     kept = 0 if replace else len(session.adapters)
     session = session.with_adapters(adapters, replace=bool(replace))
-    for adapter in session.adapters[kept:]:
+    for i, adapter in enumerate(session.adapters[kept:], start=kept):
         _HELD[id(adapter)] = adapter
+        if note := twin_note(session.adapters[:i], adapter):
+            gr.Warning(note)
     _warn(adapters)
     return _view(session, _status(session, adapters))
 
