@@ -194,6 +194,8 @@ CASES: list[Case] = [
     Case("header-nested", "safetensors header nested 100,000 levels deep", "load",
          lambda t: _with_header(t, lambda h: b'{"__metadata__": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
          "corrupt or truncated"),
+    Case("header-huge", "safetensors header of 17 MiB (valid JSON padded with spaces)", "load",
+         lambda t: _with_header(t, lambda h: json.dumps(h).encode() + b" " * (17 << 20)), "corrupt or truncated.*header of"),
     Case("config-not-json", "adapter_config.json is not JSON", "load", lambda t: _config_text(t, b"{r: 8,"), "not valid JSON"),
     Case("config-list", "adapter_config.json holds a list", "load", lambda t: _config_text(t, b"[1, 2]"), "must hold a JSON object"),
     Case("config-non-utf8", "adapter_config.json is not UTF-8", "load", lambda t: _config_text(t, b'{"r": "\xff"}'), "not valid JSON"),

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import struct
 import threading
 from dataclasses import dataclass
@@ -30,14 +29,11 @@ if TYPE_CHECKING:
     import torch
 
 _UINT = {1: "<u1", 2: "<u2", 4: "<u4", 8: "<u8"}
-# Largest header safetensors itself accepts (100 MB): anything bigger is garbage, not a header.
-_MAX_HEADER = 100_000_000
+# Largest header read: an adapter's header takes ~130 bytes per tensor, so 16 MiB is over 100,000
+# tensors; parsing a hostile one (millions of tiny JSON values) costs ~20x its size in memory.
+_MAX_HEADER = 16 << 20
 # Bytes scanned per step when looking for NaN/inf, so a large tensor is never held twice.
 _SCAN_BYTES = 1 << 24
-# A safetensors header is an object of objects holding arrays: no deeper than this.
-_MAX_DEPTH = 3
-_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_OPEN, _CLOSE = (ord("["), ord("{")), (ord("]"), ord("}"))
 
 
 _SCRATCH = threading.local()
@@ -95,20 +91,22 @@ class SafetensorsFile:
         try:
             with open(self.path, "rb") as handle:
                 (length,) = struct.unpack("<Q", handle.read(8))
-                if length > min(_MAX_HEADER, size - 8):
+                if length > size - 8:
                     raise ValueError(f"header length {length} exceeds the file")
+                if length > _MAX_HEADER:
+                    raise ValueError(f"header of {length:,} bytes; an adapter's takes well under {_MAX_HEADER >> 20} MiB")
                 raw = handle.read(length)
-            header = json.loads(_shallow(raw))
-            if not isinstance(header, dict):
-                raise ValueError("header is not a JSON object")
+            header = _parse_header(raw)
             data_start = 8 + length
             self.tensors: dict[str, TensorInfo] = {}
             for key, entry in header.items():
                 if key == "__metadata__":
                     continue
                 width = FORMATS[entry["dtype"]].width
-                shape = tuple(int(d) for d in entry["shape"])
-                begin, end = (int(x) for x in entry["data_offsets"])
+                shape, offsets = tuple(entry["shape"]), tuple(entry["data_offsets"])
+                if not all(type(n) is int for n in shape + offsets) or len(offsets) != 2:
+                    raise ValueError(f"tensor {key} needs whole numbers for its shape and two data_offsets")
+                begin, end = offsets
                 if min(shape, default=0) < 0 or not 0 <= begin <= end or end - begin != width * math.prod(shape):
                     raise ValueError(f"tensor {key} has byte range {begin}..{end} that does not fit its shape")
                 self.tensors[key] = TensorInfo(entry["dtype"], shape, data_start + begin, end - begin)
@@ -224,20 +222,20 @@ class SafetensorsFile:
             raise AdapterError(f"{self.label}: {self.path.name} tensor {key} has {bad} NaN/inf values.")
 
 
-def _shallow(raw: bytes) -> bytes:
-    """``raw`` if its JSON nests no deeper than a safetensors header can (object, object, array).
-
-    Checked on the bytes before parsing: a header of 100 MB of ``[`` would otherwise reach the
-    parser's recursion limit (a RecursionError) or build millions of objects first.
-    """
-    import numpy as np
-
-    bare = np.frombuffer(_JSON_STRING.sub(b'""', raw), dtype=np.uint8)
-    steps = np.isin(bare, _OPEN).astype(np.int8) - np.isin(bare, _CLOSE).astype(np.int8)
-    deepest = int(np.cumsum(steps, dtype=np.int64).max(initial=0))
-    if deepest > _MAX_DEPTH:
-        raise ValueError(f"header nests {deepest} levels deep; a safetensors header has at most {_MAX_DEPTH}")
-    return raw
+def _parse_header(raw: bytes) -> dict:
+    """The header's JSON object; nesting deeper than the parser's recursion limit is refused as such
+    (a safetensors header is an object of objects holding arrays), and ``__metadata__`` must map names
+    to strings, as the safetensors library requires."""
+    try:
+        header = json.loads(raw)
+    except RecursionError:
+        raise ValueError("header nests deeper than any safetensors header does") from None
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError("__metadata__ must map names to strings")
+    return header
 
 
 def _check_tiling(tensors: dict[str, TensorInfo], data_start: int, size: int) -> None:
