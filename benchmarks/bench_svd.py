@@ -20,7 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from benchmarks.report import Row, item_main, seconds, timed
 from benchmarks.synthetic import ReferenceShape, make_adapters
 from lego_viz.adapters import LoraAdapter
-from lego_viz.checks.invariance import Factored, relative_error
+from lego_viz.checks.factored import Factored, relative_error
 from lego_viz.merge import merge
 
 K = 16

@@ -15,7 +15,7 @@ from benchmarks import bench_lego, bench_svd, run
 from benchmarks.bench_memory import PeakRss
 from benchmarks.report import Row, markdown
 from benchmarks.synthetic import ReferenceShape, adapter_bytes, make_adapters
-from lego_viz.checks.invariance import Factored, factored_norm, gram_norm, relative_error
+from lego_viz.checks.factored import Factored, factored_norm, gram_norm, relative_error
 from lego_viz.merge import merge
 
 TINY = ReferenceShape(n_layers=1, n_adapters=3, rank=4, shrink=32)

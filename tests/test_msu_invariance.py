@@ -5,16 +5,8 @@ import torch
 from conftest import make_adapter
 
 from lego_viz.adapters import LoraModule
-from lego_viz.checks.invariance import (
-    Factored,
-    check_concat_sum,
-    check_outputs,
-    check_permutation,
-    factored_norm,
-    gram_norm,
-    probe_relative_error,
-    relative_error,
-)
+from lego_viz.checks.factored import Factored, factored_norm, gram_norm, probe_relative_error, relative_error
+from lego_viz.checks.invariance import check_concat_sum, check_outputs, check_permutation
 from lego_viz.units.msu import adapter_msus, canonicalize, fold, module_msus, table_to_module
 
 

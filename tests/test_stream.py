@@ -14,13 +14,8 @@ from conftest import make_adapter, save_peft_folder
 from benchmarks.synthetic import ReferenceShape, make_adapters
 from lego_viz.adapters import AdapterError, load_adapter, load_adapters
 from lego_viz.adapters.stored import StoredLoraModule
-from lego_viz.checks.invariance import (
-    Factored,
-    check_concat_sum,
-    check_permutation,
-    probe_checks,
-    relative_error,
-)
+from lego_viz.checks.factored import Factored, relative_error
+from lego_viz.checks.invariance import check_concat_sum, check_permutation, probe_checks
 from lego_viz.export.folder import reconstruction_errors
 from lego_viz.merge import merge
 from lego_viz.merge.first_pass import read_stacked, summarize

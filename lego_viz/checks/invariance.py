@@ -1,10 +1,7 @@
 """Permutation and concatenation–summation checks, in weight space and in output space (ARCHITECTURE §3).
 
-Weight-space errors are computed from the factors alone: for ``D = U V`` with ``U (d_out, m)`` and
-``V (m, d_in)``, ``‖D‖_F = ‖R_U R_Vᵀ‖_F`` where ``R_U``, ``R_V`` are the triangular QR factors of
-``U`` and ``Vᵀ``. That costs ``O((d_in + d_out)·m²)`` and, unlike expanding the Gram identity
-``sum((UᵀU)∘(VVᵀ))``, does not cancel catastrophically when ``D`` is nearly zero — which is exactly
-the case a passing check produces.
+Weight-space errors are computed from the factors alone, exactly (QR factors of the stacked halves)
+or by random probes, with the factored-sum algebra of :mod:`lego_viz.checks.factored`.
 """
 
 from __future__ import annotations
@@ -19,6 +16,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from lego_viz.adapters import LoraAdapter, LoraModule, module_order
+from lego_viz.checks.factored import (
+    Factored,
+    array_relative_error,
+    probe_pair,
+    probe_relative_error,
+    relative_error,
+    sketch_errors,
+)
 from lego_viz.units.msu import StackBuffer, module_msus, permute_adapter, stacked
 
 if TYPE_CHECKING:
@@ -30,190 +35,6 @@ DEFAULT_TOLERANCE = 1e-5  # float32 factors: observed errors are ~1e-7, so 1e-5 
 # Above this many multiply-adds (Σ over modules of (d_in + d_out)·m²) the exact QR route gives way to
 # the random-probe estimate (ARCHITECTURE §3): ~10 s of exact work on a 2-core CPU, where the probe takes ~1 s.
 EXACT_BUDGET = 4e9
-
-
-class Factored:
-    """A low-rank matrix ``Σ_j s_j · B_j @ A_j`` kept as factor terms.
-
-    ``Factored(B, A)`` is one term. Scales are not multiplied in and sums are not concatenated until
-    a norm needs them, so wrapping adapters copies nothing and the random probe reads each weight once.
-    """
-
-    def __init__(self, B: torch.Tensor | None = None, A: torch.Tensor | None = None, scale: float = 1.0,
-                 terms: list[tuple[torch.Tensor, torch.Tensor, float]] | None = None):
-        self.terms = terms if terms is not None else [(B, A, scale)]  # (B (d_out, r_j), A (r_j, d_in), s_j)
-
-    @property
-    def B(self) -> torch.Tensor:
-        return self.stacked()[0]
-
-    @property
-    def A(self) -> torch.Tensor:
-        return self.stacked()[1]
-
-    @staticmethod
-    def of(module: LoraModule, weight: float = 1.0) -> Factored:
-        """The module's update; factors held as numpy arrays (the merge command's) are viewed as tensors."""
-        return Factored(torch.as_tensor(module.B), torch.as_tensor(module.A), module.scale * weight)
-
-    @staticmethod
-    def concat(parts: Sequence[Factored]) -> Factored:
-        """The sum of the parts (= their concatenation as one LoRA)."""
-        return Factored(terms=[t for p in parts for t in p.terms])
-
-    def __sub__(self, other: Factored) -> Factored:
-        return Factored(terms=self.terms + [(B, A, -s) for B, A, s in other.terms])
-
-    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B (d_out, m), A (m, d_in))`` with the scales folded into B."""
-        B = torch.cat([b if s == 1.0 else b * s for b, _, s in self.terms], dim=1)
-        return B, torch.cat([a for _, a, _ in self.terms], dim=0)
-
-    @property
-    def d_in(self) -> int:
-        return self.terms[0][1].shape[1]
-
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """``(ΔW xᵀ)ᵀ`` for probe rows x (p, d_in), through the factors; returns (p, d_out).
-
-        Probes are rows, not columns: with a handful of probes, ``(x Aᵀ) Bᵀ`` runs 4–6× faster on
-        CPU BLAS than the skinny ``B (A x)`` (torch 2.13, measured on the reference shapes).
-        """
-        return sum(((x @ A.T) @ B.T) * s for B, A, s in self.terms)
-
-    def sketch(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``z ΔW xᵀ`` (p, p) for probe rows z (p, d_out) and x (p, d_in), through the factors.
-
-        Each term costs one pass over its factors, ``(z B)(x Aᵀ)ᵀ``, and leaves only p×r numbers.
-        """
-        return sum(((z @ B) * s) @ (x @ A.T).T for B, A, s in self.terms)
-
-
-def factored_norm(f: Factored) -> float:
-    """Frobenius norm of ``B A`` without forming it."""
-    B, A = f.stacked()
-    r_b = torch.linalg.qr(B, mode="r").R
-    r_a = torch.linalg.qr(A.T, mode="r").R
-    return float(torch.linalg.matrix_norm(r_b @ r_a.T))
-
-
-def gram_norm(f: Factored) -> float:
-    """The same norm via ``sum((BᵀB)∘(AAᵀ))`` (float64). Fast and fine for norms, not for differences."""
-    B, A = (t.double() for t in f.stacked())
-    return float(((B.T @ B) * (A @ A.T)).sum().clamp_min(0).sqrt())
-
-
-def relative_error(reference: Factored, candidate: Factored) -> float:
-    """``‖ref − cand‖_F / ‖ref‖_F``, from factors (0 when both are zero)."""
-    denom = factored_norm(reference)
-    diff = factored_norm(reference - candidate)
-    if denom == 0.0:
-        return 0.0 if diff == 0.0 else float("inf")
-    return diff / denom
-
-
-# Below this relative error, expanding ‖ref − cand‖² = ‖ref‖² − 2⟨ref, cand⟩ + ‖cand‖² loses the
-# digits that matter (float32 products carry ~1e-6 of ‖ref‖²); the QR route is used instead.
-EXPANSION_FLOOR = 0.05
-
-
-def _sq_norm(f: Factored) -> float:
-    """‖Σ s_j B_j A_j‖_F² from float32 Gram blocks, summed in float64."""
-    total = 0.0
-    for i, (b_i, a_i, s_i) in enumerate(f.terms):
-        for j, (b_j, a_j, s_j) in enumerate(f.terms[: i + 1]):
-            block = float(((b_i.T @ b_j).double() * (a_i @ a_j.T).double()).sum()) * s_i * s_j
-            total += block if i == j else 2 * block
-    return total
-
-
-def _inner(f: Factored, g: Factored) -> float:
-    """⟨F, G⟩_F = Σ tr((B_fᵀ B_g)(A_g A_fᵀ)) over term pairs (float32 products, float64 sums)."""
-    return sum(
-        float(((b_f.T @ b_g).double() * (a_f @ a_g.T).double()).sum()) * s_f * s_g
-        for b_f, a_f, s_f in f.terms
-        for b_g, a_g, s_g in g.terms
-    )
-
-
-def low_rank_relative_error(
-    reference: Factored, candidate: Factored, reference_sq: float | None = None, cross: float | None = None,
-    candidate_sq: float | None = None,
-) -> float:
-    """:func:`relative_error` for a candidate of small rank k (a merge), without a QR of the reference.
-
-    Expands the square: the cross term and ``‖cand‖²`` cost ``O((d_in + d_out)·m·k)``; ``‖ref‖²``
-    (``O((d_in + d_out)·m²)``) may be passed in by a merge that had it already, and ``cross``
-    (``⟨ref, cand⟩``) and ``candidate_sq`` by a caller that computed them for something else
-    (:func:`lego_viz.checks.retention.report_scores`). Where the error is below :data:`EXPANSION_FLOOR` the
-    expansion cancels, and the exact QR route answers instead.
-    """
-    ref_sq = _sq_norm(reference) if reference_sq is None else reference_sq
-    if ref_sq > 0.0:
-        cross = _inner(reference, candidate) if cross is None else cross
-        error = expanded_relative_error(ref_sq, cross, _sq_norm(candidate) if candidate_sq is None else candidate_sq)
-        if error is not None:
-            return error
-    return relative_error(reference, candidate)
-
-
-def expanded_relative_error(reference_sq: float, cross: float, candidate_sq: float) -> float | None:
-    """``‖ref − cand‖ / ‖ref‖`` from ``‖ref‖²``, ``⟨ref, cand⟩`` and ``‖cand‖²``; None where the expansion
-    cancels (below :data:`EXPANSION_FLOOR`, or a zero reference) and the exact route must answer."""
-    error_sq = reference_sq - 2 * cross + candidate_sq
-    if reference_sq <= 0.0 or error_sq < EXPANSION_FLOOR**2 * reference_sq:
-        return None
-    return (error_sq / reference_sq) ** 0.5
-
-
-def probe_vectors(d_in: int, n_probes: int = 4, seed: int = 0) -> torch.Tensor:
-    """Random probe rows (n_probes, d) of width ``d``, the same draw for every module of that width."""
-    return torch.randn(n_probes, d_in, generator=torch.Generator().manual_seed(seed))
-
-
-def _probe_pair(
-    d_in: int, d_out: int, cache: dict[tuple[str, int], torch.Tensor] | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z (p, d_out), x (p, d_in)): left probes from seed 1, right probes from seed 0, drawn once per width."""
-    cache = {} if cache is None else cache
-    if ("x", d_in) not in cache:
-        cache["x", d_in] = probe_vectors(d_in)
-    if ("z", d_out) not in cache:
-        cache["z", d_out] = probe_vectors(d_out, seed=1)
-    return cache["z", d_out], cache["x", d_in]
-
-
-def _sketch_error(reference: torch.Tensor, candidate: torch.Tensor) -> float:
-    return _sketch_errors(reference[None].cpu().numpy(), candidate[None].cpu().numpy())[0]
-
-
-def _sketch_errors(reference: np.ndarray, candidate: np.ndarray) -> list[float]:
-    """``‖ref − cand‖ / ‖ref‖`` of each of a batch of sketches (b, p, p); 0 where both are zero."""
-    reference = reference.astype(np.float64).reshape(len(reference), -1)
-    denom = np.linalg.norm(reference, axis=1)
-    diff = np.linalg.norm(reference - candidate.astype(np.float64).reshape(len(candidate), -1), axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(denom > 0, diff / np.maximum(denom, 1e-300), np.where(diff > 0, np.inf, 0.0))
-    return ratio.tolist()
-
-
-def probe_relative_error(
-    reference: Factored, candidate: Factored, probes: tuple[torch.Tensor, torch.Tensor] | None = None
-) -> float:
-    """Freivalds-style estimate of the same error: ``‖z (ref − cand) xᵀ‖ / ‖z ref xᵀ‖``.
-
-    Random probes on both sides (p = 4 each, so 16 random bilinear forms): every factor is read
-    once and nothing of size d_in or d_out is formed, so a probe costs one pass over the factors.
-    For Gaussian probes the expected squared numerator and denominator are p² times the squared
-    Frobenius norms, so the ratio estimates the relative Frobenius error.
-
-    Args:
-        probes: ``(z (p, d_out), x (p, d_in))`` to reuse across modules of the same shape; drawn
-            from fixed seeds by default.
-    """
-    d_out = reference.terms[0][0].shape[0]
-    z, x = probes if probes is not None else _probe_pair(reference.d_in, d_out)
-    return _sketch_error(reference.sketch(z, x), candidate.sketch(z, x))
 
 
 @dataclass
@@ -268,7 +89,7 @@ def _run(
     result = CheckResult(name=name, tolerance=tolerance, expect_pass=expect_pass, method="exact" if exact else "probe")
     probes: dict[tuple[str, int], torch.Tensor] = {}  # the same seeded draws for every module of a width
     for key, reference, candidate in pairs:
-        probe = probe_relative_error(reference, candidate, _probe_pair(reference.d_in, reference.terms[0][0].shape[0], probes))
+        probe = probe_relative_error(reference, candidate, probe_pair(reference.d_in, reference.terms[0][0].shape[0], probes))
         result.per_module[key] = relative_error(reference, candidate) if exact else probe
         result.probe_max_rel_error = max(result.probe_max_rel_error, probe)
     result.seconds = time.perf_counter() - start
@@ -347,15 +168,13 @@ def check_permutation_arrays(adapters: Sequence[LoraAdapter], seed: int = 0, tol
     The random-probe column (``probe_max_rel_error``) is left at 0 for the caller, who has the
     units' probes (:func:`probe_checks`).
     """
-    from lego_viz.checks import factored
-
     start = time.perf_counter()
     perms = _permutations(adapters, seed)
     result = CheckResult(name="permutation", tolerance=tolerance)
     for t, adapter in enumerate(adapters):
         for name, lora in adapter.modules.items():
             perm = perms[t, name]
-            result.per_module[f"{adapter.name}:{name}"] = factored.relative_error(
+            result.per_module[f"{adapter.name}:{name}"] = array_relative_error(
                 [(lora.B, lora.A, lora.scale)], [(lora.B[:, perm], lora.A[perm], lora.scale)])
     result.seconds = time.perf_counter() - start
     return result
@@ -365,15 +184,13 @@ def check_concat_sum_arrays(
     adapters: Sequence[LoraAdapter], weights: Sequence[float], tolerance: float = DEFAULT_TOLERANCE
 ) -> CheckResult:
     """:func:`check_concat_sum` with ``exact=True`` on numpy factors, as :func:`check_permutation_arrays`."""
-    from lego_viz.checks import factored
-
     start = time.perf_counter()
     result = CheckResult(name="concat_sum", tolerance=tolerance)
     for name in module_order(adapters):
         present = [(a.modules[name], w) for a, w in zip(adapters, weights) if name in a.modules]
         # the concatenated LoRA as module_msus folds it: √s on both halves, the weight on B
         folded = [(lora.B * (lora.scale**0.5 * w), lora.A * lora.scale**0.5, 1.0) for lora, w in present]
-        result.per_module[name] = factored.relative_error([(lora.B, lora.A, lora.scale * w) for lora, w in present], folded)
+        result.per_module[name] = array_relative_error([(lora.B, lora.A, lora.scale * w) for lora, w in present], folded)
     result.seconds = time.perf_counter() - start
     return result
 
@@ -431,7 +248,7 @@ def _probed_units(
             u, v = unit_probes[name]
         else:
             first = present[0][1]
-            z, x = _probe_pair(first.d_in, first.d_out, probes)
+            z, x = probe_pair(first.d_in, first.d_out, probes)
             u = (x @ stacked([lora.A for _, lora, _ in present], 0, buffers[0]).T).cpu().numpy()  # (p, n)
             v = (z @ stacked([lora.B for _, lora, _ in present], 1, buffers[1])).cpu().numpy()  # (p, n)
         key = (tuple((t, lora.r, lora.scale, w) for t, lora, w in present), u.shape[0], u.dtype)
@@ -460,11 +277,11 @@ def _batch_errors(
     own = np.add.reduceat(sketches, starts, axis=1)  # (m, T, p, p)
     shuffled = np.add.reduceat(moved_sketches, starts, axis=1)
     p = sketches.shape[-1]
-    permutation = _sketch_errors(own.reshape(-1, p, p), shuffled.reshape(-1, p, p))
+    permutation = sketch_errors(own.reshape(-1, p, p), shuffled.reshape(-1, p, p))
     # the weighted sum of the adapters' updates vs the concatenated LoRA (scale and weight per unit)
     summed = (own * weight[:, None, None]).sum(axis=1)
     concatenated = (sketches * weight[block][:, None, None]).sum(axis=1)
-    return permutation, _sketch_errors(summed, concatenated)
+    return permutation, sketch_errors(summed, concatenated)
 
 
 def probe_checks(

@@ -18,6 +18,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from lego_viz.adapters import LoraAdapter, LoraModule
+from lego_viz.checks.factored import (
+    Factored,
+    array_relative_error,
+    expanded_relative_error,
+    low_rank_relative_error,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -88,14 +94,10 @@ def _present(name: str, adapters: Sequence[LoraAdapter], weights: Sequence[float
 def _exact_error(merged: LoraModule, present: list[tuple[int, LoraModule, float]], reference_sq: float | None,
                  cross: float, merged_sq: float) -> float:
     """``‖ΔW_merge − Σ_t w_t ΔW_t‖ / ‖Σ_t w_t ΔW_t‖`` by the QR route: on numpy arrays (the merge command's
-    factors) without torch, on tensors through :func:`lego_viz.checks.invariance.low_rank_relative_error`."""
+    factors) without torch, on tensors through :func:`lego_viz.checks.factored.low_rank_relative_error`."""
     if all(isinstance(m.A, np.ndarray) and isinstance(m.B, np.ndarray) for m in (merged, *(lora for _, lora, _ in present))):
-        from lego_viz.checks import factored
-
-        return factored.relative_error([(lora.B, lora.A, lora.scale * w) for _, lora, w in present],
-                                       [(merged.B, merged.A, merged.scale)])
-    from lego_viz.checks.invariance import Factored, low_rank_relative_error
-
+        return array_relative_error([(lora.B, lora.A, lora.scale * w) for _, lora, w in present],
+                                    [(merged.B, merged.A, merged.scale)])
     reference = Factored.concat([Factored.of(lora, w) for _, lora, w in present])
     return low_rank_relative_error(reference, Factored.of(merged), reference_sq, cross=cross, candidate_sq=merged_sq)
 
@@ -123,8 +125,6 @@ def report_scores(
         ``(errors, retention)``: errors as in :func:`lego_viz.export.folder.reconstruction_errors`,
         retention as in :func:`retention`.
     """
-    from lego_viz.checks.invariance import expanded_relative_error
-
     reference_sq_norms, products = reference_sq_norms or {}, products or {}
     result_errors: dict[str, float] = {}
     per_adapter: list[dict[str, float]] = [{} for _ in adapters]
