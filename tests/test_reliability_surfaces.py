@@ -110,3 +110,16 @@ def test_the_same_adapter_twice_is_a_warning_in_the_app(tmp_path, monkeypatch):
     session = load_tab.load_handler(False)(session, None, f"{a}/", False)[0]  # added in a second load
     assert [x.name for x in session.adapters] == ["reverse", "reverse_2"]
     assert any(m.startswith("reverse_2 is the same adapter as reverse") for m in shown), shown
+
+
+@pytest.mark.parametrize(("patterns", "seconds", "message"), [
+    ({"q" * 1001: 2}, 5.0, "longer than 1000 characters"),
+    ({r"(q)\1": 2}, 5.0, "not a valid regular expression here"),
+    ({"q_proj": 2}, -1.0, "took over -1 s"),  # the table's time is spent: every further lookup refused
+])
+def test_pattern_tables_are_bounded(patterns, seconds, message):
+    from lego_viz.adapters import AdapterError
+    from lego_viz.adapters.patterns import PatternTable
+
+    with pytest.raises(AdapterError, match=message):
+        PatternTable(patterns, "rank_pattern key", seconds=seconds).value("model.layers.0.self_attn.q_proj", 8)
