@@ -2,9 +2,10 @@
 
 Up to :data:`~lego_viz.merge.first_pass.GRAM_UNITS` units per module, everything before the centroids
 comes from two n×n Gram matrices per module and runs on numpy — features, canonical order, k-means
-(:mod:`lego_viz.units.gram_kmeans`), the reweighted centroid coefficients and the report's products — so a
+(:mod:`lego_viz.units.gram_kmeans`), the reweighted centroid coefficients and the report's products — and
+the centroids themselves (``linf`` and ``lsq`` rescaled from the factors) are numpy products too, so a
 merge of adapters on disk (the ``merge`` command) never needs torch. torch serves the adapter
-libraries' sketch k-means, the ``linf`` and ``lsq`` rescalings, and in-memory adapters' tensors.
+libraries' sketch k-means and in-memory adapters' tensors.
 """
 
 from __future__ import annotations
@@ -242,11 +243,11 @@ def _relabel_by_first_member(labels: np.ndarray, k: int) -> np.ndarray:
 
 
 def _centroids(
-    adapters: Sequence[LoraAdapter], name: str, units: _Units, labels: np.ndarray, k: int, reweight: str
-) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
+    A: np.ndarray, B: np.ndarray, units: _Units, labels: np.ndarray, k: int, reweight: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Mean of each cluster's (folded, possibly canonical) members, optionally rescaled to the
-    members' mean norm, from the weights (what ``linf`` and ``lsq`` need; ``l2`` alone is
-    :func:`_gram_coefficients`).
+    members' mean norm, from the stacked factors ``A`` (n, d_in) and ``B`` (d_out, n) (what ``linf`` and
+    ``lsq`` need; ``l2`` alone is :func:`_gram_coefficients`). numpy, so the merge command needs no torch.
 
     Returns:
         ``(c_a (k, d_in), c_b (k, d_out), coef_a, coef_b)``: the merged rows, and the (k, n)
@@ -258,26 +259,20 @@ def _centroids(
     onehot[np.arange(n), labels] = 1.0
     mean = onehot / np.maximum(onehot.sum(axis=0), 1.0)  # (n, k)
     coef_a, coef_b = (mean * units.avg_a[:, None]).T.copy(), (mean * units.avg_b[:, None]).T.copy()  # (k, n)
-    present = [adapters[t].modules[name] for t in units.owners]
-    A = stacked([lora.A for lora in present], 0)  # no copy after a streamed read; else one, freed on return
-    B = stacked([lora.B for lora in present], 1)
     c_a, c_b = centroid_products(coef_a, coef_b, A, B)  # (k, d_in), (k, d_out)
     if reweight == "none":
         return c_a, c_b, coef_a, coef_b
-    avg_a, avg_b = (torch.from_numpy(v).to(c_a.device) for v in (units.avg_a, units.avg_b))
     if reweight == "l2":
-        sq_a, sq_b = (torch.from_numpy(v).to(c_a.device) for v in (units.sq_a, units.sq_b))
-        member = (avg_a.square() * sq_a + avg_b.square() * sq_b).clamp_min(0).sqrt()
-        current = (torch.linalg.vector_norm(c_a, dim=1).square() + torch.linalg.vector_norm(c_b, dim=1).square()).sqrt()
+        member = np.sqrt(np.maximum(np.square(units.avg_a) * units.sq_a + np.square(units.avg_b) * units.sq_b, 0))
+        current = np.sqrt(np.square(np.linalg.norm(c_a, axis=1)) + np.square(np.linalg.norm(c_b, axis=1)))
     else:
-        peak_a = torch.maximum(A.amax(dim=1), -A.amin(dim=1))  # max |entry| of each unit
-        peak_b = torch.maximum(B.amax(dim=0), -B.amin(dim=0))
-        member = torch.maximum(avg_a.abs() * peak_a, avg_b.abs() * peak_b)
-        current = torch.maximum(c_a.abs().amax(1), c_b.abs().amax(1))
-    target = torch.from_numpy(mean.T).to(member.device) @ member
-    factor = torch.where(current > _TINY, target / current.clamp_min(_TINY), torch.zeros_like(current))[:, None]
-    scale = factor.cpu().numpy()
-    return c_a.mul_(factor), c_b.mul_(factor), coef_a * scale, coef_b * scale
+        peak_a = np.maximum(A.max(axis=1), -A.min(axis=1))  # max |entry| of each unit
+        peak_b = np.maximum(B.max(axis=0), -B.min(axis=0))
+        member = np.maximum(np.abs(units.avg_a) * peak_a, np.abs(units.avg_b) * peak_b)
+        current = np.maximum(np.abs(c_a).max(axis=1), np.abs(c_b).max(axis=1))
+    target = mean.T @ member
+    factor = np.where(current > _TINY, target / np.maximum(current, _TINY), 0).astype(np.float32)[:, None]
+    return c_a * factor, c_b * factor, coef_a * factor, coef_b * factor
 
 
 def _sources_one_hot(units: _Units, owners: Sequence[list[int]]) -> np.ndarray:
@@ -368,31 +363,27 @@ def _gram_coefficients(
     return coef_a.astype(np.float32), coef_b.astype(np.float32), products
 
 
-def lsq_scales(
-    adapters: Sequence[LoraAdapter], weights: list[float], name: str, owners: list[int], c_a: torch.Tensor, c_b: torch.Tensor
-) -> torch.Tensor:
+def lsq_scales(A: np.ndarray, B: np.ndarray, units: _Units, c_a: np.ndarray, c_b: np.ndarray) -> np.ndarray:
     """Per-unit scales ``s`` minimising ``‖Σ_j s_j b_j a_jᵀ − Σ_t w_t ΔW_t‖_F`` (ARCHITECTURE §5.2).
 
     The normal equations ``G s = h`` need only factor products: ``G = (C_b C_bᵀ) ∘ (C_a C_aᵀ)`` and
-    ``h_j = Σ_t b_jᵀ (w_t B̃_t)(Ã_t a_j)``, streamed adapter by adapter. Solved in float64 by
-    least squares, so coinciding or zero units (a singular G) get the minimum-norm answer.
+    ``h_j = Σ_i (b_jᵀ b̃_i)(ã_iᵀ a_j)`` over the folded, weighted units ``ã_i = α_i A[i]``, ``b̃_i = β_i B[:, i]``.
+    Solved in float64 by least squares, so coinciding or zero units (a singular G) get the minimum-norm answer.
 
     Args:
+        A: (n, d_in) and B: (d_out, n) the stacked factors; units: their folding factors.
         c_a: (k, d_in) merged A rows; c_b: (k, d_out) merged B columns, as rows.
 
     Returns:
-        ``s`` (k,).
+        ``s`` (k,), float32.
     """
-    h = torch.zeros(c_a.shape[0], dtype=torch.float64)
-    for t in owners:
-        lora = adapters[t].modules[name]
-        root = lora.scale**0.5
-        proj_b = (c_b @ lora.B.float()) * (root * weights[t])  # (k, r_t)
-        proj_a = (lora.A.float() @ c_a.T) * root  # (r_t, k)
-        h += (proj_b * proj_a.T).sum(dim=1).double()
-    c_a, c_b = c_a.double().cpu(), c_b.double().cpu()
+    with one_blas_thread():
+        proj_b = (c_b @ B) * units.fold_b  # (k, n)
+        proj_a = (A @ c_a.T) * units.fold_a[:, None]  # (n, k)
+    h = (proj_b.astype(np.float64) * proj_a.T).sum(axis=1)
+    c_a, c_b = c_a.astype(np.float64), c_b.astype(np.float64)
     gram = (c_b @ c_b.T) * (c_a @ c_a.T)  # (k, k)
-    return torch.linalg.lstsq(gram, h[:, None], driver="gelsd").solution[:, 0].float()
+    return np.linalg.lstsq(gram, h, rcond=None)[0].astype(np.float32)
 
 
 def _dims(adapters: Sequence[LoraAdapter], name: str) -> tuple[int, int]:
@@ -440,20 +431,49 @@ class LegoClusters:
     coefficients: dict[str, tuple[np.ndarray, np.ndarray, tuple]] = dataclasses.field(default_factory=dict)
     source_sq: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # per module, each ‖w_t ΔW_t‖²
 
-    def centroids(self, name: str, A, B, fan_in_fan_out: bool = False) -> tuple[LoraModule, ReportProducts]:
-        """Module ``name`` merged from its stacked factors ``A`` (n, d_in) and ``B`` (d_out, n), for a module
-        in :attr:`coefficients`: numpy arrays give a module of numpy arrays, torch tensors one of tensors.
+    def centroids(
+        self, name: str, A, B, fan_in_fan_out: bool = False, rank: int | None = None, options: dict | None = None,
+    ) -> tuple[LoraModule, ReportProducts | None]:
+        """Module ``name`` merged from its stacked factors ``A`` (n, d_in) and ``B`` (d_out, n): numpy arrays
+        give a module of numpy arrays, torch tensors one of tensors.
+
+        A module in :attr:`coefficients` needs one product per side; the others (``linf``, ``lsq``, the
+        sketch route) are rescaled from the factors (:func:`_centroids`, :func:`lsq_scales`, on numpy),
+        which needs the module's ``rank`` and lego's ``options``.
 
         Returns:
-            The merged module (scale 1) and its report products.
+            The merged module (scale 1) and its report products (None where the units have no Gram matrices).
         """
-        coef_a, coef_b, (cross, merged_sq) = self.coefficients[name]
-        c_a, c_b = centroid_products(coef_a, coef_b, A, B)  # (k, d_in), (k, d_out)
-        if isinstance(c_a, np.ndarray):
-            module = LoraModule(A=np.ascontiguousarray(c_a), B=np.ascontiguousarray(c_b.T), scale=1.0, fan_in_fan_out=fan_in_fan_out)
-        else:
-            module = LoraModule(A=c_a.contiguous(), B=c_b.T.contiguous(), scale=1.0, fan_in_fan_out=fan_in_fan_out)
+        arrays = isinstance(A, np.ndarray)
+        if name in self.coefficients:
+            coef_a, coef_b, (cross, merged_sq) = self.coefficients[name]
+            c_a, c_b = centroid_products(coef_a, coef_b, A, B)  # (k, d_in), (k, d_out)
+            module = _merged_module(c_a, c_b, fan_in_fan_out)
+            return module, ReportProducts(module, cross, self.source_sq[name], merged_sq)
+        units = self.units[name]
+        if not arrays and A.device.type != "cpu":
+            A, B = A.cpu(), B.cpu()
+        c_a, c_b, coef_a, coef_b = self._rescaled(name, A if arrays else A.numpy(), B if arrays else B.numpy(), rank, options)
+        module = _merged_module(c_a if arrays else torch.from_numpy(c_a), c_b if arrays else torch.from_numpy(c_b), fan_in_fan_out)
+        if units.gram_a is None:
+            return module, None
+        (cross, merged_sq), = _report_products(_Units.stack([units]), [units.owners], coef_a[None], coef_b[None])
         return module, ReportProducts(module, cross, self.source_sq[name], merged_sq)
+
+    def _rescaled(self, name: str, A: np.ndarray, B: np.ndarray, rank: int, options: dict) -> tuple[np.ndarray, ...]:
+        """:meth:`centroids` for a module outside :attr:`coefficients`: ``(c_a, c_b, coef_a, coef_b)``."""
+        units = self.units[name]
+        c_a, c_b, coef_a, coef_b = _centroids(A, B, units, self.labels[name], rank, options["param_reweight"])
+        # the output reweighting, sqrt(r̄/k) on the update, split over both halves (r̄ = n / adapters)
+        factor = (len(units.adapter_index) / len(units.owners) / rank) ** 0.25 if options["output_reweight"] else 1.0
+        if factor != 1.0:
+            c_a, c_b, coef_a, coef_b = c_a * factor, c_b * factor, coef_a * factor, coef_b * factor
+        if options["rescale"] == "lsq":
+            scales = lsq_scales(A, B, units, c_a, c_b)
+            root = np.sqrt(np.abs(scales))[:, None]  # split over both halves; the sign goes with b
+            signed = root * np.sign(scales)[:, None]
+            c_a, c_b, coef_a, coef_b = c_a * root, c_b * signed, coef_a * root, coef_b * signed
+        return c_a, c_b, coef_a, coef_b
 
     def record(self, out: MethodOutput, name: str, module: LoraModule, products: ReportProducts | None = None) -> None:
         """Put module ``name`` in ``out`` with what the report and the checks take from the clusters:
@@ -463,6 +483,13 @@ class LegoClusters:
             out.report_products[name] = products
             out.reference_sq_norms[name] = self.reference_sq_norms[name]
             out.unit_probes[name] = self.unit_probes[name]
+
+
+def _merged_module(c_a, c_b, fan_in_fan_out: bool) -> LoraModule:
+    """The merged module (scale 1) from its rows ``c_a`` (k, d_in) and ``c_b`` (k, d_out), numpy or torch."""
+    if isinstance(c_a, np.ndarray):
+        return LoraModule(A=np.ascontiguousarray(c_a), B=np.ascontiguousarray(c_b.T), scale=1.0, fan_in_fan_out=fan_in_fan_out)
+    return LoraModule(A=c_a.contiguous(), B=c_b.T.contiguous(), scale=1.0, fan_in_fan_out=fan_in_fan_out)
 
 
 def _output_factor(adapters: Sequence[LoraAdapter], name: str, owners: list[int], rank: int, options: dict) -> float:
@@ -626,27 +653,9 @@ def lego(
         units, labels, rank = clusters.units[name], clusters.labels[name], k[name]
         loras = [adapters[t].modules[name] for t in units.owners]
         fan_in_fan_out = loras[0].fan_in_fan_out
-        if name in clusters.coefficients:  # reweighted from the Gram matrices already
-            A = stacked([lora.A for lora in loras], 0, buffers[0])  # no copy after a streamed read
-            B = stacked([lora.B for lora in loras], 1, buffers[1])
-            clusters.record(out, name, *clusters.centroids(name, A, B, fan_in_fan_out))
-        else:
-            c_a, c_b, coef_a, coef_b = _centroids(adapters, name, units, labels, rank, options["param_reweight"])
-            factor = _output_factor(adapters, name, units.owners, rank, options)
-            if factor != 1.0:
-                c_a, c_b, coef_a, coef_b = c_a.mul_(factor), c_b.mul_(factor), coef_a * factor, coef_b * factor
-            if options["rescale"] == "lsq":
-                scales = lsq_scales(adapters, weights, name, units.owners, c_a, c_b)
-                root = scales.abs().sqrt()[:, None]  # split over both halves; the sign goes with b
-                signed = root * torch.sign(scales)[:, None]
-                c_a, c_b = c_a * root, c_b * signed
-                coef_a, coef_b = coef_a * root.cpu().numpy(), coef_b * signed.cpu().numpy()
-            module = LoraModule(A=c_a.contiguous(), B=c_b.T.contiguous(), scale=1.0, fan_in_fan_out=fan_in_fan_out)
-            products = None
-            if units.gram_a is not None:
-                (cross, merged_sq), = _report_products(_Units.stack([units]), [units.owners], coef_a[None], coef_b[None])
-                products = ReportProducts(module, cross, clusters.source_sq[name], merged_sq)
-            clusters.record(out, name, module, products)
+        A = stacked([lora.A for lora in loras], 0, buffers[0])  # no copy after a streamed read
+        B = stacked([lora.B for lora in loras], 1, buffers[1])
+        clusters.record(out, name, *clusters.centroids(name, A, B, fan_in_fan_out, rank, options))
         out.labels[name] = torch.from_numpy(labels)
         out.unit_owner[name] = torch.from_numpy(units.adapter_index)
     out.timings["centroids"] = time.perf_counter() - start

@@ -115,12 +115,13 @@ def _as_adapters(adapters: Sequence[LoraAdapter], group: Group, arrays: bool = F
             for a, found in zip(adapters, modules)]
 
 
-def _centroids_of(clusters: LegoClusters, group: Group) -> MethodOutput:
+def _centroids_of(clusters: LegoClusters, group: Group, steps: MergePlan) -> MethodOutput:
     """lego's centroids of a group read stacked, as numpy arrays (no torch): what :func:`lego_viz.merge.lego.lego`
     makes of the same factors, bit for bit."""
     out = MethodOutput(modules={})
     for name, (A, B, blocks) in group.items():
-        clusters.record(out, name, *clusters.centroids(name, A, B, blocks[0][1].fan_in_fan_out))
+        fan_in_fan_out = blocks[0][1].fan_in_fan_out
+        clusters.record(out, name, *clusters.centroids(name, A, B, fan_in_fan_out, steps.ranks[name], steps.options))
         out.labels[name], out.unit_owner[name] = clusters.labels[name], clusters.units[name].adapter_index
     return out
 
@@ -230,9 +231,9 @@ def _route(
         start = time.perf_counter()
         clusters = steps.method.prepare(adapters, steps.weights, steps.ranks, steps.options, summaries)
         totals.add(MethodOutput(modules={}, timings=clusters.timings, details=clusters.details), time.perf_counter() - start)
-    # lego's centroids made straight from the stacked arrays: every module read stacked and its
-    # coefficients known (reweighting none / l2), so neither the merge nor its checks need torch.
-    on_arrays = arrays and clusters is not None and set(clusters.coefficients) == set(summaries) == names
+    # lego's centroids made straight from the stacked arrays: every module read stacked and clustered from
+    # its Gram matrices, so neither the merge nor its checks and report need torch.
+    on_arrays = arrays and clusters is not None and set(summaries) == set(clusters.unit_probes) == names
     probes = None
     if checks and clusters is not None and set(clusters.unit_probes) == names and (on_arrays or not any(exact.values())):
         probes = probe_checks(adapters, steps.weights, unit_probes=clusters.unit_probes)
@@ -250,7 +251,7 @@ def _merge_group(
     steps, start = route.plan, time.perf_counter()
     block = _as_adapters(adapters, group, arrays=route.on_arrays)
     if route.on_arrays:
-        part = _centroids_of(route.clusters, group)
+        part = _centroids_of(route.clusters, group, steps)
     else:
         extra = {} if route.clusters is None else {"clusters": route.clusters}
         part = steps.method.fn(block, steps.weights, steps.ranks, steps.options, **extra)
@@ -322,10 +323,11 @@ def merge_streaming(
         group_bytes: float32 bytes of input factors held at once.
         summaries: the first pass over the weights, made beforehand (:func:`lego_viz.merge.first_pass.summarize`;
             the ``merge`` command makes it beside its own start-up), for methods that take it (lego).
-        arrays: where lego's centroids come from the first pass's coefficients (reweighting none /
-            l2, every module summarized), keep the merged factors and labels as numpy arrays and
-            run the merge, the checks (exact or by probes) and the report without torch: what the
-            ``merge`` command exports. Without ``summaries``, lego's first pass is made here.
+        arrays: where lego clusters every module from the first pass (every module summarized: at
+            most :data:`~lego_viz.merge.first_pass.GRAM_UNITS` units, stored as safetensors), keep the
+            merged factors and labels as numpy arrays and run the merge (any reweighting, ``lsq``), the
+            checks (exact or by probes) and the report without torch: what the ``merge`` command
+            exports. Without ``summaries``, lego's first pass is made here.
 
     Returns:
         A :class:`StreamedMerge`: the merged adapter, the check results and the errors.
