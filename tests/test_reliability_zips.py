@@ -3,6 +3,7 @@ anything is unpacked, and bounded memory per session and per app."""
 
 import gc
 import os
+import signal
 import subprocess
 import sys
 import zipfile
@@ -53,6 +54,41 @@ def test_cli_leaves_nothing_in_the_temp_folder(broken, tmp_path):
     assert done.returncode == (2 if broken else 0), done.stderr[-400:]
     if broken:
         assert done.stderr.startswith("error: upload.zip: damaged zip") and len(done.stderr.splitlines()) == 1, done.stderr
+    assert sorted(p.name for p in temp.iterdir()) == []
+
+
+# inspect that waits after its work until it is stopped, through the console entry point
+_INSPECT_THEN_WAIT = """
+import sys, threading
+import lego_viz.cli.commands as commands
+inspect = commands.cmd_inspect
+def waiting(args):
+    code = inspect(args)
+    print("waiting", flush=True)
+    threading.Event().wait()
+    return code
+commands.cmd_inspect = waiting
+sys.argv = ["lego_viz", "inspect", sys.argv[1]]
+commands.run()
+"""
+
+
+def test_cli_terminated_mid_command_leaves_nothing_in_the_temp_folder(tmp_path):
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    child = subprocess.Popen([sys.executable, "-c", _INSPECT_THEN_WAIT, str(_adapter_zip(tmp_path, "a"))], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "TMPDIR": str(temp), "PYTHONPATH": str(ROOT)})
+    try:
+        for line in child.stdout:  # the zip is unpacked and inspected: now stop the command
+            if line.startswith("waiting"):
+                break
+        assert next(p.name for p in temp.iterdir()).startswith("lego_viz_zip_")
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=60) == 130, child.stderr.read()[-400:]
+    finally:
+        child.kill()
+    assert child.stderr.read().strip() == "interrupted"
     assert sorted(p.name for p in temp.iterdir()) == []
 
 
