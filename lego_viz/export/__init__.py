@@ -4,7 +4,21 @@
 (:mod:`~lego_viz.export.serving`).
 """
 
-from lego_viz.export.folder import ExportError, export_adapter, zip_export
-from lego_viz.export.recipe import ConfigError, load_config, load_recipe
+# Resolved on first use: importing one submodule (the numpy-only export path) must not load the others.
+_PUBLIC = {
+    "ExportError": "lego_viz.export.folder",
+    "export_adapter": "lego_viz.export.folder",
+    "zip_export": "lego_viz.export.folder",
+    "ConfigError": "lego_viz.export.recipe",
+    "load_config": "lego_viz.export.recipe",
+    "load_recipe": "lego_viz.export.recipe",
+}
+__all__ = sorted(_PUBLIC)
 
-__all__ = ["ConfigError", "ExportError", "export_adapter", "load_config", "load_recipe", "zip_export"]
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        import importlib
+
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'lego_viz.export' has no attribute {name!r}")

@@ -27,7 +27,6 @@ from pathlib import Path
 from lego_viz.adapters import LoraAdapter, load_adapters, same_base
 from lego_viz.export.serving import DTYPES
 from lego_viz.export.yaml_io import ConfigError, read_yaml, shown
-from lego_viz.merge.registry import user_options
 
 RECIPE_VERSION = 2
 TOP_LEVEL_KEYS = ("merge_method", "models", "parameters", "base_model", "dtype", "out_dtype", "max_rank",
@@ -159,6 +158,8 @@ def parse_config(data, label: str = "config") -> MergeConfig:
         raise ConfigError(f"{label}: allow_base_mismatch must be true or false, got {shown(allow)}.")
     method = METHOD_ALIASES.get(method, method)
     # Only the method's declared options: 'checks', 'errors', 'weights', ... are the program's own arguments.
+    from lego_viz.merge.registry import user_options  # the methods' modules, only once a config names one
+
     params = user_options(method, params, f"{label}: parameters")
     return MergeConfig(method=method, models=tuple(entries), k=k, options=params,
                        base_model=base, dtype=None if dtype is None else str(dtype).lower(), max_rank=max_rank,
