@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 import lego_viz.adapters.loading as adapters_mod
+import lego_viz.export.yaml_io as yaml_io
 from lego_viz.cli.commands import build_parser
 from lego_viz.merge import MERGE_METHODS
 
@@ -215,6 +216,7 @@ def test_reliability_table_is_regenerated_output(monkeypatch):
     spec.loader.exec_module(script)
     # the script lowers the unzip cap for the corpus' zip bomb; restore it afterwards
     monkeypatch.setattr(adapters_mod, "MAX_UNZIPPED_BYTES", adapters_mod.MAX_UNZIPPED_BYTES)
+    monkeypatch.setattr(yaml_io, "MAX_CONFIG_BYTES", yaml_io.MAX_CONFIG_BYTES)  # and the config cap
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         script.main()

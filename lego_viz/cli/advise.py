@@ -61,7 +61,7 @@ def configure(name: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-lego", action="store_true", help="skip the lego curve (one merge per k); the svd curve is nearly free")
     parser.add_argument("--out", default=None, help="also write a merge at the allocated per-module ranks to this folder")
     parser.add_argument("--method", default="svd", help="merge method for --out (default svd, the curve the allocation follows)")
-    parser.add_argument("--force", action="store_true", help="with --out: replace a non-empty folder")
+    parser.add_argument("--force", action="store_true", help="with --out: replace an earlier export there")
     parser.add_argument("--allow-base-mismatch", action="store_true")
     parser.add_argument("--json", action="store_true", help="print the curves, knees and allocation as JSON")
     parser.set_defaults(func=run_advise)

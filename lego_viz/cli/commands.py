@@ -341,7 +341,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--allow-base-mismatch", action="store_true", help="merge adapters whose base names differ (same shapes)")
     p.add_argument("--no-checks", action="store_true", help="skip the invariance checks written to the report")
     p.add_argument("--out", required=True, help="output folder (must be empty unless --force)")
-    p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--force", action="store_true", help="replace an earlier export in --out (never other files, never an input)")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="saved weights (default: the inputs')")
     p.add_argument("--max-rank", type=int, default=None, help="refuse a merge with any module above this rank")
     p.add_argument("--push-to-hub", default=None, metavar="REPO", help="upload the export (with its model card)")
