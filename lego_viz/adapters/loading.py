@@ -37,6 +37,7 @@ from lego_viz.adapters.types import (
     LoraAdapter,
     LoraModule,
     printable,
+    shown,
 )
 
 if TYPE_CHECKING:
@@ -354,7 +355,7 @@ def sha256_file(path: Path, identity: tuple = (), label: str = "") -> str:
 
 def _positive_number(value, what: str, label: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-        raise AdapterError(f"{label}: {what} must be a positive number, got {value!r}.")
+        raise AdapterError(f"{label}: {what} must be a positive number, got {shown(value)}.")
     return float(value)
 
 
@@ -368,7 +369,7 @@ def _module_scale(config: dict, module: str, label: str, tables: tuple | None = 
     r = tables[0].value(module, config.get("r"))
     alpha = tables[1].value(module, config.get("lora_alpha", PEFT_DEFAULT_ALPHA))
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise AdapterError(f"{label}: r must be a positive integer for {module}, got {r!r}.")
+        raise AdapterError(f"{label}: r must be a positive integer for {module}, got {shown(r)}.")
     alpha = _positive_number(alpha, f"lora_alpha for {module}", label)
     scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     return r, scale
@@ -378,13 +379,13 @@ def _validate_config(config: dict, label: str) -> None:
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type != "LORA":
         raise AdapterError(
-            f"{label}: peft_type is {config.get('peft_type')!r}; only LORA adapters are supported."
+            f"{label}: peft_type is {shown(config.get('peft_type'))}; only LORA adapters are supported."
         )
     if config.get("use_dora"):
         raise AdapterError(f"{label}: DoRA adapters (use_dora=true) are not LoRA sums of rank-one units; not supported.")
     r = config.get("r")
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise AdapterError(f"{label}: r must be a positive integer, got {r!r}.")
+        raise AdapterError(f"{label}: r must be a positive integer, got {shown(r)}.")
     if r > 65536:
         raise AdapterError(f"{label}: r={r} is implausibly large (max 65536).")
     _positive_number(config.get("lora_alpha", PEFT_DEFAULT_ALPHA), "lora_alpha", label)
@@ -443,14 +444,14 @@ def _check_ranks(module: str, key_a: str, A, key_b: str, B, r: int, label: str) 
 
 
 def _finite_module(A, B, keys: tuple[str, str], scale: float, fan_in_fan_out: bool, label: str, weights_name: str) -> LoraModule:
-    """A module of float32 copies of ``A`` and ``B``, refused if either holds NaN or inf."""
+    """A module of float32 copies of ``A`` and ``B``, refused if either holds NaN/inf or values too large to merge."""
     import torch
+
+    from lego_viz.adapters.stored import check_finite
 
     A32, B32 = A.detach().to(torch.float32), B.detach().to(torch.float32)
     for key, tensor in zip(keys, (A32, B32)):
-        if not torch.isfinite(tensor).all():
-            bad = int((~torch.isfinite(tensor)).sum())
-            raise AdapterError(f"{label}: {weights_name} tensor {key} has {bad} NaN/inf values.")
+        check_finite(label, weights_name, key, tensor.numpy())
     return LoraModule(A=A32.contiguous(), B=B32.contiguous(), scale=scale, fan_in_fan_out=fan_in_fan_out)
 
 

@@ -7,6 +7,7 @@ They live apart from loading (:mod:`lego_viz.adapters.loading`) so that the on-d
 from __future__ import annotations
 
 import re
+import reprlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -115,6 +116,17 @@ class LoraAdapter:
             "source": self.source,
         }
 
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 60
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 4
+_SHORT.maxlevel = 2
+
+
+def shown(value) -> str:
+    """``repr(value)`` cut short: an error message names a value from a file, never echoes a huge one."""
+    return _SHORT.repr(value)
 
 
 def printable(text: str) -> str:

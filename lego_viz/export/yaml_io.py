@@ -4,39 +4,30 @@
 bytes that expand to gigabytes once anything walks the result (a ``repr`` in an error message did),
 20,000 levels of ``[[[...`` end in a RecursionError, and ``--config /dev/zero`` reads for ever. Here the
 file must be a regular file under :data:`MAX_CONFIG_BYTES`, and the parser's events are measured before
-any Python object is built: depth, size with every alias expanded, and integers too long for ``int()``. Messages name the line and key, and show values cut short (:func:`shown`).
+any Python object is built: depth, size with every alias expanded, and integers too long for ``int()``.
+Messages name the line and key, and show values cut short (:func:`lego_viz.adapters.types.shown`).
 """
 
 from __future__ import annotations
 
 import os
-import reprlib
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from lego_viz.adapters import AdapterError
+from lego_viz.adapters.types import AdapterError, shown
 
 MAX_CONFIG_BYTES = 512 << 10  # a recipe of 1,000 adapters is ~250 kB; libyaml reads 1 MB in 3 s
 MAX_DEPTH = 64  # a config nests 4 levels
 MAX_EXPANDED = 4 * MAX_CONFIG_BYTES  # characters and nodes, with every alias expanded
 MAX_INT_DIGITS = 100  # ranks, seeds and counts; int() refuses past 4,300 digits with a message that names nothing
 
-_SHORT = reprlib.Repr()
-_SHORT.maxstring = _SHORT.maxother = 60
-_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 4
-_SHORT.maxlevel = 2
 
 
 class ConfigError(AdapterError):
     """A merge config is malformed; the message names the key and the valid choices."""
-
-
-def shown(value) -> str:
-    """``repr(value)`` cut short: an error message names a value, it never echoes a huge one."""
-    return _SHORT.repr(value)
 
 
 def read_yaml(path: str | os.PathLike, what: str = "config"):
