@@ -123,3 +123,16 @@ def test_pattern_tables_are_bounded(patterns, seconds, message):
 
     with pytest.raises(AdapterError, match=message):
         PatternTable(patterns, "rank_pattern key", seconds=seconds).value("model.layers.0.self_attn.q_proj", 8)
+
+
+def test_an_early_error_is_one_line_with_the_first_pass_forked(tmp_path):
+    # lego's first pass runs in a forked process that multiprocessing ends with SIGTERM when the command
+    # leaves early; it inherited the command's SIGTERM handler and printed a KeyboardInterrupt traceback
+    a = save_peft_folder(make_adapter("a", seed=1), tmp_path / "a")
+    b = save_peft_folder(make_adapter("b", seed=2), tmp_path / "b")
+    done = subprocess.run([sys.executable, "-m", "lego_viz", "merge", str(a), str(b), "--option", "checks=false",
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        "error: --option: unknown option(s) checks for method 'lego'; valid options: features, param_reweight, "
+        "output_reweight, rescale, seed, n_init, max_iter, tol, device, preset."]

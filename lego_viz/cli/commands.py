@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -395,7 +396,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+_COMMAND_PID = os.getpid()
+
+
 def _interrupt(signum, frame) -> None:
+    # A process the command forked (lego's first pass) inherits this handler, and multiprocessing ends it
+    # with SIGTERM whenever the command exits early: it leaves at once and quietly, as by default, and
+    # only the command itself unwinds (and prints no child's traceback).
+    if os.getpid() != _COMMAND_PID:
+        os._exit(128 + signum)
     raise KeyboardInterrupt
 
 
