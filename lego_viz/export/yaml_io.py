@@ -47,7 +47,10 @@ def read_yaml(path: str | os.PathLike, what: str = "config"):
         _check_events(text, label)
         return yaml.load(text, Loader=_LOADER)  # a SafeLoader: plain data only
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{label} is not valid YAML ({str(exc).splitlines()[0][:200]}).") from None
+        reason = str(exc).splitlines()[0][:200]
+        if "increasing flow level" in reason or "increasing indent level" in reason:  # libyaml's own depth limit
+            raise ConfigError(f"{label} nests deeper than {MAX_DEPTH} levels; a merge config nests 4.") from None
+        raise ConfigError(f"{label} is not valid YAML ({reason}).") from None
 
 
 def _read_text(path: Path, label: str) -> str:
