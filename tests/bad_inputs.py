@@ -215,6 +215,8 @@ CASES: list[Case] = [
          lambda t: _with(t, tensors={f"{Q}.lora_A.weight": torch.full((4, 32), float("nan"))}), "NaN/inf"),
     Case("inf", "inf in lora_B", "load",
          lambda t: _with(t, tensors={f"{Q}.lora_B.weight": torch.full((32, 4), float("inf"))}), "NaN/inf"),
+    Case("too-large", "finite values of 3e38 in lora_A (their squares overflow float32)", "load",
+         lambda t: _with(t, tensors={f"{Q}.lora_A.weight": torch.full((4, 32), 3e38)}), "values up to 3e\\+38, too large to merge"),
     Case("missing-lora-b", "lora_A without lora_B", "load", lambda t: _with(t, drop=f"{Q}.lora_B.weight"), "no matching lora_B"),
     Case("no-lora-tensors", "weights file holds no LoRA pairs", "load", _empty_weights, "holds no lora_A/lora_B"),
     Case("conv-only", "only 4-D (conv) LoRA tensors", "load", _conv_only, "holds no lora_A/lora_B"),

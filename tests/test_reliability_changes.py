@@ -97,16 +97,17 @@ def test_merge_refuses_an_input_that_changes_mid_merge(tamper, tmp_path, monkeyp
     assert not (tmp_path / "out").exists()
 
 
-def test_values_too_large_for_float32_are_named(tmp_path, capsys):
+@pytest.mark.parametrize("method", ["lego", "svd", "linear"])
+def test_values_too_large_for_float32_are_named(method, tmp_path, capsys):
     good = save_peft_folder(make_adapter("a", seed=1), tmp_path / "a")
     big = make_adapter("big", seed=3)
     tensors = {f"base_model.model.{m}.lora_{side}.weight": getattr(lora, side) for m, lora in big.modules.items() for side in "AB"}
     tensors[f"{Q}.lora_A.weight"] = torch.full((4, 32), 3e38)  # finite, but its squares overflow
     save_peft_folder(big, tmp_path / "big", tensors=tensors)
-    code = main(["merge", str(good), str(tmp_path / "big"), "--out", str(tmp_path / "out")])
+    code = main(["merge", str(good), str(tmp_path / "big"), "--method", method, "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
-    assert "big: adapter_model.safetensors holds values up to 3e+38" in err and "too large to merge in float32" in err, err
+    assert f"big: adapter_model.safetensors tensor {Q}.lora_A.weight holds values up to 3e+38, too large to merge in float32" in err, err
     assert not (tmp_path / "out").exists()
 
 

@@ -34,6 +34,9 @@ _UINT = {1: "<u1", 2: "<u2", 4: "<u4", 8: "<u8"}
 _MAX_HEADER = 16 << 20
 # Bytes scanned per step when looking for NaN/inf, so a large tensor is never held twice.
 _SCAN_BYTES = 1 << 24
+# Bits (sign cleared) of 2**64 per dtype, √ of float32's largest: from there up a value's square
+# overflows float32, so no merge of it can be finite (fp16 never gets there).
+_TOO_LARGE = {"F32": 0x5F800000, "BF16": 0x5F80, "F64": 0x43F0000000000000}
 
 
 _SCRATCH = threading.local()
@@ -134,7 +137,9 @@ class SafetensorsFile:
 
         A value is NaN/inf when its exponent bits are all ones, i.e. when its bits without the sign
         are ≥ the exponent mask; the largest such magnitude per chunk (two cheap passes, read into one
-        reused buffer) says whether to count at all, so a clean file costs about its read.
+        reused buffer) says whether to count at all, so a clean file costs about its read. The same
+        largest magnitude shows finite values too large to merge (:data:`_TOO_LARGE`): those raise
+        :class:`AdapterError` here.
         """
         import numpy as np
 
@@ -145,7 +150,7 @@ class SafetensorsFile:
         magnitude = np.array((1 << (8 * width - 1)) - 1, dtype=_UINT[width])  # all bits but the sign
         step = min(_SCAN_BYTES - _SCAN_BYTES % width, info.nbytes)
         buffer = _scratch(step).view(_UINT[width])
-        bad = 0
+        bad, huge, large = 0, 0, _TOO_LARGE.get(info.dtype, mask)
         with open(self.path, "rb") as handle:
             handle.seek(info.start)
             for offset in range(0, info.nbytes, step):
@@ -153,8 +158,14 @@ class SafetensorsFile:
                 if handle.readinto(memoryview(buffer).cast("B")[:size]) != size:
                     raise AdapterError(f"{self.label}: {self.path.name} is corrupt or truncated (it changed while being read).")
                 bits = np.bitwise_and(buffer[: size // width], magnitude, out=buffer[: size // width])
-                if bits.max() >= mask:
+                if (top := int(bits.max())) >= mask:
                     bad += int(np.count_nonzero(bits >= mask))
+                elif top >= large:
+                    huge = max(huge, top)
+        if huge and not bad:
+            largest = float(np.array(huge, dtype=_UINT[width]).view(FORMATS[info.dtype].storage)) if info.dtype != "BF16" \
+                else float(np.array(huge << 16, dtype=np.uint32).view(np.float32))
+            raise too_large(self.label, self.path.name, key, largest)
         return bad
 
     def read_stored(self, key: str) -> torch.Tensor:
@@ -209,17 +220,43 @@ class SafetensorsFile:
             self.check_values(key, out)
 
     def check_values(self, key: str, values: np.ndarray) -> None:
-        """Raise :class:`AdapterError` if ``values`` (tensor ``key`` as read, float32) hold NaN/inf.
+        """Raise :class:`AdapterError` if ``values`` (tensor ``key`` as read, float32) hold NaN/inf or
+        values too large to merge (:func:`check_finite`)."""
+        check_finite(self.label, self.path.name, key, values)
 
-        A finite sum (one pass) proves there is none; only a NaN/inf or an overflowing sum leads to
-        the exact count.
-        """
-        import numpy as np
 
-        with np.errstate(over="ignore"):  # huge finite values overflow the sum: then they are counted
-            total = values.sum()
-        if not np.isfinite(total) and (bad := int(values.size - np.isfinite(values).sum())):
-            raise AdapterError(f"{self.label}: {self.path.name} tensor {key} has {bad} NaN/inf values.")
+def squares_overflow(values: np.ndarray) -> bool:
+    """Whether the sum of squares of float32 ``values`` is not finite: a NaN/inf among them, or values
+    too large to merge (products of two such overflow float32). One pass, as cheap as a sum."""
+    import numpy as np
+
+    with np.errstate(over="ignore", invalid="ignore"):
+        if values.flags.c_contiguous:
+            flat = values.reshape(-1)
+            return not np.isfinite(np.dot(flat, flat))
+        axes = "abcdefghijklmnop"[: values.ndim]
+        return not np.isfinite(np.einsum(f"{axes},{axes}->", values, values))
+
+
+def check_finite(label: str, file: str, key: str, values: np.ndarray) -> None:
+    """Raise :class:`AdapterError` for NaN/inf in ``values`` (float32, tensor ``key`` of ``file``), or
+    for values so large that the sum of their squares overflows float32: no method can merge those.
+
+    A finite sum of squares (one pass) proves there is neither; only then are values counted.
+    """
+    import numpy as np
+
+    if not squares_overflow(values):
+        return
+    if bad := int(values.size - np.isfinite(values).sum()):
+        raise AdapterError(f"{label}: {file} tensor {key} has {bad} NaN/inf values.")
+    raise too_large(label, file, key, float(np.abs(values).max()))
+
+
+def too_large(label: str, file: str, key: str, largest: float) -> AdapterError:
+    """The error for finite values too large to merge in float32."""
+    return AdapterError(f"{label}: {file} tensor {key} holds values up to {largest:.3g}, too large to merge in float32 "
+                        "(their squares overflow); the adapter is broken or saved at the wrong scale.")
 
 
 def _parse_header(raw: bytes) -> dict:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lego_viz.adapters import AdapterError, LoraAdapter, module_order
-from lego_viz.adapters.stored import StoredLoraModule
+from lego_viz.adapters.stored import StoredLoraModule, squares_overflow
 
 # float32 bytes of the factors read per group (all adapters' copies of the group's modules). The group
 # being merged and the next one, being read, are in memory at once; 128 MiB keeps a 64-adapter merge of
@@ -160,16 +160,15 @@ def read_stacked(
         module.file.read_array(module.key_b, B[:, units], check=False)
         blocks.append((t, module, units))
         start += module.r
-    if check:
-        with np.errstate(over="ignore"):  # a sum that overflows only sends the check down the exact route
-            finite = bool(np.isfinite(A.sum()) and np.isfinite(B.sum()))
-        check_stacked(A, B, blocks, finite)
+    if check:  # a sum of squares as cheap as a sum, which also catches values too large to merge
+        check_stacked(A, B, blocks, not squares_overflow(A) and not squares_overflow(B))
     return A, B, blocks
 
 
 def check_stacked(A: np.ndarray, B: np.ndarray, blocks: list[tuple[int, StoredLoraModule, slice]], finite: bool) -> None:
-    """NaN/inf in stacked factors of files loaded without the up-front scan: nothing to do when the
-    caller found a finite sum over them (``finite``); else each such tensor is checked on its own."""
+    """NaN/inf (or values too large to merge) in stacked factors of files loaded without the up-front
+    scan: nothing to do when the caller found a finite sum of squares over them (``finite``); else each
+    such tensor is checked on its own."""
     if finite:
         return
     for _, module, units in blocks:
