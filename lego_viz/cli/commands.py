@@ -45,11 +45,16 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
+def _cut(text: str, limit: int = 60) -> str:
+    """A value quoted in a message, cut short (a 5,000-digit --k is named, not echoed)."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}… ({len(text)} characters)"
+
+
 def float_list(text: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 1,0.5; got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 1,0.5; got {_cut(text)}") from None
 
 
 def _k_value(text: str) -> int | dict[str, int]:
@@ -59,14 +64,14 @@ def _k_value(text: str) -> int | dict[str, int]:
             return int(text)
         return {key.strip(): int(value) for key, value in (part.rsplit("=", 1) for part in text.split(",") if part.strip())}
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or NAME=INT,... ; got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected an integer or NAME=INT,... ; got {_cut(text)}") from None
 
 
 def _option(text: str) -> tuple[str, object]:
     """``NAME=VALUE`` of a method option; the value typed as a number or true/false where it reads as one."""
     name, sep, raw = text.partition("=")
     if not sep or not name.strip():
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE like merge=ties; got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE like merge=ties; got {_cut(text)}")
     value: object = raw.strip()
     if value in ("true", "false"):
         value = value == "true"
