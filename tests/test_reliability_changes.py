@@ -127,3 +127,18 @@ def test_recipe_hash_is_of_the_file_merged(tmp_path):
     report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
     hashes = [entry.get("sha256") for entry in report["inputs"]]
     assert hashes == [loading.sha256_file(folder / "adapter_model.safetensors") for folder in (a, b)]
+
+
+def test_adapters_read_whole_at_load_merge_after_their_files_are_gone(tmp_path):
+    # the app unpacks uploads, loads them into memory and removes the files: its merges must not miss them
+    import shutil
+
+    from lego_viz.adapters import load_adapters
+    from lego_viz.merge.stream import merge_streaming
+
+    folders = [save_peft_folder(make_adapter(name, seed=seed), tmp_path / name) for name, seed in (("a", 1), ("b", 2))]
+    adapters = load_adapters(folders)
+    for folder in folders:
+        shutil.rmtree(folder)
+    result = merge_streaming(adapters, method="lego", k=4, checks=False)
+    assert sorted(result.merged.ranks.values()) == [4] * len(result.merged.ranks)

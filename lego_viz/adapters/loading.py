@@ -705,12 +705,17 @@ def hash_in_background(adapters: Sequence[LoraAdapter]) -> Callable[[], None]:
                for adapter in pending]
     pool.shutdown(wait=False)
 
+    from lego_viz.adapters.stored import StoredLoraModule
+
+    # Files read after loading (lazy modules) or hashed now must still be the ones loaded once the caller
+    # has read them; an adapter read and hashed whole at load owes nothing to its file (which may be gone).
+    later = [a for a in adapters if a.weights_path and (not a.sha256 or any(isinstance(m, StoredLoraModule) for m in a.modules.values()))]
+
     def finish() -> None:
         for adapter, future in futures:
             adapter.sha256 = future.result()
-        for adapter in adapters:  # read after the hash: the files must still be the ones loaded
-            if adapter.weights_path:
-                check_unchanged(Path(adapter.weights_path), adapter.weights_identity, adapter.name)
+        for adapter in later:
+            check_unchanged(Path(adapter.weights_path), adapter.weights_identity, adapter.name)
 
     return finish
 
