@@ -180,7 +180,6 @@ class _Route:
     plan: MergePlan
     clusters: LegoClusters | None  # lego's clusters, made from the first pass without reading a weight
     on_arrays: bool  # centroids, checks and report from the stacked numpy arrays: no torch
-    checks: bool
     exact: dict[str, bool]  # per check: exact (small inputs) or by probes, decided as the in-memory checks decide it
     probes: tuple[CheckResult, CheckResult] | None  # both checks from the clusters' probes of every unit, made up front
 
@@ -240,7 +239,7 @@ def _route(
         for key, result in zip(CHECKS, probes):
             if not exact[key]:
                 totals.checks[key].append(result)
-    return _Route(plan=steps, clusters=clusters, on_arrays=on_arrays, checks=checks, exact=exact, probes=probes)
+    return _Route(plan=steps, clusters=clusters, on_arrays=on_arrays, exact=exact, probes=probes)
 
 
 def _merge_group(
