@@ -101,8 +101,8 @@ def gram_kmeans(
         Lloyd iterations of the winning restart ``(batch,)`` int64.
     """
     gram = np.asarray(gram)
-    _check_gram(gram.shape)
-    _check_params(n_clusters, gram.shape[-1], n_init, max_iter, tol)
+    check_gram(gram.shape)
+    check_params(n_clusters, gram.shape[-1], n_init, max_iter, tol)
     if gram.dtype not in (np.float32, np.float64):
         gram = gram.astype(np.float32)
     b, n, _ = gram.shape
@@ -111,7 +111,7 @@ def gram_kmeans(
         raise ValueError(f"n_features must be one number >= 1 or one per problem ({b}), got {n_features!r}")
     dims = np.broadcast_to(dims, (b,))
     if uniforms is None:
-        uniforms = torch_compatible_uniforms(seed, (n_init, n_clusters, _n_local_trials(n_clusters)))
+        uniforms = torch_compatible_uniforms(seed, (n_init, n_clusters, n_local_trials(n_clusters)))
     uniforms = np.asarray(uniforms)
     if uniforms.ndim != 3 or uniforms.shape[:2] != (n_init, n_clusters) or uniforms.shape[2] < 1:
         raise ValueError(
@@ -137,7 +137,7 @@ def gram_kmeans(
     return labels, inertia, n_iter
 
 
-def _n_local_trials(k: int) -> int:
+def n_local_trials(k: int) -> int:
     # scikit-learn's number of k-means++ candidates per centre.
     return 2 + int(math.log(k))
 
@@ -380,12 +380,12 @@ def _is_int(value: object) -> bool:
     return isinstance(value, Integral) and not isinstance(value, bool)
 
 
-def _check_gram(shape: tuple[int, ...]) -> None:
+def check_gram(shape: tuple[int, ...]) -> None:
     if len(shape) != 3 or shape[-1] != shape[-2]:
         raise ValueError(f"gram must have shape (batch, n, n), got {tuple(shape)}")
 
 
-def _check_params(n_clusters: int, n: int, n_init: int, max_iter: int, tol: float) -> None:
+def check_params(n_clusters: int, n: int, n_init: int, max_iter: int, tol: float) -> None:
     if not _is_int(n_clusters) or not 1 <= n_clusters <= n:
         raise ValueError(
             f"n_clusters must be an integer with 1 <= n_clusters <= n_samples = {n}, got {n_clusters!r}"

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lego_viz.units.gram_kmeans import _check_gram, _check_params, _n_local_trials, gram_kmeans
+from lego_viz.units.gram_kmeans import check_gram, check_params, gram_kmeans, n_local_trials
 
 __all__ = ["GramKMeans", "cluster_means", "pairwise_gram", "sketch_kmeans"]
 
@@ -105,7 +105,7 @@ def sketch_kmeans(
         ``(labels (n,), inertia)`` with the inertia on the full points.
     """
     n = x.shape[0]
-    _check_params(n_clusters, n, n_init, max_iter, tol)
+    check_params(n_clusters, n, n_init, max_iter, tol)
     x = x.float() - x.float().mean(dim=0)
     # The points' coordinates in an orthonormal basis of the range of xᵀΩ (a randomized range finder):
     # that subspace holds the points' dominant directions, where clusters separate, so k-means on it is
@@ -116,7 +116,7 @@ def sketch_kmeans(
     omega = torch.randn(n, sketch_dim, generator=generator).to(x.device)  # (n, m)
     basis = torch.linalg.qr(x.T @ omega).Q  # (d, m)
     sketch = x @ basis  # (n, m)
-    shape = (n_init, n_clusters, _n_local_trials(n_clusters))
+    shape = (n_init, n_clusters, n_local_trials(n_clusters))
     uniforms = torch.rand(shape, generator=generator, dtype=torch.float64).to(x.device, x.dtype)
     tol_abs = tol * float(sketch.var(dim=0, unbiased=False).mean())
     labels, inertia = _points_lloyd(sketch, _points_plusplus(sketch, n_clusters, uniforms), max_iter, tol_abs)
@@ -273,10 +273,10 @@ class GramKMeans:
         The k-means++ draws come from a torch generator seeded with ``random_state`` (the same draws
         serve every problem, so results depend neither on batching nor on the device).
         """
-        _check_gram(tuple(gram.shape))
-        _check_params(self.n_clusters, gram.shape[-1], self.n_init, self.max_iter, self.tol)
+        check_gram(tuple(gram.shape))
+        check_params(self.n_clusters, gram.shape[-1], self.n_init, self.max_iter, self.tol)
         seed = self.random_state if self.random_state is not None else int(torch.seed() % 2**63)
-        shape = (self.n_init, self.n_clusters, _n_local_trials(self.n_clusters))
+        shape = (self.n_init, self.n_clusters, n_local_trials(self.n_clusters))
         uniforms = torch.rand(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
         dtype = gram.dtype if gram.dtype in (torch.float32, torch.float64) else torch.float32
         if isinstance(n_features, torch.Tensor):
