@@ -264,8 +264,8 @@ CASES: list[Case] = [
          "adapter_config.json key 'r' holds a whole number of 5000 digits"),
     Case("rank-pattern-lookaround", "rank_pattern key (?=(a|a)*c): backtracking regex", "load",
          lambda t: _with(t, {"rank_pattern": {"(?=(a|a)*c)": 2}}), r"rank_pattern key .* not a valid regular expression"),
-    Case("k-pattern-lookaround", "--k pattern (?=(.|.)*Z)q_proj", "merge",
-         lambda t: _merge(t, k={"(?=(.|.)*Z)q_proj": 2}), r"k pattern .* not a valid regular expression"),
+    Case("k-pattern-lookaround", "--k pattern with a lookahead, (?=q)q_proj", "merge",
+         lambda t: _merge(t, k={"(?=q)q_proj": 2}), r"k pattern .* not a valid regular expression"),
     # issue 26: only a method's declared options come from users, never the program's own arguments
     Case("option-internal", "--option checks=false (an argument of the streamed merge)", "merge",
          lambda t: _merge(t, checks=False), r"unknown option\(s\) checks .*valid options: features"),
