@@ -105,6 +105,8 @@ class SafetensorsFile:
             for key, entry in header.items():
                 if key == "__metadata__":
                     continue
+                if not isinstance(entry["dtype"], str) or entry["dtype"] not in FORMATS:
+                    raise ValueError(f"tensor {key} has dtype {str(entry['dtype'])[:20]!r}; readable: {', '.join(FORMATS)}")
                 width = FORMATS[entry["dtype"]].width
                 shape, offsets = tuple(entry["shape"]), tuple(entry["data_offsets"])
                 if not all(type(n) is int for n in shape + offsets) or len(offsets) != 2:
