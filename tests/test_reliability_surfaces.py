@@ -136,3 +136,28 @@ def test_an_early_error_is_one_line_with_the_first_pass_forked(tmp_path):
     assert done.stderr.splitlines() == [
         "error: --option: unknown option(s) checks for method 'lego'; valid options: features, param_reweight, "
         "output_reweight, rescale, seed, n_init, max_iter, tol, device, preset."]
+
+
+def test_peft_gets_no_regex_from_a_file(tmp_path):
+    # zoo-eval loads through PeftModel.from_pretrained, whose own rank_pattern lookup is Python's re:
+    # (.|.|.)*Z backtracks 3^n on each module name there. PEFT now gets the keys resolved to names.
+    import shutil
+
+    from lego_viz.zoo.model import adapter_dirs
+
+    folder = tmp_path / "caesar"
+    shutil.copytree(adapter_dirs()["caesar"], folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["rank_pattern"] = {"(.|.|.)*Z": 2}  # matches no module: r stays 8
+    config["alpha_pattern"] = {r"layers\.0\.self_attn\.(q|v)_proj": 32}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    script = textwrap.dedent(f"""
+        from lego_viz.zoo.model import load_adapted
+        model, _ = load_adapted({str(folder)!r}, device="cpu")
+        layers = model.base_model.model.model.layers
+        print(layers[0].self_attn.q_proj.scaling["default"], layers[0].self_attn.k_proj.scaling["default"],
+              layers[1].self_attn.v_proj.scaling["default"], layers[0].self_attn.q_proj.r["default"])
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["4.0", "2.0", "2.0", "8"]  # alpha 32 / r 8 on layer 0's q_proj only

@@ -101,3 +101,22 @@ class PatternTable:
 def pattern_value(patterns: Mapping | None, module: str, default, what: str = "pattern"):
     """PEFT's rank_pattern / alpha_pattern lookup of one module (see :class:`PatternTable`)."""
     return PatternTable(patterns, what).value(module, default)
+
+
+def peft_patterns(config: Mapping, modules: Sequence[str], label: str, default_alpha: float) -> dict[str, dict]:
+    """``rank_pattern`` and ``alpha_pattern`` with each key replaced by the escaped names of the modules
+    whose value it sets: what PEFT gets when it loads an adapter from a user, so that PEFT's own lookup
+    (Python's backtracking ``re``) never runs a user's regex. The values per module are unchanged.
+
+    Args:
+        config: the adapter's config (validated).
+        modules: the names of its modules (as in its tensors, without ``base_model.model.``).
+        default_alpha: PEFT's ``lora_alpha`` where the config gives none.
+    """
+    defaults = {"rank_pattern": config.get("r"), "alpha_pattern": config.get("lora_alpha", default_alpha)}
+    resolved = {}
+    for key, default in defaults.items():
+        table = PatternTable(config.get(key), f"{label}: {key} key")
+        resolved[key] = {re.escape(module): value for module in modules
+                         if (value := table.value(module, default)) != default}
+    return resolved

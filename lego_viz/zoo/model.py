@@ -149,12 +149,21 @@ def load_adapted(adapter_dir: Path | str, device: str | None = None, zoo_dir: Pa
     Returns:
         `(peft_model, tokenizer)`, the model in eval mode.
     """
-    from peft import PeftModel
+    from peft import LoraConfig, PeftModel
+
+    from lego_viz.adapters import PEFT_DEFAULT_ALPHA, load_adapter
+    from lego_viz.adapters.patterns import peft_patterns
 
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter_dir} is not a PEFT adapter folder (no adapter_config.json)")
+    # Validated by our own reader first (messages, not tracebacks); PEFT then gets the config with its
+    # rank_pattern / alpha_pattern keys resolved to module names, so no regex from the file runs on re.
+    adapter = load_adapter(adapter_dir, lazy=True, hash_weights=False)
+    config = LoraConfig.from_pretrained(adapter_dir)
+    for key, value in peft_patterns(adapter.config, list(adapter.modules), adapter.name, PEFT_DEFAULT_ALPHA).items():
+        setattr(config, key, value)
     base, tokenizer = load_base(device=device, zoo_dir=zoo_dir)
     with quiet_peft():
-        model = PeftModel.from_pretrained(base, adapter_dir)
+        model = PeftModel.from_pretrained(base, adapter_dir, config=config)
     return model.eval(), tokenizer
