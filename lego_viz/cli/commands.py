@@ -422,11 +422,15 @@ def run() -> None:
     leaves without the teardown. SIGTERM and SIGHUP end the command as Ctrl-C does, so what it
     was writing and the zips it extracted are removed on the way out.
     """
+    import faulthandler
     import signal
 
     for name in ("SIGTERM", "SIGHUP"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), _interrupt)
+    # A last line: inputs are read, never mapped, but transformers maps a base model's weights for
+    # `run`; a file truncated under that map is a bus error, which then at least says where it was.
+    faulthandler.enable()
     code = main()
     if "torch" in sys.modules:
         import atexit
