@@ -142,3 +142,19 @@ def test_run_command_exits_2_with_one_line(extra, message, tmp_path, capsys, mon
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
     assert message in err, err
+
+
+@pytest.mark.parametrize("build", [_fifo, _dev_zero], ids=["fifo", "dev-zero"])
+def test_merged_folder_report_is_read_from_a_regular_file_only(build, tmp_path):
+    from lego_viz.cli.run import _merge_label
+
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    build(tmp_path).rename(merged / "merge_report.json")  # a FIFO, or a link to /dev/zero, in the report's place
+    labels = []
+    reader = threading.Thread(target=lambda: labels.append(_merge_label(merged)), daemon=True)
+    reader.start()
+    reader.join(timeout=20)
+    if reader.is_alive() and (merged / "merge_report.json").is_fifo():  # the old reader waits for a writer
+        os.close(os.open(merged / "merge_report.json", os.O_WRONLY | os.O_NONBLOCK))
+    assert labels == ["merge · merged"]

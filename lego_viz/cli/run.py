@@ -13,11 +13,15 @@ from pathlib import Path
 
 def _merge_label(folder: Path) -> str:
     """``merge · lego k=8`` from the folder's merge_report.json, else the folder name."""
+    path = folder / "merge_report.json"
     try:
-        report = json.loads((folder / "merge_report.json").read_text(encoding="utf-8"))
+        # only a regular file of report size: a FIFO would block, a link to /dev/zero never end
+        if not path.is_file() or path.stat().st_size > 1 << 20:
+            raise ValueError("not a report")
+        report = json.loads(path.read_text(encoding="utf-8"))
         method = str(report["method"])
         k = (report.get("options") or {}).get("k") or report.get("k")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return f"merge · {folder.name}"
     return f"merge · {method}" + (f" k={k}" if isinstance(k, int) else "")
 
