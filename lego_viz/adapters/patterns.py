@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 
 import re2
 
-from lego_viz.adapters.types import AdapterError
+from lego_viz.adapters.types import AdapterError, shown
 
 MAX_PATTERN_CHARS = 1000  # the longest PEFT module name is ~100 characters
 MAX_NAME_CHARS = 4096  # module names matched against patterns
@@ -35,11 +35,6 @@ PATTERN_SECONDS = 5.0  # every lookup in one table together
 _PLAIN = re.compile(r"(?:[A-Za-z0-9_.\-]|\\\.)+")
 _RE2_OPTIONS = re2.Options()
 _RE2_OPTIONS.log_errors = False  # a bad key is our message on stderr, not RE2's log lines
-
-
-def short(text: str, limit: int = 60) -> str:
-    """``text`` quoted, cut to ``limit`` characters: messages name a key without echoing a huge one."""
-    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"… ({len(text)} characters)"
 
 
 class PatternTable:
@@ -61,16 +56,16 @@ class PatternTable:
         self.entries: list[tuple[str, object, bool, object]] = []
         for key, value in (patterns or {}).items():
             if not isinstance(key, str) or not key:
-                raise AdapterError(f"{what} {key!r:.60} is not a module name or pattern (a non-empty string).")
+                raise AdapterError(f"{what} {shown(key)} is not a module name or pattern (a non-empty string).")
             if len(key) > MAX_PATTERN_CHARS:
-                raise AdapterError(f"{what} {short(key)} is longer than {MAX_PATTERN_CHARS} characters; "
+                raise AdapterError(f"{what} {shown(key)} is longer than {MAX_PATTERN_CHARS} characters; "
                                    "give the module name or its ending, e.g. q_proj.")
             plain = _PLAIN.fullmatch(key) is not None
             try:
                 compiled = re.compile(rf"(.*\.)?({key})$") if plain else re2.compile(rf"(.*\.)?({key})$", _RE2_OPTIONS)
             except (re.error, re2.error) as exc:
                 reason = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else exc
-                raise AdapterError(f"{what} {short(key)} is not a valid regular expression here ({reason}; "
+                raise AdapterError(f"{what} {shown(key)} is not a valid regular expression here ({reason}; "
                                    "lookarounds and backreferences are not supported).") from None
             self.entries.append((key, compiled, plain, value))
 
@@ -88,12 +83,12 @@ class PatternTable:
 
     def _match(self, key: str, compiled, plain: bool, module: str) -> bool:
         if len(module) > MAX_NAME_CHARS:
-            raise AdapterError(f"module name {short(module)} is longer than {MAX_NAME_CHARS} characters; "
+            raise AdapterError(f"module name {shown(module)} is longer than {MAX_NAME_CHARS} characters; "
                                f"{self.what} cannot be matched against it.")
         if self.deadline is None:
             self.deadline = time.monotonic() + self.seconds
         if time.monotonic() > self.deadline:  # each match is linear in the name; only their number is left
-            raise AdapterError(f"{self.what} {short(key)}: matching the keys against the module names took over "
+            raise AdapterError(f"{self.what} {shown(key)}: matching the keys against the module names took over "
                                f"{self.seconds:g} s (too many keys or names); give fewer keys.")
         return compiled.match(module) is not None
 

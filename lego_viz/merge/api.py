@@ -12,7 +12,8 @@ import time
 from collections.abc import Mapping, Sequence
 
 from lego_viz.adapters import LoraAdapter, adapter_weights, check_compatible, module_order
-from lego_viz.adapters.patterns import PatternTable, short
+from lego_viz.adapters.patterns import PatternTable
+from lego_viz.adapters.types import shown
 from lego_viz.merge.base import MergedAdapter, MergeError, MergeMethod, MethodOutput, Option
 from lego_viz.merge.lego import PRESETS
 from lego_viz.merge.registry import MERGE_METHODS
@@ -60,7 +61,7 @@ def _check_k_patterns(table: PatternTable, names: Sequence[str]) -> None:
     for key in table.keys_matching_none(names)[:1]:
         examples = ", ".join(dict.fromkeys(name.rsplit(".", 1)[-1] for name in names))
         raise MergeError(
-            f"k pattern {short(key)} matches no module; patterns match the end of a module name, "
+            f"k pattern {shown(key)} matches no module; patterns match the end of a module name, "
             f"e.g. {examples} (full names like {names[0]} also work)."
         )
 
