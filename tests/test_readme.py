@@ -38,6 +38,7 @@ NOT_REPO_PATHS = {
     ".venv/bin/python",  # created by scripts/setup.sh
     "DIR/recipe.yaml",  # CLI placeholder
     "openai-community/gpt2",  # a hub id
+    "HuggingFaceTB/SmolLM2-135M-Instruct",  # a hub id (resolved to the local conversion)
     "owner/space-name",  # a Space id in the gradio_client script
     "merged_adapter.zip",  # written by the gradio_client script
     "α/k",  # a formula

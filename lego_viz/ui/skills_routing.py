@@ -110,7 +110,7 @@ def build(public: bool) -> None:
     answer = gr.Textbox(label="Routed model's answer (greedy)", interactive=False, elem_id="skills-route-answer")
     heat = gr.Plot(label="Gates per token", elem_id="skills-route-gates")
     share = gr.Plot(label="Units by source skill", elem_id="skills-route-sources")
-    button.click(handler(public), [module, top_k, prompt], [answer, heat, share], api_name="skills_route")
+    button.click(handler(public), [module, top_k, prompt], [answer, heat, share], api_name="smora_skills_route")
 
 
 def _module_order(name: str) -> tuple:
