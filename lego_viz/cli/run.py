@@ -66,13 +66,29 @@ def _merged(args: argparse.Namespace, adapters):
     return merged, f"merge · {args.method} k={max(merged.ranks.values())} (in memory)"
 
 
+def _answers(model, tokenizer, prompt: str, variants, max_new_tokens: int) -> list[tuple[str, str]]:
+    """Greedy completions of ``prompt`` by every variant: as the user turn of a chat when the tokenizer has a
+    chat template (an instruct model answers nothing to bare text), all in one batch when no variant
+    swaps in a task head."""
+    from lego_viz.models.batched import greedy_batched
+    from lego_viz.models.compare import TextError, greedy_outputs
+
+    if getattr(tokenizer, "chat_template", None):
+        if not prompt.strip():
+            raise TextError("the prompt is empty; type a prompt first.")
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+    if any(v.heads for v in variants):
+        return greedy_outputs(model, tokenizer, prompt, variants, max_new_tokens)
+    answers = greedy_batched(model, tokenizer, [prompt], variants, max_new_tokens)
+    return [(v.label, a[0]) for v, a in zip(variants, answers)]
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import torch
 
     from lego_viz.adapters import check_compatible, load_adapters
     from lego_viz.models.base import check_fit, load_base, resolve_base
     from lego_viz.models.compare import (
-        greedy_outputs,
         model_variants,
         output_retention,
         output_space_checks,
@@ -92,7 +108,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     payload = {"base": source.describe(), "device": device, "retention": report.to_dict()}
     if args.prompt:
         variants, _ = model_variants(model, adapters, {label: merged.modules})
-        payload["outputs"] = greedy_outputs(model, tokenizer, args.prompt, variants, args.max_new_tokens)
+        payload["outputs"] = _answers(model, tokenizer, args.prompt, variants, args.max_new_tokens)
     if args.checks:
         checks = output_space_checks(model, tokenizer, texts[0], adapters)
         payload["checks"] = [{**vars(c), "passed": c.passed} for c in checks]
