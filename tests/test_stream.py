@@ -106,6 +106,22 @@ def test_merge_from_the_first_pass_is_bit_identical_to_in_memory(bf16_folders, o
         assert list(check.per_module) == list(reference.per_module)
 
 
+@pytest.mark.parametrize("options", [{}, {"param_reweight": "linf"}, {"rescale": "lsq"}])
+def test_arrays_without_a_first_pass_are_bit_identical_to_in_memory(bf16_folders, options) -> None:
+    # The merge command without its forked first pass: each group clusters its own modules on numpy.
+    weights = [1.0, 0.5, -1.0, 2.0]
+    expected = merge(load_adapters(bf16_folders), "lego", k=4, weights=weights, **options)
+    lazy = load_adapters(bf16_folders, lazy=True, defer_checks=True, hash_weights=False)
+    result = merge_streaming(lazy, "lego", k=4, weights=weights, group_bytes=40_000, arrays=True, **options)
+    for name, module in expected.modules.items():
+        merged = result.merged.modules[name]
+        assert isinstance(merged.A, np.ndarray) and isinstance(result.merged.labels[name], np.ndarray)
+        assert torch.equal(torch.from_numpy(merged.A), module.A) and torch.equal(torch.from_numpy(merged.B), module.B), name
+    assert result.merged.details == expected.details
+    assert result.errors == pytest.approx(reconstruction_errors(expected, load_adapters(bf16_folders)), rel=1e-12)
+    assert all(check.passed and check.method == "exact" for check in result.checks.values()) and len(result.checks) == 2
+
+
 def test_read_stacked_puts_each_adapter_in_its_block(bf16_folders) -> None:
     eager = load_adapters(bf16_folders)
     lazy = load_adapters(bf16_folders, lazy=True)

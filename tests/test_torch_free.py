@@ -39,9 +39,12 @@ class NoTorch:
         if name == "torch" or name.startswith("torch."):
             raise ImportError("torch is blocked in this test")
 sys.meta_path.insert(0, NoTorch())
+import lego_viz.merge.first_pass
 import lego_viz.merge.stream
 if {probe}:
     lego_viz.merge.stream.EXACT_BUDGET = 0
+if {alone}:  # no forked first pass (as past SUMMARY_BYTES, or where the platform cannot fork)
+    lego_viz.merge.first_pass.SharedFirstPass.start = classmethod(lambda cls, adapters: None)
 from lego_viz.cli.commands import main
 code = main({argv!r})
 assert "torch" not in sys.modules, "torch was imported"
@@ -49,8 +52,8 @@ sys.exit(code)
 """
 
 
-def run_without_torch(*args: str, probe: bool = False) -> subprocess.CompletedProcess:
-    script = BLOCKED.format(probe=probe, argv=["merge", *args])
+def run_without_torch(*args: str, probe: bool = False, alone: bool = False) -> subprocess.CompletedProcess:
+    script = BLOCKED.format(probe=probe, alone=alone, argv=["merge", *args])
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 
@@ -93,6 +96,20 @@ def test_zoo_merge_runs_without_torch(tmp_path, checks, weights) -> None:
     errors = report["relative_error_vs_weighted_sum"]["per_module"]
     expected = reconstruction_errors(merge(adapters, "lego", k=4, weights=weights), adapters)
     assert errors == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.skipif(not all(Path(p).is_dir() for p in ZOO), reason="the demo zoo's adapters are not in this checkout")
+@pytest.mark.parametrize("checks", ["exact", "probe"])
+def test_zoo_merge_without_a_first_pass_runs_without_torch(tmp_path, checks) -> None:
+    # Each group of modules then makes its own first pass from the factors it reads.
+    out = tmp_path / "out"
+    done = run_without_torch(*ZOO, "--k", "4", "--weights", "2,-1", "--preset", "paper", "--out", str(out),
+                             probe=checks == "probe", alone=True)
+    assert done.returncode == 0, done.stderr
+    assert_export_is_the_library_merge(out, ZOO, 4, [2.0, -1.0], preset="paper")
+    report = json.loads((out / "merge_report.json").read_text())
+    assert all(report["invariance"][key]["passed"] and report["invariance"][key]["method"] == checks
+               for key in ("permutation", "concat_sum"))
 
 
 @pytest.mark.skipif(not all(Path(p).is_dir() for p in ZOO), reason="the demo zoo's adapters are not in this checkout")

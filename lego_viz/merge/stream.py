@@ -43,6 +43,7 @@ from lego_viz.merge import MergedAdapter, MergePlan, plan, wrap
 from lego_viz.merge.base import MethodOutput
 from lego_viz.merge.first_pass import (
     CACHED_GROUP_BYTES,
+    GRAM_UNITS,
     GROUP_BYTES,
     Arena,
     UnitSummary,
@@ -50,7 +51,7 @@ from lego_viz.merge.first_pass import (
     one_blas_thread,
     read_stacked,
     stacked_floats,
-    summarize,
+    summarize_module,
 )
 from lego_viz.merge.lego import LegoClusters
 
@@ -180,6 +181,7 @@ class _Route:
     plan: MergePlan
     clusters: LegoClusters | None  # lego's clusters, made from the first pass without reading a weight
     on_arrays: bool  # centroids, checks and report from the stacked numpy arrays: no torch
+    arrays: bool  # asked for numpy: groups that qualify run on it even without a first pass (_numpy_route)
     exact: dict[str, bool]  # per check: exact (small inputs) or by probes, decided as the in-memory checks decide it
     probes: tuple[CheckResult, CheckResult] | None  # both checks from the clusters' probes of every unit, made up front
 
@@ -239,18 +241,28 @@ def _route(
         for key, result in zip(CHECKS, probes):
             if not exact[key]:
                 totals.checks[key].append(result)
-    return _Route(plan=steps, clusters=clusters, on_arrays=on_arrays, exact=exact, probes=probes)
+    return _Route(plan=steps, clusters=clusters, on_arrays=on_arrays, arrays=arrays, exact=exact, probes=probes)
+
+
+def _numpy_route(route: _Route, group: Group) -> bool:
+    """Whether a group runs on numpy alone: the whole input does (its first pass given), or lego was asked
+    for arrays without one and every module of the group was read stacked with at most
+    :data:`~lego_viz.merge.first_pass.GRAM_UNITS` units (the group then makes its own first pass)."""
+    if route.on_arrays:
+        return True
+    return (route.arrays and route.clusters is None and route.plan.method.prepare is not None
+            and all(found is not None and found[0].shape[0] <= GRAM_UNITS for found in group.values()))
 
 
 def _merge_group(
-    route: _Route, adapters: Sequence[LoraAdapter], group: Group, arena: Arena, totals: _Totals
+    route: _Route, adapters: Sequence[LoraAdapter], group: Group, arena: Arena, totals: _Totals, numpy_route: bool
 ) -> tuple[list[LoraAdapter], MethodOutput]:
     """Step 2, per group: the merge of its modules. Returns the group's adapters (views of the stacked
     buffers, for the checks and the report) and the method's output for them."""
     steps, start = route.plan, time.perf_counter()
-    block = _as_adapters(adapters, group, arrays=route.on_arrays)
-    if route.on_arrays:
-        part = _centroids_of(route.clusters, group, steps)
+    block = _as_adapters(adapters, group, arrays=numpy_route)
+    if numpy_route:
+        part = _numpy_merge(route, block, group)
     else:
         extra = {} if route.clusters is None else {"clusters": route.clusters}
         part = steps.method.fn(block, steps.weights, steps.ranks, steps.options, **extra)
@@ -258,26 +270,43 @@ def _merge_group(
             if arena.owns(module.A.data_ptr()) or arena.owns(module.B.data_ptr()):
                 part.modules[name] = LoraModule(A=module.A.clone(), B=module.B.clone(), scale=module.scale,
                                                 fan_in_fan_out=module.fan_in_fan_out)
-    seconds = time.perf_counter() - start
-    if route.on_arrays:
-        part.timings["centroids"] = seconds
-    totals.add(part, seconds)
+    totals.add(part, time.perf_counter() - start)
     return block, part
 
 
-def _check_group(route: _Route, block: list[LoraAdapter], part: MethodOutput, totals: _Totals) -> None:
+def _numpy_merge(route: _Route, block: list[LoraAdapter], group: Group) -> MethodOutput:
+    """lego's centroids from a group's stacked arrays, with the clusters made up front, or else the group's
+    own: its first pass from the factors just read, then the clusters (what lego makes of the group in
+    memory, bit for bit: k-means does not depend on which modules share a batch)."""
+    steps, clusters = route.plan, route.clusters
+    if clusters is None:
+        summaries = {name: summarize_module(A, B) for name, (A, B, _) in group.items()}
+        clusters = steps.method.prepare(block, steps.weights, steps.ranks, steps.options, summaries)
+    start = time.perf_counter()
+    part = _centroids_of(clusters, group, steps)
+    part.timings["centroids"] = time.perf_counter() - start
+    if route.clusters is None:  # the group's own clusters: their cost and details count with it
+        part.timings.update(clusters.timings)
+        _add_counts(part.details, clusters.details)
+    return part
+
+
+def _check_group(route: _Route, block: list[LoraAdapter], part: MethodOutput, totals: _Totals, numpy_route: bool) -> None:
     """Step 3, per group: the invariance checks of its modules, those not made up front from the units' probes."""
     exact, weights = route.exact, route.plan.weights
     if route.probes is not None and not any(exact.values()):
         return
-    if route.on_arrays:  # exact on the stacked arrays; the probe column from the units' probes
+    if numpy_route:  # exact on the stacked arrays, or from the units' probes (which give the probe column too)
+        probes = route.probes or probe_checks(block, weights, unit_probes=part.unit_probes)
         found = {"permutation": lambda: check_permutation_arrays(block),
                  "concat_sum": lambda: check_concat_sum_arrays(block, weights)}
-        for key, probed in zip(CHECKS, route.probes):
+        for key, probed in zip(CHECKS, probes):
             if exact[key]:
                 result = found[key]()
                 result.probe_max_rel_error = max((probed.per_module[m] for m in result.per_module), default=0.0)
                 totals.checks[key].append(result)
+            elif route.probes is None:
+                totals.checks[key].append(probed)
     elif exact["permutation"] or exact["concat_sum"]:
         totals.checks["permutation"].append(check_permutation(block, exact=exact["permutation"]))
         totals.checks["concat_sum"].append(check_concat_sum(block, weights, exact=exact["concat_sum"]))
@@ -322,19 +351,17 @@ def merge_streaming(
         group_bytes: float32 bytes of input factors held at once.
         summaries: the first pass over the weights, made beforehand (:func:`lego_viz.merge.first_pass.summarize`;
             the ``merge`` command makes it beside its own start-up), for methods that take it (lego).
-        arrays: where lego clusters every module from the first pass (every module summarized: at
-            most :data:`~lego_viz.merge.first_pass.GRAM_UNITS` units, stored as safetensors), keep the
-            merged factors and labels as numpy arrays and run the merge (any reweighting, ``lsq``), the
-            checks (exact or by probes) and the report without torch: what the ``merge`` command
-            exports. Without ``summaries``, lego's first pass is made here.
+        arrays: for lego, keep the merged factors and labels as numpy arrays and run the merge (any
+            reweighting, ``lsq``), the checks (exact or by probes) and the report without torch, for
+            every module stored as safetensors with at most :data:`~lego_viz.merge.first_pass.GRAM_UNITS`
+            units: what the ``merge`` command exports. Without ``summaries``, each group makes its own
+            first pass from the factors it reads.
 
     Returns:
         A :class:`StreamedMerge`: the merged adapter, the check results and the errors.
     """
     adapters = list(adapters)
     steps = plan(adapters, method, k, weights, allow_base_mismatch, options)
-    if arrays and summaries is None and steps.method.prepare is not None:
-        summaries = summarize(adapters)
     hashed = hash_in_background(adapters)  # the report's input hashes, on another core while the merge runs
     groups = _groups(adapters, method, group_bytes, prepared=bool(summaries) and steps.method.prepare is not None)
     size = max(stacked_floats(adapters, names) for names in groups)
@@ -350,10 +377,11 @@ def merge_streaming(
             group = pending.result()
             if index + 1 < len(groups):
                 pending = reader.submit(_read, adapters, groups[index + 1], arenas[(index + 1) % 2], summaries or ())
-            block, part = _merge_group(route, adapters, group, arenas[index % 2], totals)
+            numpy_route = _numpy_route(route, group)
+            block, part = _merge_group(route, adapters, group, arenas[index % 2], totals, numpy_route)
             with one_blas_thread():  # the reader and the hashes have the other cores; threaded BLAS would spin against them
                 if checks:
-                    _check_group(route, block, part, totals)
+                    _check_group(route, block, part, totals, numpy_route)
                 if errors:
                     _score_group(route, block, part, totals)
             del group, block, part
