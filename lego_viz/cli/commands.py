@@ -280,9 +280,9 @@ def _run_merge(request: _MergeRequest, checks: bool) -> StreamedMerge:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from lego_viz.export.folder import export_adapter
-
     request = _request_from_config(args) if args.config or args.recipe else _request_from_args(args)
+    from lego_viz.export.folder import export_adapter  # imported while the forked first pass works
+
     result = _run_merge(request, checks=not args.no_checks)
     merged = result.merged
     checks = {key: r.to_dict(per_module=False) for key, r in result.checks.items()} or None
