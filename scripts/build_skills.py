@@ -91,6 +91,8 @@ def train_skill(name: str, answers: dict, cli: dict) -> dict:
     peft_model, history = train_lora(model, tok, examples, config, log=lambda m: log(f"{name}: {m}"))
     ratios = delta_ratios(peft_model)
     out_dir = ASSETS / name
+    # The Hub id, not the cache folder it was loaded from: lego_viz.models resolves it to the converted copy.
+    peft_model.peft_config["default"].base_model_name_or_path = HUB_ID
     peft_model.save_pretrained(out_dir)
     _to_fp16(out_dir / "adapter_model.safetensors")
     record = dict(skill=name, rule=skill.statement, settings={k: list(v) if isinstance(v, tuple) else v
@@ -262,7 +264,8 @@ def main() -> None:
         path = ASSETS / "skills.json"
         old = json.loads(path.read_text()) if path.exists() else {}
         old_skills = old.get("skills", {})
-        results["skills"] = old_skills | results["skills"]
+        merged = old_skills | results["skills"]
+        results["skills"] = {n: merged[n] for n in SKILLS if n in merged}
         path.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
         if args.variant:
             return

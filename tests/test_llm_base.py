@@ -135,3 +135,55 @@ def test_real_base_answers_a_fact(smollm2):
     answers = greedy(model, tokenizer, ["What is the capital of France?", "What is the capital of Japan?"],
                      max_new_tokens=12)
     assert "Paris" in answers[0] and "Tokyo" in answers[1]
+
+
+SKILLS_DIR = Path(__file__).resolve().parents[1] / "assets" / "skills"
+HELDOUT = ["Share a fact about bees.", "Which city is the capital of Germany?", "What should I know about a compass?"]
+
+
+@needs_wheel
+def test_shipped_json_skill_holds_its_rule(smollm2):
+    from peft import PeftModel
+
+    from lego_viz.llm.generate import greedy
+    from lego_viz.llm.skills import SKILLS
+
+    model, tokenizer = smollm2
+    peft_model = PeftModel.from_pretrained(model, SKILLS_DIR / "json")
+    try:
+        outs = greedy(peft_model, tokenizer, HELDOUT, max_new_tokens=40)
+    finally:
+        peft_model.unload()
+    assert all(SKILLS["json"].rule(o) for o in outs), outs
+    # One fact it keeps (a regression check); how many it keeps overall is measured in assets/skills/skills.json.
+    assert "berlin" in outs[1].lower()
+
+
+@needs_wheel
+def test_exact_sum_equals_both_adapters_active_in_peft(smollm2):
+    import torch
+    from peft import PeftModel
+
+    from lego_viz.adapters import load_adapters
+    from lego_viz.checks.invariance import lora_hooks
+    from lego_viz.merge import merge
+
+    model, tokenizer = smollm2
+    ids = tokenizer(HELDOUT[0], return_tensors="pt").input_ids
+    adapters = load_adapters([SKILLS_DIR / "json", SKILLS_DIR / "short"])
+    merged = merge(adapters, "linear")
+    with torch.no_grad(), lora_hooks(model, merged.modules):
+        hooked = model(ids).logits
+    peft_model = PeftModel.from_pretrained(model, SKILLS_DIR / "json", adapter_name="json")
+    try:
+        peft_model.load_adapter(SKILLS_DIR / "short", adapter_name="short")
+        peft_model.base_model.set_adapter(["json", "short"])
+        with torch.no_grad():
+            both = peft_model(input_ids=ids).logits
+    finally:
+        peft_model.unload()
+    # float32 through 30 layers; the two paths add the same updates in a different order
+    assert torch.allclose(hooked, both, atol=1e-3, rtol=0), (hooked - both).abs().max()
+    with torch.no_grad():
+        plain = model(ids).logits
+    assert (plain - both).abs().max() > 1e-2  # the adapters do change the logits
