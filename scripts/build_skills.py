@@ -76,6 +76,18 @@ def base_answers(model, tok) -> dict:
     return out
 
 
+def with_extra_facts(model, tok, answers: dict) -> dict:
+    """The answers plus the base's answers to the extra training fact prompts (cached apart)."""
+    path = WORK / "base_answers_extra.json"
+    extra = build_prompts(SEED, extra_train_facts=True)["train"][len(answers["train"]):]
+    if not path.exists():
+        outs = greedy(model, tok, [p.text for p in extra], max_new_tokens=MAX_NEW_TOKENS, batch_size=32,
+                      progress=lambda d, t: log(f"base answers extra: {d}/{t}"))
+        path.write_text(json.dumps([dict(prompt=p.text, template=p.template, fact=p.fact, answer=a)
+                                    for p, a in zip(extra, outs)], indent=1, ensure_ascii=False))
+    return answers | {"train": answers["train"] + json.loads(path.read_text())}
+
+
 def train_skill(name: str, answers: dict, cli: dict) -> dict:
     import torch
 
@@ -235,6 +247,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="override the number of steps (exploration; recorded)")
     parser.add_argument("--limit", type=int, help="eval: only this many held-out prompts, printed, not saved")
     parser.add_argument("--modules", nargs="+", help="override target_modules (exploration; recorded)")
+    parser.add_argument("--extra-facts", action="store_true", help="train on EXTRA_TRAIN_FACT_TEMPLATES too "
+                        "(exploration; use with --variant)")
     parser.add_argument("--variant", help="exploration: adapters, records and results go to build/llm_skills/variants/"
                         "VARIANT/ instead of assets/ (the shipped zoo is not touched)")
     parser.add_argument("stage", choices=["answers", "train", "eval", "all"])
@@ -248,6 +262,8 @@ def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     model, tok = load_base()
     answers = base_answers(model, tok)
+    if args.extra_facts:
+        answers = with_extra_facts(model, tok, answers)
     del model
     if args.stage in ("train", "all"):
         cli = {k: v for k, v in (("lr", args.lr), ("steps", args.steps),

@@ -88,6 +88,11 @@ def collect() -> dict:
             if not missing:  # base and each adapter alone, from the skill evaluation's outputs
                 entry["rows"] = alone_rows(entry["skills"], entry["idx"], cut) + entry["rows"]
             (curve if key.startswith("curve:") else pairs)[key] = entry
+    for entry in list(curve.values()):  # the curve's first point is the pair table's row of its first two skills
+        pair = "+".join(entry["skills"][:2])
+        if pair in pairs and f"curve:{pair}" not in curve:
+            curve[f"curve:{pair}"] = {**pairs[pair], "rows": [r for r in pairs[pair]["rows"]
+                                                               if r["label"] in CURVE_ROWS or "alone" in r["label"]]}
     skills = json.loads((ASSETS / "skills.json").read_text())
     lab = dict(k=K, n_prompts=N_PROMPTS, max_new_tokens=MAX_NEW_TOKENS, rows=[r[0] for r in LAB_ROWS], curve_rows=list(CURVE_ROWS),
                compatible_pairs=skills["compatible_pairs"], incompatible_pairs=skills["incompatible_pairs"],

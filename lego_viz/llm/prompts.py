@@ -56,6 +56,9 @@ HELDOUT_TEMPLATES = [
     ("What should I know about {x}?", "objects"),
 ]
 TRAIN_FACT_TEMPLATES = ["What is the capital of {country}?", "What is {a} + {b}?"]
+# More phrasings of the same training facts (an exploration: does template variety keep facts?).
+EXTRA_TRAIN_FACT_TEMPLATES = [("Tell me the capital of {country}.", "Add {a} and {b}."),
+                              ("What's the capital city of {country}?", "Calculate {a} + {b}.")]
 HELDOUT_FACT_TEMPLATES = ["Which city is the capital of {country}?", "What is {a} plus {b}?"]
 
 _LISTS = {"topics": TOPICS, "objects": OBJECTS, "countries": COUNTRIES}
@@ -89,16 +92,20 @@ def _facts(templates, split: str, n_sums: int, rng: random.Random) -> list[Promp
     return out
 
 
-def build_prompts(seed: int = 0) -> dict[str, list[Prompt]]:
+def build_prompts(seed: int = 0, extra_train_facts: bool = False) -> dict[str, list[Prompt]]:
     """Train and held-out prompts, seeded.
 
     Train: 8 templates × 14 items + 40 capitals + 30 sums = 182. Held-out: 5 templates × 12 items +
     40 capitals + 20 sums = 120 (sized for a 2-core CPU: every held-out prompt is answered once per
-    adapter and per merge).
+    adapter and per merge). ``extra_train_facts`` adds the same kinds of facts under
+    ``EXTRA_TRAIN_FACT_TEMPLATES`` to train (+140); the other prompts stay the same.
     """
     rng = random.Random(seed)
-    return {
+    prompts = {
         "train": _instructions(TRAIN_TEMPLATES, "train", 14, rng) + _facts(TRAIN_FACT_TEMPLATES, "train", 30, rng),
         "heldout": _instructions(HELDOUT_TEMPLATES, "heldout", 12, rng)
         + _facts(HELDOUT_FACT_TEMPLATES, "heldout", 20, rng),
     }
+    if extra_train_facts:
+        prompts["train"] += [p for pair in EXTRA_TRAIN_FACT_TEMPLATES for p in _facts(pair, "train", 30, rng)]
+    return prompts
