@@ -100,8 +100,8 @@ def lab_view(path=None) -> tuple[pd.DataFrame | None, str]:
     except ValueError as exc:
         return None, f"*{exc}*"
     if data is None:
-        return None, (f"*No composition lab file yet ({LAB_FILE.parent.name}/{LAB_FILE.name} in assets): it is written "
-                      "by `python scripts/build_skills.py` once the skills are trained.*")
+        return None, (f"*No composition lab file yet (assets/{LAB_FILE.parent.name}/{LAB_FILE.name}): it is written by the "
+                      "skill zoo's build scripts once the skills are trained.*")
     rows = []
     for row in lab_rows(data):
         ci = row.get("ci") or [None, None]
