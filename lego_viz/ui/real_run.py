@@ -126,7 +126,7 @@ def resolve_for(adapters: Sequence[LoraAdapter], spec: str | None, public: bool)
     local = name.startswith(("/", "\\", ".", "~")) or Path(name).expanduser().exists()
     if local and not public:
         check_allowed_path(name)
-    env = tuple(os.environ.get(k, "") for k in (ALLOWLIST_ENV, "LEGO_VIZ_MAX_BASE_PARAMS", "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE"))
+    env = tuple(os.environ.get(k, "") for k in (ALLOWLIST_ENV, "LEGO_VIZ_MAX_BASE_PARAMS", "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "LEGO_VIZ_CACHE"))
     source = _resolve(name, public, device(), env)
     # A typed hub id can be compared with the adapters' own; a local folder's name says nothing.
     notes = [
