@@ -4,7 +4,8 @@ INTRO = """
 # LoRA-LEGO explorer
 A LoRA adapter is a sum of **rank-one pieces**. This app lets you see those pieces, check the two facts
 that make them behave like LEGO bricks, and build one adapter out of several by clustering them.
-Start with **Load demo zoo** (tiny adapters, one per toy task, on a tiny Llama), then walk through the tabs.
+Start with **Load demo zoo** (tiny adapters, one per toy task, on a tiny Llama), then walk through the tabs;
+**Load SmolLM2 skills** does the same with skill LoRAs on a real instruct model (SmolLM2-135M, offline).
 """
 
 LOAD = """

@@ -8,10 +8,8 @@ on the real base. The heatmap shows which units each token of the prompt and the
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 
 import gradio as gr
-import torch
 
 from lego_viz.llm.assets import BUILD_HINT, skill_dirs
 from lego_viz.llm.generate import chat_texts, greedy
@@ -23,7 +21,7 @@ from lego_viz.ui import real_run
 from lego_viz.ui.errors import user_errors
 from lego_viz.ui.load_tab import skill_adapters
 from lego_viz.ui.runtime import on_gpu
-from lego_viz.ui.smora_tab import gates_figure, sources_figure
+from lego_viz.ui.smora_tab import gates_figure, sources_figure, unit_labels
 
 ANSWER_TOKENS = 24
 DEFAULT_K = 8  # units per token: the rank of one skill, like a static merge at k = 8
@@ -59,15 +57,6 @@ def _route(source: BaseSource, top_k: int, prompt: str) -> tuple[str, TokenRouti
     return answer, recorded, skipped
 
 
-def _unit_labels(sources: Sequence[str], unit_source: torch.Tensor) -> list[str]:
-    seen: dict[int, int] = {}
-    labels = []
-    for s in unit_source.tolist():  # "upper·3": the 4th unit of the upper skill
-        labels.append(f"{sources[s]}·{seen.setdefault(s, 0)}")
-        seen[s] += 1
-    return labels
-
-
 def handler(public: bool):
     """The route button's handler, bound to the app's public flag."""
 
@@ -85,7 +74,7 @@ def handler(public: bool):
         layer = routing.layers[module]
         tokens = [t.replace("Ġ", "·").replace("Ċ", "⏎") for t in recorded.tokens[skipped:]]
         gates = recorded.gates[module][skipped:]
-        units = _unit_labels(routing.source_names, layer.unit_source)
+        units = unit_labels(routing.source_names, layer.unit_source.cpu())
         title = f"Gates per token · top-{int(top_k)} of {layer.lora_A.shape[0]} skill units · {module}"
         heat = gates_figure(tokens, gates, units, routing.source_names, layer.unit_source.cpu(), title)
         share = source_share(gates, layer.unit_source.cpu(), len(routing.source_names))

@@ -91,10 +91,11 @@ def _modules(name: str) -> list[str]:
     return list(_zero_shot(name).layers) if name in ZERO_SHOT else adapter_modules(_folder(name))
 
 
-def _unit_labels(sources: Sequence[str], source: torch.Tensor) -> list[str]:
+def unit_labels(sources: Sequence[str], source: torch.Tensor) -> list[str]:
+    """A label per unit from its source index: "reverse·3" is the 4th unit that came from the reverse adapter."""
     seen: dict[int, int] = {}
     labels = []
-    for s in source.tolist():  # "reverse·3": the 4th unit that came from the reverse adapter
+    for s in source.tolist():
         labels.append(f"{sources[s]}·{seen.setdefault(s, 0)}")
         seen[s] += 1
     return labels
@@ -106,13 +107,13 @@ def _units(name: str) -> tuple[list[str], list[str], torch.Tensor | None]:
     if name in ZERO_SHOT:
         routing = _zero_shot(name)
         source = next(iter(routing.layers.values())).unit_source.cpu()  # every zoo adapter targets every module
-        return _unit_labels(routing.source_names, source), routing.source_names, source
+        return unit_labels(routing.source_names, source), routing.source_names, source
     config, _ = read_smora_config(_folder(name))
     if not config.sources:
         return [f"rank {i}" for i in range(config.r)], [], None
     folder = _folder(name)
     source = saved_tensor(folder, f"{adapter_modules(folder)[0]}.unit_source")  # the same in every layer
-    return _unit_labels(config.sources, source), list(config.sources), source
+    return unit_labels(config.sources, source), list(config.sources), source
 
 
 @contextlib.contextmanager
