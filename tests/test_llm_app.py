@@ -238,3 +238,14 @@ def test_the_app_says_what_to_do_when_the_base_cannot_be_converted(case, skills_
     assert "\n" not in str(info.value)
     cache = tmp_path / "cache"
     assert not cache.exists() or not any(cache.rglob("*.safetensors"))  # nothing half-written
+
+
+def test_the_skills_panel_names_the_module_that_does_not_fit(shared_pool, monkeypatch):
+    from lego_viz.ui import skills_run
+    from lego_viz.ui.state import MergeSettings, Session
+
+    wrong = skill("wrong", 3, {"model.layers.29.self_attn.q_proj": (64, 64)})
+    session = Session(settings=MergeSettings(k=4)).with_adapters([wrong], replace=True)
+    with pytest.raises(gr.Error, match=r"adapter 'wrong' targets model\.layers\.29\.self_attn\.q_proj with d_in=64") as info:
+        skills_run.handler(False)(session, "What is the capital of France?")
+    assert "\n" not in str(info.value)
