@@ -267,11 +267,16 @@ def handlers(public: bool):
         return [list(row) for row in _outputs(source, adapters, merges, prompt)]
 
     @user_errors
-    def retention(session: Session, base: str, text: str, upload: str | None, methods: list[str]):
+    def retention(session: Session, base: str, text: str, upload: str | None, methods: list[str],
+                  progress=gr.Progress()):  # noqa: B008 (Gradio's progress idiom)
         adapters, _ = session.selected()
         texts, notes = _texts(text, upload)
+        progress(0.05, desc="finding the base (the first use of a packaged base converts it once)")
         source, base_notes = resolve_for(adapters, base, public)
-        report = _retention(source, adapters, merges_for(session, methods), texts)
+        progress(0.2, desc="merging")
+        merges = merges_for(session, methods)
+        progress(0.4, desc=f"{1 + len(adapters) + len(merges)} models on {len(texts)} text(s)")
+        report = _retention(source, adapters, merges, texts)
         return retention_rows(report), retention_figure(report), _summary(source, report, [*base_notes, *notes])
 
     @user_errors
