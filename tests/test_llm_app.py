@@ -206,11 +206,17 @@ def test_lab_table_reads_the_rows_wherever_they_sit(tmp_path):
 
     frame, note = lab_view(tmp_path / "lab.json")
     assert frame is None and "No composition lab file yet" in note
-    row = {"label": "lego", "skills": ["upper", "short"], "k": 8, "rate": 0.42, "ci": [0.33, 0.52], "n": 100, "refused": ""}
-    (tmp_path / "lab.json").write_text(json.dumps({"pairs": {"upper+short": [row, {**row, "label": "ties", "refused": "no"}]}}))
+    row = {"label": "lego", "skills": ["upper", "short"], "k": 8, "rate": 0.42, "ci": [0.33, 0.52], "n": 100, "refused": "",
+           "per_rule": {"upper": 60, "short": 70}}
+    pair = {"skills": ["upper", "short"], "rows": [row, {**row, "label": "ties", "refused": "no"}]}
+    curve = {"curve:upper+short": pair, "curve:upper+short+json": {**pair, "skills": ["upper", "short", "json"],
+                                                                   "rows": [{**row, "skills": ["upper", "short", "json"]}]}}
+    (tmp_path / "lab.json").write_text(json.dumps({"k": 8, "pairs": {"upper+short": pair}, "curve": curve}))
     frame, _ = lab_view(tmp_path / "lab.json")
-    assert frame.values.tolist()[0] == ["upper+short", "lego", "8", "42%", "33–52%", "100", ""]
-    assert frame.values.tolist()[1][3] == "" and frame.values.tolist()[1][6] == "no"
+    rows = frame.values.tolist()
+    assert rows[0] == ["upper+short", "lego", "8", "42%", "33–52%", "upper 60, short 70", "100", ""]
+    assert rows[1][3] == "" and rows[1][7] == "no"
+    assert [r[0] for r in rows] == ["upper+short", "upper+short", "upper+short+json"]  # the curve's copy of the pair once
     (tmp_path / "lab.json").write_text("[1, 2")
     assert "cannot be read" in lab_view(tmp_path / "lab.json")[1]
 

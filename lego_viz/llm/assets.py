@@ -48,11 +48,19 @@ def read_lab(path: str | Path | None = None) -> dict | None:
 
 def lab_rows(data: object) -> list[dict]:
     """Every measured row in a lab file, wherever it sits: objects with ``label``, ``skills`` and ``rate``
-    (:meth:`lego_viz.llm.lab.LabRow.as_dict`), in file order."""
+    (:meth:`lego_viz.llm.lab.LabRow.as_dict`), in file order, each (skills, label) once (the curve's
+    first point repeats the pair table's rows)."""
+    unique: dict[tuple, dict] = {}
+    for row in _rows(data):
+        unique.setdefault((tuple(map(str, row["skills"])), str(row["label"])), row)
+    return list(unique.values())
+
+
+def _rows(data: object) -> list[dict]:
     if isinstance(data, dict):
-        if data.keys() >= _ROW_KEYS:
+        if data.keys() >= _ROW_KEYS and isinstance(data["skills"], list):
             return [data]
-        return [row for value in data.values() for row in lab_rows(value)]
+        return [row for value in data.values() for row in _rows(value)]
     if isinstance(data, list):
-        return [row for value in data for row in lab_rows(value)]
+        return [row for value in data for row in _rows(value)]
     return []

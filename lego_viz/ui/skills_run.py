@@ -28,7 +28,7 @@ from lego_viz.ui.state import Session
 ANSWER_TOKENS = 32
 EXAMPLES = ["What is the capital of France?", "Give one tip for staying focused.", "What is 7 plus 5?"]
 OUTPUT_HEADERS = ["model", "greedy answer", "rules it satisfies", "its skills' rules"]
-LAB_HEADERS = ["skills", "method", "k", "all rules hold", "95% interval", "n", "note"]
+LAB_HEADERS = ["skills", "method", "k", "all rules hold", "95% interval", "each rule", "n", "note"]
 INTRO = f"""
 ### SmolLM2 skills: does the merge keep both?
 After **Load SmolLM2 skills** (tab 1), the base (SmolLM2-135M-Instruct) answers your prompt beside each
@@ -107,8 +107,9 @@ def lab_view(path=None) -> tuple[pd.DataFrame | None, str]:
         ci = row.get("ci") or [None, None]
         interval = f"{100 * ci[0]:.0f}–{100 * ci[1]:.0f}%" if None not in ci[:2] and len(ci) >= 2 else ""
         rate = "" if row.get("refused") else f"{100 * float(row['rate']):.0f}%"
+        each = ", ".join(f"{s} {held}" for s, held in (row.get("per_rule") or {}).items()) if rate else ""
         rows.append(["+".join(map(str, row["skills"])), str(row["label"]), str(row.get("k") or ""), rate,
-                     interval if rate else "", str(row.get("n", "")), str(row.get("refused", ""))[:120]])
+                     interval if rate else "", each, str(row.get("n", "")), str(row.get("refused", ""))[:120]])
     if not rows:
         return None, f"*{LAB_FILE.name} holds no measured rows.*"
     note = ("Stored measurement (`assets/skills/lab.json`): the share of held-out prompts where the merged model's greedy "
