@@ -255,3 +255,13 @@ def test_the_skills_panel_names_the_module_that_does_not_fit(shared_pool, monkey
     with pytest.raises(gr.Error, match=r"adapter 'wrong' targets model\.layers\.29\.self_attn\.q_proj with d_in=64") as info:
         skills_run.handler(False)(session, "What is the capital of France?")
     assert "\n" not in str(info.value)
+
+
+def test_a_damaged_skill_folder_does_not_stop_the_app(skills_dir):
+    from lego_viz.ui import skills_routing
+
+    (skills_dir / "short" / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    with gr.Blocks() as demo:
+        skills_routing.build(public=False)
+    notes = [c.value for c in demo.blocks.values() if isinstance(c, gr.Markdown)]
+    assert any("cannot be loaded" in str(n) and "short" in str(n) for n in notes)

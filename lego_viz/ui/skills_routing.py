@@ -89,7 +89,12 @@ def build(public: bool) -> None:
     if not skill_dirs():
         gr.Markdown(f"*No SmolLM2 skill adapters found under assets/skills; {BUILD_HINT}.*")
         return
-    modules = sorted({name for a in skill_adapters() for name in a.modules}, key=_module_order)
+    try:
+        adapters = skill_adapters()
+    except (ValueError, OSError) as exc:  # a damaged skill folder must not keep the app from starting
+        gr.Markdown(f"*The SmolLM2 skills cannot be loaded: {exc}; rebuild them ({BUILD_HINT}).*")
+        return
+    modules = sorted({name for a in adapters for name in a.modules}, key=_module_order)
     with gr.Row():
         module = gr.Dropdown(modules, value=modules[-1], label="layer / module", elem_id="skills-route-module")
         top_k = gr.Slider(1, 32, value=DEFAULT_K, step=1, label="units per token (k)", elem_id="skills-route-k")
