@@ -9,7 +9,7 @@ import torch
 from sklearn.cluster import KMeans
 from sklearn.datasets import make_blobs
 
-from lego_viz.units.gram_kmeans import _relocate_empty, gram_kmeans, torch_compatible_uniforms
+from lego_viz.units.gram_kmeans import gram_kmeans, relocate_empty, torch_compatible_uniforms
 from lego_viz.units.kmeans import GramKMeans
 
 
@@ -111,10 +111,10 @@ def test_half_precision_is_computed_in_float32() -> None:
 
 def test_relocate_empty_moves_farthest_movable_points() -> None:
     # Cluster 1 is empty: point 3 is farthest, and cluster 2 keeps one point after giving it.
-    moved = _relocate_empty(np.array([[0, 0, 0, 2, 2]]), lambda: np.array([[0.1, 5.0, 0.2, 9.0, 0.3]]), 3)
+    moved = relocate_empty(np.array([[0, 0, 0, 2, 2]]), lambda: np.array([[0.1, 5.0, 0.2, 9.0, 0.3]]), 3)
     assert moved.tolist() == [[0, 0, 0, 1, 2]]
     # Two empty clusters, the two farthest points share a cluster of two: one must come from elsewhere.
-    moved = _relocate_empty(np.array([[0, 0, 1, 1, 1]]), lambda: np.array([[9.0, 9.0, 1.0, 2.0, 3.0]]), 4)
+    moved = relocate_empty(np.array([[0, 0, 1, 1, 1]]), lambda: np.array([[9.0, 9.0, 1.0, 2.0, 3.0]]), 4)
     assert sorted(moved[0].tolist()) == [0, 1, 1, 2, 3]
 
 
@@ -144,3 +144,37 @@ def test_empty_batch_gives_empty_results() -> None:
 def test_bad_arguments_raise(gram: np.ndarray, kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         gram_kmeans(gram, **{"n_clusters": 2, **kwargs})
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_numpy_sketch_kmeans_inertia_close_to_sklearn(seed) -> None:
+    # Overlapping blobs in 256 dimensions, more than the sketch's 64 columns: the restarts see a projection.
+    from lego_viz.units.sketch_kmeans import sketch_kmeans
+
+    points, _ = make_blobs(n_samples=2500, n_features=256, centers=12, cluster_std=4.0, random_state=seed)
+    points = points.astype(np.float32)
+    labels, inertia = sketch_kmeans(points, 12, seed=seed, sketch_dim=64)
+    reference = KMeans(12, n_init=10, random_state=seed).fit(points.astype(np.float64)).inertia_
+    # A local optimum like scikit-learn's: within 3% (the sketch ranks restarts only roughly).
+    assert inertia <= 1.03 * reference
+    assert labels.shape == (2500,) and sorted(set(labels.tolist())) == list(range(12))
+    # The inertia returned is that of the labels, on the full points.
+    recomputed = sum(float(np.square(points[labels == j] - points[labels == j].mean(0)).sum()) for j in range(12))
+    assert inertia == pytest.approx(recomputed, rel=1e-4)
+
+
+def test_numpy_sketch_kmeans_separates_clusters_and_checks_its_input() -> None:
+    from lego_viz.units.sketch_kmeans import sketch_kmeans
+
+    rng = np.random.default_rng(0)
+    truth = np.arange(400) % 5
+    points = (10 * rng.standard_normal((5, 300)))[truth] + rng.standard_normal((400, 300))
+    labels, _ = sketch_kmeans(points, 5, n_init=4, seed=1, sketch_dim=32)
+    pairs = set(zip(truth.tolist(), labels.tolist()))  # one found cluster per true cluster
+    assert len(pairs) == 5 and len({f for _, f in pairs}) == 5
+    assert np.array_equal(sketch_kmeans(points, 5, seed=1)[0], sketch_kmeans(points, 5, seed=1)[0])
+    with pytest.raises(ValueError, match="n_clusters"):
+        sketch_kmeans(points, 401)
+    points[3, 7] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        sketch_kmeans(points, 5)

@@ -243,7 +243,7 @@ def test_gram_from_raw_factors_equals_gram_of_explicit_features(toy_adapters, fe
     assert torch.allclose(fast, explicit @ explicit.T, rtol=1e-4, atol=1e-5)
     # The sketch path (adapter libraries) clusters the points themselves: the same features.
     _, points = _units(toy_adapters, weights, name, features, gram=False)
-    assert torch.allclose(points, explicit, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(torch.from_numpy(points), explicit, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("features", ["canonical", "normalized"])

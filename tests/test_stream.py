@@ -215,6 +215,12 @@ def test_lego_switches_to_the_sketch_for_many_units(monkeypatch) -> None:
     for name, module in sketched.modules.items():
         assert module.A.shape == gram.modules[name].A.shape and torch.isfinite(module.A).all()
         assert sorted(set(sketched.labels[name].tolist())) == [0, 1, 2]
+    # On a GPU the torch sketch k-means runs instead (here on the CPU's torch): k clusters too, other draws.
+    monkeypatch.setattr(lego_module, "_sketch_device", lambda choice: "torch")
+    on_torch = merge(adapters, "lego", k=3, device="cpu")
+    for name, module in on_torch.modules.items():
+        assert module.A.shape == gram.modules[name].A.shape and torch.isfinite(module.A).all()
+        assert sorted(set(on_torch.labels[name].tolist())) == [0, 1, 2]
 
 
 @pytest.mark.parametrize("checks", ["--no-checks", "probe"])

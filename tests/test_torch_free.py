@@ -179,3 +179,43 @@ def test_factored_relative_error_matches_the_tensor_route_and_fails_a_broken_pai
     zero = np.zeros_like(B)
     assert array_relative_error([(zero, A, 1.0)], [(zero, A, 1.0)]) == 0.0
     assert array_relative_error([(zero, A, 1.0)], [(B, A, 1.0)]) == float("inf")
+
+
+LIBRARY_SHAPES = {"model.layers.0.self_attn.q_proj": (64, 64), "model.layers.0.self_attn.v_proj": (64, 32)}
+
+
+@pytest.fixture(scope="module")
+def adapter_library(tmp_path_factory) -> list[str]:
+    """130 adapters r = 16: 2,080 units per module, past GRAM_UNITS, so lego clusters a sketch of the points."""
+    from conftest import save_peft_folder
+
+    root = tmp_path_factory.mktemp("library")
+    return [str(save_peft_folder(make_adapter(f"a{i}", r=16, alpha=16, seed=i, shapes=LIBRARY_SHAPES), root / f"a{i:03d}"))
+            for i in range(130)]
+
+
+@pytest.mark.parametrize(("checks", "alone", "weights"), [("exact", False, None), ("probe", False, None),
+                                                          ("off", True, [1.0, -0.5] * 65), ("probe", True, None)])
+def test_adapter_library_merge_runs_without_torch(tmp_path, adapter_library, checks, alone, weights) -> None:
+    # The sketch k-means runs on numpy on the CPU: the command's export is the library's merge bit for bit.
+    out = tmp_path / "out"
+    args = [*adapter_library, "--k", "16", "--out", str(out)]
+    args += ["--no-checks"] if checks == "off" else []
+    args += ["--weights", ",".join(map(str, weights))] if weights else []
+    done = run_without_torch(*args, probe=checks == "probe", alone=alone)
+    assert done.returncode == 0, done.stderr
+    assert_export_is_the_library_merge(out, adapter_library, 16, weights)
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["details"]["kmeans"] == {"gram (n ≤ 2048 units)": 0, "sketch (n > 2048 units)": 2}
+    if checks == "off":
+        return
+    assert all(report["invariance"][key]["passed"] and report["invariance"][key]["method"] == checks
+               for key in ("permutation", "concat_sum"))
+    # The report's error against the dense update (64 × 64: cheap), in float64.
+    adapters = load_adapters(adapter_library)
+    merged = merge(adapters, "lego", k=16, weights=weights)
+    for name, found in report["relative_error_vs_weighted_sum"]["per_module"].items():
+        exact = sum(w * a.modules[name].scale * (a.modules[name].B.double() @ a.modules[name].A.double())
+                    for a, w in zip(adapters, weights or [1.0] * len(adapters)))
+        ours = merged.modules[name].scale * (merged.modules[name].B.double() @ merged.modules[name].A.double())
+        assert found == pytest.approx(float((ours - exact).norm() / exact.norm()), rel=1e-4), name

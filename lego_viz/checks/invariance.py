@@ -211,10 +211,21 @@ def span_probes(gram_a: np.ndarray, gram_b: np.ndarray, n_probes: int = 4, seed:
     Gaussian coefficients ``c`` (p, n) drawn from ``seed``; see :func:`probe_checks`. A batch of
     Gram matrices (m, n, n) gets the same draw for each, (m, p, n).
     """
-    rng = np.random.default_rng(seed)
-    n = gram_a.shape[-1]
-    c_x, c_z = (rng.standard_normal((n_probes, n), dtype=np.float32) for _ in range(2))
+    c_x, c_z = _span_coefficients(gram_a.shape[-1], n_probes, seed)
     return c_x.astype(gram_a.dtype) @ gram_a, c_z.astype(gram_b.dtype) @ gram_b
+
+
+def factor_probes(A: np.ndarray, B: np.ndarray, n_probes: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`span_probes` from the stacked factors ``A`` (n, d_in), ``B`` (d_out, n) float32 instead of their
+    Gram matrices (too many units for them): ``u = (c_x A) Aᵀ``, ``v = (c_z Bᵀ) B`` (p, n), the same probes."""
+    c_x, c_z = _span_coefficients(A.shape[0], n_probes, seed)
+    return (c_x @ A) @ A.T, (c_z @ B.T) @ B
+
+
+def _span_coefficients(n: int, n_probes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    c_x, c_z = (rng.standard_normal((n_probes, n), dtype=np.float32) for _ in range(2))
+    return c_x, c_z
 
 
 def _permutations(adapters: Sequence[LoraAdapter], seed: int) -> dict[tuple[int, str], np.ndarray]:

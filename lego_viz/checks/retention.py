@@ -41,13 +41,20 @@ def factored_inner(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: tor
     return float(((B1.T @ B2) * (A1 @ A2.T)).sum())
 
 
-def _hadamard_sum(left: torch.Tensor, right: torch.Tensor) -> float:
+def _hadamard_sum(left: torch.Tensor | np.ndarray, right: torch.Tensor | np.ndarray) -> float:
     """``Σ left ∘ right`` of two small float32 products, summed in float64."""
+    if isinstance(left, np.ndarray):
+        return float((left.astype(np.float64) * right.astype(np.float64)).sum())
     return float((left.double() * right.double()).sum())
 
 
+def _float32(factor: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+    # numpy factors (the merge command's) stay numpy: no torch
+    return factor.astype(np.float32, copy=False) if isinstance(factor, np.ndarray) else factor.float()
+
+
 def module_products(merged: LoraModule, sources: Sequence[tuple[LoraModule, float]]) -> tuple[list[float], list[float], float]:
-    """The inner products a module's report needs, from its factors (no dense ΔW).
+    """The inner products a module's report needs, from its factors (no dense ΔW), torch or numpy.
 
     Float32 products of the factors (``(k, r)`` and ``(r, r)`` blocks, one pass over each source's
     factors), summed in float64: within ~1e-6 of the float64 products, and several times faster,
@@ -61,10 +68,10 @@ def module_products(merged: LoraModule, sources: Sequence[tuple[LoraModule, floa
         ``(cross, source_sq, merged_sq)``: ``⟨ΔW_merge, w_t ΔW_t⟩`` and ``‖w_t ΔW_t‖²`` per
         source, and ``‖ΔW_merge‖²``.
     """
-    b_m, a_m = merged.B.float(), merged.A.float()  # (d_out, k), (k, d_in)
+    b_m, a_m = _float32(merged.B), _float32(merged.A)  # (d_out, k), (k, d_in)
     cross, source_sq = [], []
     for lora, weight in sources:
-        b_t, a_t = lora.B.float(), lora.A.float()  # (d_out, r), (r, d_in)
+        b_t, a_t = _float32(lora.B), _float32(lora.A)  # (d_out, r), (r, d_in)
         s = lora.scale * weight
         cross.append(merged.scale * s * _hadamard_sum(b_m.T @ b_t, a_m @ a_t.T))
         source_sq.append(s * s * _hadamard_sum(b_t.T @ b_t, a_t @ a_t.T))

@@ -4,27 +4,31 @@ Up to :data:`~lego_viz.merge.first_pass.GRAM_UNITS` units per module, everything
 comes from two n×n Gram matrices per module and runs on numpy — features, canonical order, k-means
 (:mod:`lego_viz.units.gram_kmeans`), the reweighted centroid coefficients and the report's products — and
 the centroids themselves (``linf`` and ``lsq`` rescaled from the factors) are numpy products too, so a
-merge of adapters on disk (the ``merge`` command) never needs torch. torch serves the adapter
-libraries' sketch k-means and in-memory adapters' tensors.
+merge of adapters on disk (the ``merge`` command) never needs torch. Past that (adapter libraries) k-means
+runs on a sketch of the points (:mod:`lego_viz.units.sketch_kmeans`, numpy), in torch only on a GPU.
+torch otherwise serves in-memory adapters' tensors.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from lego_viz.adapters import LoraAdapter, LoraModule, module_order
-from lego_viz.checks.invariance import span_probes
+from lego_viz.checks.invariance import factor_probes, span_probes
 from lego_viz.checks.retention import ReportProducts
 from lego_viz.merge.base import MergeMethod, MethodOutput, Option
-from lego_viz.merge.first_pass import GRAM_UNITS, UnitSummary, one_blas_thread, summarize_module
+from lego_viz.merge.first_pass import GRAM_UNITS, UnitSummary, one_blas_thread, read_stacked, summarize_module
 from lego_viz.units.gram_kmeans import gram_kmeans
 from lego_viz.units.msu import FEATURE_MODES, StackBuffer, stacked
+from lego_viz.units.sketch_kmeans import sketch_kmeans as numpy_sketch_kmeans
 
 if TYPE_CHECKING:
     import torch
@@ -196,19 +200,45 @@ def _units(
     if gram:
         units, owners = _gram_units(adapters, weights, [name], features, None if summary is None else {name: summary})
         return units.module(0, owners[0]), None
-    present, per_unit = _sources(adapters, weights, name)
-    owner, alpha, beta = _unit_table(per_unit)
-    loras = [adapters[t].modules[name] for t in present]
-    A, B = stacked([lora.A for lora in loras], 0), stacked([lora.B for lora in loras], 1)  # (n, d_in), (d_out, n)
-    # amax/amin read A once with no |A| temporary, ~10× faster than abs().argmax() (torch 2.13)
-    units = _with_features(present, owner, None, None, alpha, beta, *(t.cpu().numpy() for t in (
-        A.square().sum(dim=1), B.square().sum(dim=0), A.amax(dim=1), A.amin(dim=1))), features)
-    seen_a, seen_b = (torch.from_numpy(s).to(A.device) for s in (units.seen_a, units.seen_b))
-    points = torch.cat([seen_a[:, None] * A, seen_b[:, None] * B.T], dim=1)
+    units, points, _ = _sketch_units(adapters, weights, name, features)
     return units, points
 
 
-def canonical_order(gram: np.ndarray | None = None, points: torch.Tensor | None = None) -> np.ndarray:
+def _sketch_units(
+    adapters: Sequence[LoraAdapter], weights: list[float], name: str, features: str,
+) -> tuple[_Units, np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """A module with too many units for n² (the sketch path): its units, the points k-means sees
+    (n, d_in + d_out) and the units' probes (:func:`~lego_viz.checks.invariance.factor_probes`), numpy."""
+    present, per_unit = _sources(adapters, weights, name)
+    owner, alpha, beta = _unit_table(per_unit)
+    A, B = _stacked_arrays(adapters, name, present)  # (n, d_in), (d_out, n)
+    with one_blas_thread():
+        units = _with_features(present, owner, None, None, alpha, beta, np.einsum("nd,nd->n", A, A),
+                               np.einsum("dn,dn->n", B, B), A.max(axis=1), A.min(axis=1), features)
+        probes = factor_probes(A, B)
+    points = np.concatenate([units.seen_a[:, None] * A, units.seen_b[:, None] * B.T], axis=1)
+    return units, points, probes
+
+
+def _stacked_arrays(adapters: Sequence[LoraAdapter], name: str, present: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The stacked factors ``A`` (n, d_in) and ``B`` (d_out, n) of ``name`` as float32 numpy arrays: read
+    from the files side by side where they are stored as safetensors (no torch), else from the modules."""
+    found = read_stacked(adapters, name)
+    if found is not None:
+        return found[0], found[1]
+    loras = [adapters[t].modules[name] for t in present]
+    return tuple(np.concatenate([_as_array(getattr(lora, side)) for lora in loras], axis=axis)
+                 for side, axis in (("A", 0), ("B", 1)))
+
+
+def _as_array(factor) -> np.ndarray:
+    """A factor, numpy or torch (any device), as a float32 numpy array."""
+    if isinstance(factor, np.ndarray):
+        return factor.astype(np.float32, copy=False)
+    return factor.detach().float().cpu().numpy()
+
+
+def canonical_order(gram: np.ndarray | None = None, points: np.ndarray | None = None) -> np.ndarray:
     """An order of the points that does not depend on the order they came in.
 
     k-means++ seeding draws indices, so without this a permutation of the input ranks could land
@@ -220,8 +250,9 @@ def canonical_order(gram: np.ndarray | None = None, points: torch.Tensor | None 
         g = gram.astype(np.float64)
         diag, rowsum = np.diagonal(g, axis1=-2, axis2=-1), g.sum(axis=-1)
     else:
-        x = points.double()
-        diag, rowsum = x.square().sum(dim=1).cpu().numpy(), (x @ x.sum(dim=0)).cpu().numpy()
+        x = points.astype(np.float64)
+        with one_blas_thread():
+            diag, rowsum = np.einsum("nd,nd->n", x, x), x @ x.sum(axis=0)
     order = np.argsort(rowsum, axis=-1, kind="stable")
     return np.take_along_axis(order, np.argsort(np.take_along_axis(diag, order, -1), axis=-1, kind="stable"), -1)
 
@@ -401,6 +432,25 @@ def _device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
+def _sketch_device(choice: str) -> str:
+    """Where the sketch k-means runs: ``auto`` is cuda only where torch can see a GPU. torch is asked only
+    where one may be there (it is already imported, or a GPU driver is loaded), so a merge on a machine
+    without one never imports torch."""
+    if choice != "auto":
+        return choice
+    linux_without_driver = sys.platform.startswith("linux") and not any(Path(p).exists() for p in _GPU_DRIVERS)
+    if "torch" not in sys.modules and linux_without_driver:
+        return "cpu"
+    try:
+        return _device("auto").type
+    except ImportError:  # no torch to run on a GPU with
+        return "cpu"
+
+
+# Present where an NVIDIA (or ROCm) driver is loaded, the only way torch can see a GPU on Linux.
+_GPU_DRIVERS = ("/proc/driver/nvidia/version", "/dev/kfd")
+
+
 # Modules batched together hold at most this many Gram entries (float64 temporaries of 32 MiB).
 BATCH_ENTRIES = 1 << 22
 
@@ -477,11 +527,12 @@ class LegoClusters:
 
     def record(self, out: MethodOutput, name: str, module: LoraModule, products: ReportProducts | None = None) -> None:
         """Put module ``name`` in ``out`` with what the report and the checks take from the clusters:
-        its report products, ``‖Σ_t w_t ΔW_t‖²`` and the units' probes (where the products are known)."""
+        its report products, ``‖Σ_t w_t ΔW_t‖²`` where known, and the units' probes."""
         out.modules[name] = module
         if products is not None:
             out.report_products[name] = products
             out.reference_sq_norms[name] = self.reference_sq_norms[name]
+        if name in self.unit_probes:  # every module's, the sketch path's too
             out.unit_probes[name] = self.unit_probes[name]
 
 
@@ -524,18 +575,25 @@ def _sketch_step(
         if n <= GRAM_UNITS or k[name] >= n:
             work.by_size.setdefault(n, []).append(name)
             continue
-        from lego_viz.units.kmeans import sketch_kmeans
-
-        units, points = _units(adapters, weights, name, options["features"], gram=False)
+        units, points, clusters.unit_probes[name] = _sketch_units(adapters, weights, name, options["features"])
         order = canonical_order(points=points)
         clusters.units[name], work.orders[name] = units, order
         begin = time.perf_counter()
-        labels, _ = sketch_kmeans(
-            points[torch.from_numpy(order).to(points.device)].to(_device(options["device"])), k[name],
-            n_init=options["n_init"], max_iter=options["max_iter"], tol=options["tol"],
-            generator=torch.Generator().manual_seed(options["seed"]))
-        work.sorted_labels[name] = labels.cpu().numpy()
+        work.sorted_labels[name] = _sketch_labels(points[order], k[name], options)
         work.kmeans_seconds += time.perf_counter() - begin
+
+
+def _sketch_labels(points: np.ndarray, k: int, options: dict) -> np.ndarray:
+    """The sketch k-means of ``points`` (n, d): numpy on the CPU (no torch), torch's on a GPU."""
+    common = {"n_init": options["n_init"], "max_iter": options["max_iter"], "tol": options["tol"]}
+    if _sketch_device(options["device"]) == "cpu":
+        with one_blas_thread():  # bits that do not depend on the core count: the command's are the library's
+            return numpy_sketch_kmeans(points, k, seed=options["seed"], **common)[0]
+    from lego_viz.units.kmeans import sketch_kmeans
+
+    labels, _ = sketch_kmeans(torch.from_numpy(points).to(_device(options["device"])), k,
+                              generator=torch.Generator().manual_seed(options["seed"]), **common)
+    return labels.cpu().numpy()
 
 
 def _gram_step(

@@ -234,7 +234,11 @@ def _route(
         totals.add(MethodOutput(modules={}, timings=clusters.timings, details=clusters.details), time.perf_counter() - start)
     # lego's centroids made straight from the stacked arrays: every module read stacked and clustered from
     # its Gram matrices, so neither the merge nor its checks and report need torch.
-    on_arrays = arrays and clusters is not None and set(summaries) == set(clusters.unit_probes) == names
+    # Modules past GRAM_UNITS (sketch k-means) have neither a first pass nor probes: their centroids come from
+    # the factors, and their checks and report too.
+    sketched = {name for name, units in clusters.units.items() if units.gram_a is None} if clusters is not None else set()
+    on_arrays = (arrays and clusters is not None
+                 and set(summaries) | sketched == set(clusters.unit_probes) | sketched == names)
     probes = None
     if checks and clusters is not None and set(clusters.unit_probes) == names and (on_arrays or not any(exact.values())):
         probes = probe_checks(adapters, steps.weights, unit_probes=clusters.unit_probes)
@@ -248,10 +252,10 @@ def _numpy_route(route: _Route, group: Group) -> bool:
     """Whether a group runs on numpy alone: the whole input does (its first pass given), or lego was asked
     for arrays without one and every module of the group was read stacked with at most
     :data:`~lego_viz.merge.first_pass.GRAM_UNITS` units (the group then makes its own first pass)."""
+    stacked = all(found is not None for found in group.values())  # a module past GRAM_UNITS may be a .bin
     if route.on_arrays:
-        return True
-    return (route.arrays and route.clusters is None and route.plan.method.prepare is not None
-            and all(found is not None and found[0].shape[0] <= GRAM_UNITS for found in group.values()))
+        return stacked
+    return route.arrays and route.clusters is None and route.plan.method.prepare is not None and stacked
 
 
 def _merge_group(
@@ -280,7 +284,7 @@ def _numpy_merge(route: _Route, block: list[LoraAdapter], group: Group) -> Metho
     memory, bit for bit: k-means does not depend on which modules share a batch)."""
     steps, clusters = route.plan, route.clusters
     if clusters is None:
-        summaries = {name: summarize_module(A, B) for name, (A, B, _) in group.items()}
+        summaries = {name: summarize_module(A, B) for name, (A, B, _) in group.items() if A.shape[0] <= GRAM_UNITS}
         clusters = steps.method.prepare(block, steps.weights, steps.ranks, steps.options, summaries)
     start = time.perf_counter()
     part = _centroids_of(clusters, group, steps)

@@ -234,7 +234,7 @@ def _kmeans_plusplus(gram: np.ndarray, k: int, uniforms: np.ndarray) -> np.ndarr
     return np.concatenate(seeds, axis=-1)
 
 
-def _relocate_empty(labels: np.ndarray, point_dist: Callable[[], np.ndarray], k: int) -> np.ndarray:
+def relocate_empty(labels: np.ndarray, point_dist: Callable[[], np.ndarray], k: int) -> np.ndarray:
     """Move the points farthest from their centroid into empty clusters (scikit-learn's rule).
 
     ``labels`` is (..., n); ``point_dist`` gives the points' (..., n) distances to their
@@ -325,7 +325,7 @@ def _lloyd(
         all_active = bool(act.all())
         lab = nearest if all_active else np.where(act[..., None], nearest, lab_old)
         stable = (lab == lab_old).all(axis=-1)
-        lab = _relocate_empty(lab, partial(_point_dist, scores[:m], nearest, diag[idx]), k)
+        lab = relocate_empty(lab, partial(_point_dist, scores[:m], nearest, diag[idx]), k)
         if not all_active:
             # A converged restart keeps its labels, and so its centres, while its problem's others go on.
             lab = np.where(act[..., None], lab, lab_old)
@@ -351,7 +351,7 @@ def _lloyd(
         gw, norms = _centre_products(gram, _assignment_weights(labels, k, weights), gw)
         reassigned = _nearest(gw, norms, scores)
         # Moving a far point into an emptied cluster only lowers the inertia, and the merge needs k units.
-        reassigned = _relocate_empty(reassigned, partial(_point_dist, scores, reassigned, diag), k)
+        reassigned = relocate_empty(reassigned, partial(_point_dist, scores, reassigned, diag), k)
         labels = np.where(needs_final[..., None], reassigned, labels)
     return labels, n_iter
 

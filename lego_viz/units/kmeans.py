@@ -5,7 +5,8 @@ The Gram k-means estimator (:class:`GramKMeans`) runs the one k-means kernel,
 matrices. It runs on the CPU whatever the tensors' device: an iteration costs ``O(k n²)`` on small
 ``n × n`` matrices, too little to gain from an accelerator. The seeding draws come from a torch generator, so a seed gives
 the clusters it gave before the kernel moved to numpy. Point sets too large for an ``n × n``
-matrix go to :func:`sketch_kmeans`, which stays in torch and on the device.
+matrix go to a sketch k-means: :mod:`lego_viz.units.sketch_kmeans` (numpy) on the CPU, and
+:func:`sketch_kmeans` here, in torch, on a GPU.
 """
 
 from __future__ import annotations
