@@ -215,6 +215,16 @@ def test_lego_switches_to_the_sketch_for_many_units(monkeypatch) -> None:
     for name, module in sketched.modules.items():
         assert module.A.shape == gram.modules[name].A.shape and torch.isfinite(module.A).all()
         assert sorted(set(sketched.labels[name].tolist())) == [0, 1, 2]
+    # Permuting an adapter's ranks changes no merged update: the sketch's canonical order comes from the factors.
+    from lego_viz.adapters import LoraAdapter, LoraModule
+
+    perm = torch.randperm(4, generator=torch.Generator().manual_seed(3))
+    shuffled = [LoraAdapter(name=a.name, source=a.source, config=a.config, modules={
+        name: LoraModule(A=m.A[perm], B=m.B[:, perm], scale=m.scale) for name, m in a.modules.items()}) for a in adapters]
+    again = merge(shuffled, "lego", k=3)
+    for name, module in sketched.modules.items():
+        # float32 products in another order: 1e-5 relative
+        assert torch.allclose(again.modules[name].B @ again.modules[name].A, module.B @ module.A, rtol=1e-4, atol=1e-6), name
     # On a GPU the torch sketch k-means runs instead (here on the CPU's torch): k clusters too, other draws.
     monkeypatch.setattr(lego_module, "_sketch_device", lambda choice: "torch")
     on_torch = merge(adapters, "lego", k=3, device="cpu")

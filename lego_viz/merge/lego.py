@@ -200,24 +200,52 @@ def _units(
     if gram:
         units, owners = _gram_units(adapters, weights, [name], features, None if summary is None else {name: summary})
         return units.module(0, owners[0]), None
-    units, points, _ = _sketch_units(adapters, weights, name, features)
-    return units, points
+    units, points, _, order = _sketch_units(adapters, weights, name, features)
+    unsorted = np.empty_like(points)
+    unsorted[order] = points
+    return units, unsorted
 
 
 def _sketch_units(
     adapters: Sequence[LoraAdapter], weights: list[float], name: str, features: str,
-) -> tuple[_Units, np.ndarray, tuple[np.ndarray, np.ndarray]]:
-    """A module with too many units for n² (the sketch path): its units, the points k-means sees
-    (n, d_in + d_out) and the units' probes (:func:`~lego_viz.checks.invariance.factor_probes`), numpy."""
+) -> tuple[_Units, np.ndarray, tuple[np.ndarray, np.ndarray], np.ndarray]:
+    """A module with too many units for n² (the sketch path), numpy: its units, the points k-means sees
+    (n, d_in + d_out) in their canonical order, the units' probes
+    (:func:`~lego_viz.checks.invariance.factor_probes`) and that order."""
     present, per_unit = _sources(adapters, weights, name)
     owner, alpha, beta = _unit_table(per_unit)
     A, B = _stacked_arrays(adapters, name, present)  # (n, d_in), (d_out, n)
     with one_blas_thread():
-        units = _with_features(present, owner, None, None, alpha, beta, np.einsum("nd,nd->n", A, A),
-                               np.einsum("dn,dn->n", B, B), A.max(axis=1), A.min(axis=1), features)
+        sq_a, sq_b = np.einsum("nd,nd->n", A, A), np.einsum("dn,dn->n", B, B)
+        units = _with_features(present, owner, None, None, alpha, beta, sq_a, sq_b, A.max(axis=1), A.min(axis=1), features)
         probes = factor_probes(A, B)
-    points = np.concatenate([units.seen_a[:, None] * A, units.seen_b[:, None] * B.T], axis=1)
-    return units, points, probes
+        order = canonical_order(sums=_point_sums(A, B, units))
+    # Written once, in that order, straight from the factors: a (n, d) temporary costs more than the k-means.
+    d_in = A.shape[1]
+    points = np.empty((A.shape[0], d_in + B.shape[0]), dtype=np.float32)
+    for rows in _row_blocks(A.shape[0]):  # B's columns in blocks: a transposed copy that stays in cache
+        block = order[rows]
+        np.multiply(A[block], units.seen_a[block, None], out=points[rows, :d_in])
+        np.multiply(B[:, block].T, units.seen_b[block, None], out=points[rows, d_in:])
+    return units, points, probes, order
+
+
+def _row_blocks(n: int, size: int = 256) -> list[slice]:
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def _point_sums(A: np.ndarray, B: np.ndarray, units: _Units) -> tuple[np.ndarray, np.ndarray]:
+    """Each point's ``‖x_i‖²`` and ``x_i · Σ_j x_j`` (float64) from the factors, the points ``x_i = [seen_a_i A[i],
+    seen_b_i B[:, i]]`` never formed: what :func:`canonical_order` sorts by."""
+    seen_a, seen_b = units.seen_a.astype(np.float64), units.seen_b.astype(np.float64)
+    diag = np.square(seen_a) * units.sq_a + np.square(seen_b) * units.sq_b
+    # float64 in blocks of units (a float64 copy of the factors would cost more than the rest)
+    blocks = _row_blocks(A.shape[0])
+    sum_a = sum(seen_a[rows] @ A[rows].astype(np.float64) for rows in blocks)  # Σ_j x_j, the A half (d_in,)
+    sum_b = sum(B[:, rows].astype(np.float64) @ seen_b[rows] for rows in blocks)  # (d_out,)
+    rowsum = np.concatenate([seen_a[rows] * (A[rows].astype(np.float64) @ sum_a)
+                             + seen_b[rows] * (sum_b @ B[:, rows].astype(np.float64)) for rows in blocks])
+    return diag, rowsum
 
 
 def _stacked_arrays(adapters: Sequence[LoraAdapter], name: str, present: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -238,21 +266,19 @@ def _as_array(factor) -> np.ndarray:
     return factor.detach().float().cpu().numpy()
 
 
-def canonical_order(gram: np.ndarray | None = None, points: np.ndarray | None = None) -> np.ndarray:
+def canonical_order(gram: np.ndarray | None = None, sums: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """An order of the points that does not depend on the order they came in.
 
     k-means++ seeding draws indices, so without this a permutation of the input ranks could land
     in another local optimum. Sorting by (squared norm, sum of inner products) — both
     permutation-equivariant — makes the whole merge permutation-invariant. From the Gram matrix,
-    or from the points themselves (``x_i · Σ_j x_j``) when there are too many for one.
+    or, when there are too many points for one, from those two sums (:func:`_point_sums`).
     """
     if gram is not None:  # (..., n, n): one order per matrix of a batch
         g = gram.astype(np.float64)
         diag, rowsum = np.diagonal(g, axis1=-2, axis2=-1), g.sum(axis=-1)
     else:
-        x = points.astype(np.float64)
-        with one_blas_thread():
-            diag, rowsum = np.einsum("nd,nd->n", x, x), x @ x.sum(axis=0)
+        diag, rowsum = sums
     order = np.argsort(rowsum, axis=-1, kind="stable")
     return np.take_along_axis(order, np.argsort(np.take_along_axis(diag, order, -1), axis=-1, kind="stable"), -1)
 
@@ -575,11 +601,10 @@ def _sketch_step(
         if n <= GRAM_UNITS or k[name] >= n:
             work.by_size.setdefault(n, []).append(name)
             continue
-        units, points, clusters.unit_probes[name] = _sketch_units(adapters, weights, name, options["features"])
-        order = canonical_order(points=points)
+        units, points, clusters.unit_probes[name], order = _sketch_units(adapters, weights, name, options["features"])
         clusters.units[name], work.orders[name] = units, order
         begin = time.perf_counter()
-        work.sorted_labels[name] = _sketch_labels(points[order], k[name], options)
+        work.sorted_labels[name] = _sketch_labels(points, k[name], options)
         work.kmeans_seconds += time.perf_counter() - begin
 
 
@@ -588,7 +613,7 @@ def _sketch_labels(points: np.ndarray, k: int, options: dict) -> np.ndarray:
     common = {"n_init": options["n_init"], "max_iter": options["max_iter"], "tol": options["tol"]}
     if _sketch_device(options["device"]) == "cpu":
         with one_blas_thread():  # bits that do not depend on the core count: the command's are the library's
-            return numpy_sketch_kmeans(points, k, seed=options["seed"], **common)[0]
+            return numpy_sketch_kmeans(points, k, seed=options["seed"], copy_x=False, **common)[0]
     from lego_viz.units.kmeans import sketch_kmeans
 
     labels, _ = sketch_kmeans(torch.from_numpy(points).to(_device(options["device"])), k,

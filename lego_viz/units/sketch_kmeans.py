@@ -28,6 +28,7 @@ def sketch_kmeans(
     sketch_dim: int = 128,
     polish_iter: int = 30,
     polish_top: int = 3,
+    copy_x: bool = True,
 ) -> tuple[np.ndarray, float]:
     """k-means (k-means++ seeding, Lloyd) of many points, restarts on a sketch, the best polished.
 
@@ -49,6 +50,7 @@ def sketch_kmeans(
         sketch_dim: columns of the sketch.
         polish_iter: most Lloyd steps on the full points.
         polish_top: restarts polished on the full points.
+        copy_x: as scikit-learn's: False centres ``x`` in place where it is float32 (no copy of the points).
 
     Returns:
         ``(labels (n,) int64, inertia)``, the inertia on the full points.
@@ -60,8 +62,9 @@ def sketch_kmeans(
     check_params(n_clusters, n, n_init, max_iter, tol)
     if not np.isfinite(x).all():
         raise ValueError("x contains NaN or infinite values")
-    x = x.astype(np.float32)
-    x -= x.mean(axis=0, dtype=np.float64).astype(np.float32)
+    centre = x.mean(axis=0, dtype=np.float64).astype(np.float32)
+    x = x.astype(np.float32, copy=copy_x)
+    x -= centre
     # A Gaussian sketch of the same width (x Ω) spreads its error over every direction instead: measured
     # on 4,096 units × 8,192 features at k = 16 (torch), 1.2–2.2% above scikit-learn's inertia at 256
     # columns, against 0.4–0.8% below it with this range finder at 128, in 2/3 of the time.
