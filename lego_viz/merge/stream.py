@@ -249,9 +249,9 @@ def _route(
 
 
 def _numpy_route(route: _Route, group: Group) -> bool:
-    """Whether a group runs on numpy alone: the whole input does (its first pass given), or lego was asked
-    for arrays without one and every module of the group was read stacked with at most
-    :data:`~lego_viz.merge.first_pass.GRAM_UNITS` units (the group then makes its own first pass)."""
+    """Whether a group runs on numpy alone: every module of it was read stacked (safetensors), and the whole
+    input does (its first pass given, or sketched past :data:`~lego_viz.merge.first_pass.GRAM_UNITS` units),
+    or lego was asked for arrays without one (the group then makes its own first pass)."""
     stacked = all(found is not None for found in group.values())  # a module past GRAM_UNITS may be a .bin
     if route.on_arrays:
         return stacked
@@ -357,9 +357,9 @@ def merge_streaming(
             the ``merge`` command makes it beside its own start-up), for methods that take it (lego).
         arrays: for lego, keep the merged factors and labels as numpy arrays and run the merge (any
             reweighting, ``lsq``), the checks (exact or by probes) and the report without torch, for
-            every module stored as safetensors with at most :data:`~lego_viz.merge.first_pass.GRAM_UNITS`
-            units: what the ``merge`` command exports. Without ``summaries``, each group makes its own
-            first pass from the factors it reads.
+            every module stored as safetensors (past :data:`~lego_viz.merge.first_pass.GRAM_UNITS` units,
+            lego's sketch k-means on the CPU): what the ``merge`` command exports. Without ``summaries``,
+            each group makes its own first pass from the factors it reads.
 
     Returns:
         A :class:`StreamedMerge`: the merged adapter, the check results and the errors.
