@@ -165,7 +165,9 @@ def names_this_base(name: str) -> bool:
     """True for the Hub id (any case) and for a path to a converted copy, which is what adapters trained on
     an earlier conversion record as ``base_model_name_or_path`` (their folder may be on another machine)."""
     path = Path(name).expanduser()
-    return name.strip().lower() == HUB_ID.lower() or (path.name == cache_dir().name and path.parent.name == "lego_viz")
+    if name.strip().lower() == HUB_ID.lower() or path == cache_dir():  # the id, or this machine's copy wherever LEGO_VIZ_CACHE puts it
+        return True
+    return path.name == cache_dir().name and path.parent.name == "lego_viz"
 
 
 def local_copy() -> Path | None:
