@@ -45,9 +45,11 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
-def _cut(text: str, limit: int = 60) -> str:
+def _cut(text: str) -> str:
     """A value quoted in a message, cut short (a 5,000-digit --k is named, not echoed)."""
-    return repr(text) if len(text) <= limit else f"{text[:limit]!r}… ({len(text)} characters)"
+    from lego_viz.adapters.types import shown  # on error paths only: --help imports nothing of the core
+
+    return shown(text)
 
 
 def float_list(text: str) -> list[float]:

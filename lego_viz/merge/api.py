@@ -1,7 +1,7 @@
 """One call for every merge method: ``merge(adapters, method="lego", k=8, weights=None, **options)``.
 
-Each method lives in its own module and registers itself in :data:`MERGE_METHODS` with the options it
-accepts; unknown methods or options are errors that list the valid ones.
+Each method lives in its own module beside its :class:`MergeMethod` (name, options, whether it takes k);
+:mod:`lego_viz.merge.registry` lists them. Unknown methods or options are errors that list the valid ones.
 """
 
 from __future__ import annotations
