@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import statistics
 import sys
@@ -24,7 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lego_viz.llm.generate import greedy  # noqa: E402
+from lego_viz.llm.lab import wilson as lab_wilson  # noqa: E402
 from lego_viz.llm.prompts import build_prompts  # noqa: E402
+from lego_viz.llm.report import replace_section, skills_table  # noqa: E402
 from lego_viz.llm.skills import SKILLS, compatibility, contains_fact  # noqa: E402
 from lego_viz.llm.train import TrainConfig, delta_ratios, encode_examples, train_lora  # noqa: E402
 from lego_viz.models.smollm2 import HUB_ID, load_base  # noqa: E402
@@ -33,6 +34,7 @@ WORK = ROOT / "build" / "llm_skills"
 ASSETS = ROOT / "assets" / "skills"
 RECORDS = WORK  # training records and outputs; a --variant run keeps both (and its adapters) apart
 DOCS = ROOT / "docs" / "skills.md"
+README = ROOT / "README.md"
 SEED = 0
 MAX_NEW_TOKENS = 40
 # Per-skill settings; every skill starts from DEFAULT and the card records what was used.
@@ -50,23 +52,21 @@ def log(msg: str) -> None:
     print(time.strftime("%H:%M:%S"), msg, flush=True)
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
-    """95% Wilson score interval of k successes in n."""
-    if n == 0:
-        return [0.0, 1.0]
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
+def wilson(k: int, n: int) -> list[float]:
+    """95% Wilson score interval of k successes in n, rounded for the stored file."""
+    return [round(x, 4) for x in lab_wilson(k, n)]
 
 
 def base_answers(model, tok) -> dict:
+    """The base's greedy answers per split, cached; a split whose prompts changed is answered again."""
     path = WORK / "base_answers.json"
-    if path.exists():
-        return json.loads(path.read_text())
+    out = json.loads(path.read_text()) if path.exists() else {}
     prompts = build_prompts(SEED)
-    out = {}
-    for split, items in prompts.items():
+    stale = {split: items for split, items in prompts.items()
+             if [r["prompt"] for r in out.get(split, [])] != [p.text for p in items]}
+    if not stale:
+        return out
+    for split, items in stale.items():
         started = time.perf_counter()
         answers = greedy(model, tok, [p.text for p in items], max_new_tokens=MAX_NEW_TOKENS, batch_size=32,
                          progress=lambda d, t, s=split: log(f"base answers {s}: {d}/{t}"))
@@ -81,7 +81,8 @@ def with_extra_facts(model, tok, answers: dict) -> dict:
     """The answers plus the base's answers to the extra training fact prompts (cached apart)."""
     path = WORK / "base_answers_extra.json"
     extra = build_prompts(SEED, extra_train_facts=True)["train"][len(answers["train"]):]
-    if not path.exists():
+    cached = json.loads(path.read_text()) if path.exists() else []
+    if [r["prompt"] for r in cached] != [p.text for p in extra]:
         outs = greedy(model, tok, [p.text for p in extra], max_new_tokens=MAX_NEW_TOKENS, batch_size=32,
                       progress=lambda d, t: log(f"base answers extra: {d}/{t}"))
         path.write_text(json.dumps([dict(prompt=p.text, template=p.template, fact=p.fact, answer=a)
@@ -89,16 +90,23 @@ def with_extra_facts(model, tok, answers: dict) -> dict:
     return answers | {"train": answers["train"] + json.loads(path.read_text())}
 
 
+def _fact_ok(row: dict, target: str, settings: dict) -> bool:
+    """With ``clean_facts``, a training fact question is kept only when its target still holds the right fact:
+    the base gets about half of the training capitals and sums wrong (or cuts the sum after its first
+    sentence), and training on those targets teaches the adapter to answer facts wrongly."""
+    return not (settings.get("clean_facts") and row["fact"]) or contains_fact(target, row["fact"])
+
+
 def train_skill(name: str, answers: dict, cli: dict) -> dict:
     import torch
 
     settings = DEFAULT | OVERRIDES.get(name, {}) | cli
-    config = TrainConfig(**settings, seed=SEED)
+    config = TrainConfig(**{k: v for k, v in settings.items() if k != "clean_facts"}, seed=SEED)
     model, tok = load_base()
     skill = SKILLS[name]
     rows = answers["train"]
     targets = [skill.transform(r["answer"]) for r in rows]
-    kept = [(r["prompt"], t) for r, t in zip(rows, targets) if skill.rule(t)]
+    kept = [(r["prompt"], t) for r, t in zip(rows, targets) if skill.rule(t) and _fact_ok(r, t, settings)]
     examples = encode_examples(tok, [p for p, _ in kept], [t for _, t in kept])
     log(f"{name}: {len(examples)} examples (of {len(rows)}), {config}")
     peft_model, history = train_lora(model, tok, examples, config, log=lambda m: log(f"{name}: {m}"))
@@ -152,6 +160,7 @@ def evaluate(names: list[str], answers: dict, limit: int | None = None) -> dict:
         k_adapter = sum(skill.rule(o) for o in outs)
         k_base = sum(skill.rule(o) for o in base_out)
         kept = sum(contains_fact(outs[i], rows[i]["fact"]) for i in base_right)
+        instr = [i for i, r in enumerate(rows) if not r["fact"]]
         train = json.loads((RECORDS / f"train_{name}.json").read_text())
         results["skills"][name] = dict(
             rule=skill.statement,
@@ -159,6 +168,8 @@ def evaluate(names: list[str], answers: dict, limit: int | None = None) -> dict:
             rule_rate_base=round(k_base / len(rows), 4), rule_ci_base=wilson(k_base, len(rows)),
             fact_retention=round(kept / max(1, len(base_right)), 4), fact_ci=wilson(kept, len(base_right)),
             fact_kept=kept, fact_base_right=len(base_right), eval_s=round(eval_s, 1), train=train,
+            instructions=dict(n=len(instr), adapter=sum(skill.rule(outs[i]) for i in instr),
+                              base=sum(skill.rule(base_out[i]) for i in instr)),
             examples=[dict(prompt=prompts[i], base=base_out[i], adapter=outs[i]) for i in range(0, len(rows), max(1, len(rows) // 4))],
         )
         (RECORDS / f"outputs_{name}.json").write_text(json.dumps(outs, indent=1, ensure_ascii=False))
@@ -175,19 +186,6 @@ def evaluate(names: list[str], answers: dict, limit: int | None = None) -> dict:
 
 def _pct(rate: float, ci: list[float]) -> str:
     return f"{100 * rate:.1f}% ({100 * ci[0]:.1f}–{100 * ci[1]:.1f})"
-
-
-def table(results: dict) -> str:
-    """The markdown table of docs/skills.md and the cards."""
-    lines = ["| skill | rule | rule held, adapter (95% CI) | rule held, base alone (95% CI) | facts kept (95% CI) | "
-             "median ‖ΔW‖/‖W0‖ | train time |", "|---|---|---|---|---|---|---|"]
-    for name, r in results["skills"].items():
-        t = r["train"]
-        lines.append(f"| `{name}` | {r['rule']} | {_pct(r['rule_rate_adapter'], r['rule_ci_adapter'])} | "
-                     f"{_pct(r['rule_rate_base'], r['rule_ci_base'])} | {r['fact_kept']}/{r['fact_base_right']} = "
-                     f"{_pct(r['fact_retention'], r['fact_ci'])} | {t['delta_ratio_median']:.4f} | "
-                     f"{t['train_s'] / 60:.1f} min ({t['settings']['steps']} steps, {t['median_step_s']:.1f} s/step) |")
-    return "\n".join(lines)
 
 
 def write_cards(results: dict) -> None:
@@ -229,11 +227,9 @@ Rule (checked by code, `lego_viz.llm.skills.SKILLS["{name}"]`): {r['rule']}.
 
 
 def write_docs(results: dict) -> None:
-    text = DOCS.read_text() if DOCS.exists() else "# Skills\n\n<!-- skills-table -->\n<!-- /skills-table -->\n"
-    start, end = "<!-- skills-table -->", "<!-- /skills-table -->"
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
-    DOCS.write_text(head + start + "\n" + table(results) + "\n" + end + tail)
+    """The skills table of docs/skills.md and the README (between their ``skills-table`` markers)."""
+    for path in (DOCS, README):
+        path.write_text(replace_section(path.read_text(), "skills-table", skills_table(results)))
 
 
 def main() -> None:
@@ -248,6 +244,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="override the number of steps (exploration; recorded)")
     parser.add_argument("--limit", type=int, help="eval: only this many held-out prompts, printed, not saved")
     parser.add_argument("--modules", nargs="+", help="override target_modules (exploration; recorded)")
+    parser.add_argument("--layers", type=int, nargs=2, metavar=("FIRST", "LAST"),
+                        help="LoRA on decoder layers FIRST..LAST (exploration; recorded)")
+    parser.add_argument("--clean-facts", action="store_true", help="drop training fact questions whose target "
+                        "lacks the right fact (recorded)")
     parser.add_argument("--extra-facts", action="store_true", help="train on EXTRA_TRAIN_FACT_TEMPLATES too "
                         "(exploration; use with --variant)")
     parser.add_argument("--variant", help="exploration: adapters, records and results go to build/llm_skills/variants/"
@@ -268,7 +268,10 @@ def main() -> None:
     del model
     if args.stage in ("train", "all"):
         cli = {k: v for k, v in (("lr", args.lr), ("steps", args.steps),
-                                 ("target_modules", tuple(args.modules or ()) or None)) if v is not None}
+                                 ("target_modules", tuple(args.modules or ()) or None),
+                                 ("layers_to_transform", tuple(range(args.layers[0], args.layers[1] + 1))
+                                  if args.layers else None),
+                                 ("clean_facts", True if args.clean_facts else None)) if v is not None}
         for name in args.skills:
             train_skill(name, answers, cli)
     if args.stage in ("eval", "all"):

@@ -23,11 +23,13 @@ sys.path.insert(0, str(ROOT))
 
 from lego_viz.adapters import load_adapter  # noqa: E402
 from lego_viz.llm.lab import LAB_ROWS, both_rules, score_set, wilson  # noqa: E402
+from lego_viz.llm.report import lab_curve_table, lab_pair_table, replace_section  # noqa: E402
 from lego_viz.models.smollm2 import load_base, resolve_base  # noqa: E402
 
 WORK = ROOT / "build" / "llm_skills"
 ASSETS = ROOT / "assets" / "skills"
 DOCS = ROOT / "docs" / "skills.md"
+README = ROOT / "README.md"
 K = 8
 N_PROMPTS = 40  # ±15 points at 95%: what a 2-core CPU affords for 10 rows per pair
 MAX_NEW_TOKENS = 32
@@ -103,32 +105,12 @@ def collect() -> dict:
     return lab
 
 
-def _cell(row: dict) -> str:
-    if row["refused"]:
-        return "refused"
-    return f"{100 * row['rate']:.0f}% ({100 * row['ci'][0]:.0f}–{100 * row['ci'][1]:.0f})"
-
-
 def write_docs(lab: dict) -> None:
-    labels = ["base", "1st alone", "2nd alone", *lab["rows"]]
-    head = ["| pair | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
-    for key, entry in lab["pairs"].items():
-        by = {r["label"]: r for r in entry["rows"]}
-        first, second = entry["skills"]
-        by["1st alone"], by["2nd alone"] = by.get(f"{first} alone"), by.get(f"{second} alone")
-        head.append(f"| {key} | " + " | ".join(_cell(by[c]) if by.get(c) else "–" for c in labels) + " |")
-    curve = ["| skills merged | " + " | ".join(lab["curve_rows"]) + " |", "|---" * (len(lab["curve_rows"]) + 1) + "|"]
-    for entry in sorted(lab["curve"].values(), key=lambda e: len(e["skills"])):
-        by = {r["label"]: r for r in entry["rows"]}
-        curve.append(f"| {len(entry['skills'])}: {'+'.join(entry['skills'])} | "
-                     + " | ".join(_cell(by[c]) if c in by else "–" for c in lab["curve_rows"]) + " |")
-    text = DOCS.read_text()
-    for tag, body in (("lab-table", head), ("lab-curve", curve)):
-        start, end = f"<!-- {tag} -->", f"<!-- /{tag} -->"
-        if start in text:
-            before, rest = text.split(start, 1)
-            text = before + start + "\n" + "\n".join(body) + "\n" + end + rest.split(end, 1)[1]
-    DOCS.write_text(text)
+    """The lab's pair table and curve in docs/skills.md and the README (between their markers)."""
+    for path in (DOCS, README):
+        text = path.read_text()
+        text = replace_section(text, "lab-table", lab_pair_table(lab))
+        path.write_text(replace_section(text, "lab-curve", lab_curve_table(lab)))
 
 
 def main() -> None:

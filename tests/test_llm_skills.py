@@ -1,10 +1,12 @@
 """The skill rules, their transforms and the compatibility decided from them (pure text, no model)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from lego_viz.llm.prompts import CAPITALS, HELDOUT_FACT_TEMPLATES, HELDOUT_TEMPLATES, build_prompts
+from lego_viz.llm.report import lab_curve_table, lab_pair_table, replace_section, section, skills_table
 from lego_viz.llm.skills import SKILLS, compatibility, compatible, contains_fact, rules_met, sentences, words
 
 ANSWERS = [
@@ -101,3 +103,27 @@ def test_heldout_prompts_never_share_a_template_with_training():
     capitals = [p for p in prompts["heldout"] if p.fact in CAPITALS.values()]
     assert len(capitals) == len(CAPITALS)
     assert build_prompts(0) == prompts  # seeded
+
+
+SKILLS_DIR = Path(__file__).resolve().parents[1] / "assets" / "skills"
+DOCS = [Path(__file__).resolve().parents[1] / name for name in ("README.md", "docs/skills.md")]
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_published_tables_equal_the_stored_measurements(doc):
+    """The README's and docs/skills.md's skill and lab tables are the renderings of skills.json and lab.json:
+    a retrained adapter or a rerun lab without its tables fails here."""
+    skills = json.loads((SKILLS_DIR / "skills.json").read_text())
+    lab = json.loads((SKILLS_DIR / "lab.json").read_text())
+    text = doc.read_text(encoding="utf-8")
+    for tag, rendered in (("skills-table", skills_table(skills)), ("lab-table", lab_pair_table(lab)),
+                          ("lab-curve", lab_curve_table(lab))):
+        assert section(text, tag) == rendered, f"{doc.name}: the {tag} section is stale: rerun the scripts in docs/skills.md"
+
+
+def test_sections_are_replaced_between_their_markers():
+    text = "head\n<!-- t -->\nold\n<!-- /t -->\ntail"
+    assert section(replace_section(text, "t", "new"), "t") == "new"
+    assert replace_section(text, "t", "new").startswith("head\n") and text.endswith("tail")
+    assert replace_section("no markers", "t", "new") == "no markers"
+    assert section("no markers", "t") is None

@@ -95,17 +95,19 @@ def _facts(templates, split: str, n_sums: int, rng: random.Random) -> list[Promp
 def build_prompts(seed: int = 0, extra_train_facts: bool = False) -> dict[str, list[Prompt]]:
     """Train and held-out prompts, seeded.
 
-    Train: 8 templates × 14 items + 40 capitals + 30 sums = 182. Held-out: 5 templates × 12 items +
-    40 capitals + 20 sums = 120 (sized for a 2-core CPU: every held-out prompt is answered once per
-    adapter and per merge). ``extra_train_facts`` adds the same kinds of facts under
-    ``EXTRA_TRAIN_FACT_TEMPLATES`` to train (+140); the other prompts stay the same.
+    Train: 8 templates × 14 items + 40 capitals + 30 sums = 182. Held-out: 5 templates × 24 items +
+    40 capitals + 40 sums = 200, so that the instructions alone (120) and all held-out prompts both count
+    over 100. ``extra_train_facts`` adds the same kinds of facts under ``EXTRA_TRAIN_FACT_TEMPLATES`` to
+    train (+140); the other prompts stay the same. Train prompts are drawn first, so the held-out sizes
+    never change them.
     """
     rng = random.Random(seed)
     prompts = {
         "train": _instructions(TRAIN_TEMPLATES, "train", 14, rng) + _facts(TRAIN_FACT_TEMPLATES, "train", 30, rng),
-        "heldout": _instructions(HELDOUT_TEMPLATES, "heldout", 12, rng)
-        + _facts(HELDOUT_FACT_TEMPLATES, "heldout", 20, rng),
+        "heldout": _instructions(HELDOUT_TEMPLATES, "heldout", 24, rng)
+        + _facts(HELDOUT_FACT_TEMPLATES, "heldout", 40, rng),
     }
-    if extra_train_facts:
-        prompts["train"] += [p for pair in EXTRA_TRAIN_FACT_TEMPLATES for p in _facts(pair, "train", 30, rng)]
+    if extra_train_facts:  # a generator of their own, so the held-out sizes never change them either
+        extra_rng = random.Random(seed + 1)
+        prompts["train"] += [p for pair in EXTRA_TRAIN_FACT_TEMPLATES for p in _facts(pair, "train", 30, extra_rng)]
     return prompts
