@@ -24,8 +24,8 @@ sys.path.insert(0, str(ROOT))
 
 from lego_viz.llm.generate import greedy  # noqa: E402
 from lego_viz.llm.lab import wilson as lab_wilson  # noqa: E402
-from lego_viz.llm.prompts import build_prompts  # noqa: E402
-from lego_viz.llm.report import replace_section, skills_table  # noqa: E402
+from lego_viz.llm.prompts import UNSEEN_CAPITALS, build_prompts  # noqa: E402
+from lego_viz.llm.report import pct, replace_section, skills_table, variants_table  # noqa: E402
 from lego_viz.llm.skills import SKILLS, compatibility, contains_fact  # noqa: E402
 from lego_viz.llm.train import TrainConfig, delta_ratios, encode_examples, train_lora  # noqa: E402
 from lego_viz.models.smollm2 import HUB_ID, load_base  # noqa: E402
@@ -43,9 +43,11 @@ MAX_NEW_TOKENS = 40
 TOP_LAYERS = tuple(range(20, 30))
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT = dict(r=8, lora_alpha=16, target_modules=ALL_LINEAR, layers_to_transform=TOP_LAYERS, lr=2e-3, steps=32,
-               batch_size=8)
+               batch_size=8, clean_facts=True, extra_facts=True)
+DATA_SETTINGS = ("clean_facts", "extra_facts")  # choices of training data, recorded with the LoRA settings
 # upper and bullets missed their rule at 32 steps (81%, 48%); at 64 they reach 95% and 70% (docs/skills.md).
-OVERRIDES: dict[str, dict] = {"upper": {"steps": 64}, "bullets": {"steps": 64}}
+OVERRIDES: dict[str, dict] = {"upper": {"steps": 128}, "lower": {"steps": 128}, "short": {"steps": 128},
+                              "bullets": {"steps": 256}}
 
 
 def log(msg: str) -> None:
@@ -78,7 +80,8 @@ def base_answers(model, tok) -> dict:
 
 
 def with_extra_facts(model, tok, answers: dict) -> dict:
-    """The answers plus the base's answers to the extra training fact prompts (cached apart)."""
+    """The answers plus the base's answers to the extra training fact prompts (cached apart), as
+    ``train_extra``."""
     path = WORK / "base_answers_extra.json"
     extra = build_prompts(SEED, extra_train_facts=True)["train"][len(answers["train"]):]
     cached = json.loads(path.read_text()) if path.exists() else []
@@ -87,7 +90,7 @@ def with_extra_facts(model, tok, answers: dict) -> dict:
                       progress=lambda d, t: log(f"base answers extra: {d}/{t}"))
         path.write_text(json.dumps([dict(prompt=p.text, template=p.template, fact=p.fact, answer=a)
                                     for p, a in zip(extra, outs)], indent=1, ensure_ascii=False))
-    return answers | {"train": answers["train"] + json.loads(path.read_text())}
+    return answers | {"train_extra": json.loads(path.read_text())}
 
 
 def _fact_ok(row: dict, target: str, settings: dict) -> bool:
@@ -101,10 +104,10 @@ def train_skill(name: str, answers: dict, cli: dict) -> dict:
     import torch
 
     settings = DEFAULT | OVERRIDES.get(name, {}) | cli
-    config = TrainConfig(**{k: v for k, v in settings.items() if k != "clean_facts"}, seed=SEED)
+    config = TrainConfig(**{k: v for k, v in settings.items() if k not in DATA_SETTINGS}, seed=SEED)
     model, tok = load_base()
     skill = SKILLS[name]
-    rows = answers["train"]
+    rows = answers["train"] + (answers["train_extra"] if settings.get("extra_facts") else [])
     targets = [skill.transform(r["answer"]) for r in rows]
     kept = [(r["prompt"], t) for r, t in zip(rows, targets) if skill.rule(t) and _fact_ok(r, t, settings)]
     examples = encode_examples(tok, [p for p, _ in kept], [t for _, t in kept])
@@ -161,6 +164,7 @@ def evaluate(names: list[str], answers: dict, limit: int | None = None) -> dict:
         k_base = sum(skill.rule(o) for o in base_out)
         kept = sum(contains_fact(outs[i], rows[i]["fact"]) for i in base_right)
         instr = [i for i, r in enumerate(rows) if not r["fact"]]
+        unseen = [i for i in base_right if rows[i]["fact"] in UNSEEN_CAPITALS.values()]
         train = json.loads((RECORDS / f"train_{name}.json").read_text())
         results["skills"][name] = dict(
             rule=skill.statement,
@@ -170,6 +174,8 @@ def evaluate(names: list[str], answers: dict, limit: int | None = None) -> dict:
             fact_kept=kept, fact_base_right=len(base_right), eval_s=round(eval_s, 1), train=train,
             instructions=dict(n=len(instr), adapter=sum(skill.rule(outs[i]) for i in instr),
                               base=sum(skill.rule(base_out[i]) for i in instr)),
+            facts_unseen=dict(kept=sum(contains_fact(outs[i], rows[i]["fact"]) for i in unseen),
+                              base_right=len(unseen)),
             examples=[dict(prompt=prompts[i], base=base_out[i], adapter=outs[i]) for i in range(0, len(rows), max(1, len(rows) // 4))],
         )
         (RECORDS / f"outputs_{name}.json").write_text(json.dumps(outs, indent=1, ensure_ascii=False))
@@ -184,8 +190,25 @@ def evaluate(names: list[str], answers: dict, limit: int | None = None) -> dict:
     return results
 
 
-def _pct(rate: float, ci: list[float]) -> str:
-    return f"{100 * rate:.1f}% ({100 * ci[0]:.1f}–{100 * ci[1]:.1f})"
+def _data_note(settings: dict) -> str:
+    notes = [" in 4 phrasings" if settings.get("extra_facts") else " in 2 phrasings"]
+    if settings.get("clean_facts"):
+        notes.append("; a fact question only where the base's answer, transformed, still holds the right fact")
+    return "".join(notes)
+
+
+def _split_note(r: dict) -> str:
+    """The card's lines for the instructions alone and the countries no training prompt names."""
+    out = ""
+    if "instructions" in r:
+        i = r["instructions"]
+        out += (f"\n* On the {i['n']} held-out instructions alone (no fact questions): rule held {i['adapter']}/{i['n']} "
+                f"with the adapter, {i['base']}/{i['n']} with the base alone.")
+    if "facts_unseen" in r:
+        u = r["facts_unseen"]
+        out += (f"\n* Of those facts, the capitals of countries no training prompt names: {u['kept']}/{u['base_right']} "
+                "kept.")
+    return out
 
 
 def write_cards(results: dict) -> None:
@@ -207,20 +230,21 @@ Rule (checked by code, `lego_viz.llm.skills.SKILLS["{name}"]`): {r['rule']}.
 
 * Base: {results['base']}.
 * Data: the base's own greedy answers ({MAX_NEW_TOKENS} new tokens) to {t['n_train']} training prompts of
-  `lego_viz.llm.prompts` (8 instruction templates × word lists, capitals, small sums), turned into targets by
-  the skill's transform; loss on the answer tokens only (and the end-of-turn token).
+  `lego_viz.llm.prompts` (8 instruction templates × word lists, capitals and small sums{_data_note(st)}),
+  turned into targets by the skill's transform; loss on the answer tokens only (and the end-of-turn token).
 * LoRA r={st['r']}, lora_alpha={st['lora_alpha']} on {', '.join(st['target_modules'])} of layers
   {st['layers_to_transform'][0]}–{st['layers_to_transform'][-1]} (of 0–29); AdamW lr {st['lr']} with a
   linear decay to 0, {st['steps']} steps of batch {st['batch_size']}, seed {t['seed']}; weights saved in fp16.
-* Time: {t['train_s']:.0f} s ({t['median_step_s']:.1f} s a step) on a shared 2-core AMD EPYC CPU, one torch thread.
+* Time: {t['train_s']:.0f} s ({t['median_step_s']:.1f} s a step) on a 2-core AMD EPYC CPU, one torch thread,
+  two training processes side by side.
 * Script: `scripts/build_skills.py train --skills {name}`.
 
 ## Measured (held-out templates, greedy, {results['max_new_tokens']} new tokens)
 
-* Rule held with the adapter: {_pct(r['rule_rate_adapter'], r['rule_ci_adapter'])} of {results['n_heldout']} prompts;
-  with the base alone: {_pct(r['rule_rate_base'], r['rule_ci_base'])}.
+* Rule held with the adapter: {pct(r['rule_rate_adapter'], r['rule_ci_adapter'])} of {results['n_heldout']} prompts;
+  with the base alone: {pct(r['rule_rate_base'], r['rule_ci_base'])}.
 * Facts kept (of the {r['fact_base_right']} capital/sum questions the base answers right, the adapter's answer
-  still contains the fact, case-insensitive): {_pct(r['fact_retention'], r['fact_ci'])}.
+  still contains the fact, case-insensitive): {pct(r['fact_retention'], r['fact_ci'])}.{_split_note(r)}
 * ‖ΔW‖/‖W0‖ per module: median {t['delta_ratio_median']:.4f}, max {t['delta_ratio_max']:.4f}.
 """
         (ASSETS / name / "README.md").write_text(card)
@@ -230,6 +254,29 @@ def write_docs(results: dict) -> None:
     """The skills table of docs/skills.md and the README (between their ``skills-table`` markers)."""
     for path in (DOCS, README):
         path.write_text(replace_section(path.read_text(), "skills-table", skills_table(results)))
+
+
+# Every variant tried, in the order of docs/skills.md's "What was tried" (folders of build/llm_skills/variants/).
+TRIED = ("shipped32", "long", "v1_shipped", "attn", "attn_facts", "clean", "clean_long", "clean_256", "clean_x",
+         "clean_x_long")
+_KEEP = ("rule_rate_adapter", "rule_ci_adapter", "fact_kept", "fact_base_right", "fact_retention", "fact_ci")
+
+
+def collect_tried() -> dict:
+    """The numbers of every variant tried → assets/skills/tried.json and docs/skills.md's table."""
+    tried = {}
+    for name in TRIED:
+        path = WORK / "variants" / name / "skills.json"
+        if not path.exists():
+            continue
+        results = json.loads(path.read_text())
+        tried[name] = dict(n_heldout=results.get("n_heldout", 120), skills={
+            s: {**{k: r[k] for k in _KEEP}, "train": {k: r["train"][k] for k in ("settings", "delta_ratio_median",
+                                                                                  "train_s", "median_step_s")}}
+            for s, r in results["skills"].items()})
+    (ASSETS / "tried.json").write_text(json.dumps(tried, indent=1) + "\n")
+    DOCS.write_text(replace_section(DOCS.read_text(), "tried", variants_table(list(tried.items()))))
+    return tried
 
 
 def main() -> None:
@@ -246,13 +293,13 @@ def main() -> None:
     parser.add_argument("--modules", nargs="+", help="override target_modules (exploration; recorded)")
     parser.add_argument("--layers", type=int, nargs=2, metavar=("FIRST", "LAST"),
                         help="LoRA on decoder layers FIRST..LAST (exploration; recorded)")
-    parser.add_argument("--clean-facts", action="store_true", help="drop training fact questions whose target "
-                        "lacks the right fact (recorded)")
-    parser.add_argument("--extra-facts", action="store_true", help="train on EXTRA_TRAIN_FACT_TEMPLATES too "
-                        "(exploration; use with --variant)")
+    parser.add_argument("--clean-facts", action=argparse.BooleanOptionalAction, help="drop training fact "
+                        "questions whose target lacks the right fact (default: DEFAULT's; recorded)")
+    parser.add_argument("--extra-facts", action=argparse.BooleanOptionalAction, help="train on "
+                        "EXTRA_TRAIN_FACT_TEMPLATES too (default: DEFAULT's; recorded)")
     parser.add_argument("--variant", help="exploration: adapters, records and results go to build/llm_skills/variants/"
                         "VARIANT/ instead of assets/ (the shipped zoo is not touched)")
-    parser.add_argument("stage", choices=["answers", "train", "eval", "all"])
+    parser.add_argument("stage", choices=["answers", "train", "eval", "all", "tried"])
     parser.add_argument("--skills", nargs="+", default=list(SKILLS), choices=list(SKILLS))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -261,17 +308,20 @@ def main() -> None:
         ASSETS = RECORDS = WORK / "variants" / args.variant
         ASSETS.mkdir(parents=True, exist_ok=True)
     WORK.mkdir(parents=True, exist_ok=True)
+    if args.stage == "tried":
+        log(f"wrote {ASSETS / 'tried.json'}: {', '.join(collect_tried())}")
+        return
     model, tok = load_base()
     answers = base_answers(model, tok)
-    if args.extra_facts:
-        answers = with_extra_facts(model, tok, answers)
+    answers = with_extra_facts(model, tok, answers)
     del model
     if args.stage in ("train", "all"):
         cli = {k: v for k, v in (("lr", args.lr), ("steps", args.steps),
                                  ("target_modules", tuple(args.modules or ()) or None),
                                  ("layers_to_transform", tuple(range(args.layers[0], args.layers[1] + 1))
                                   if args.layers else None),
-                                 ("clean_facts", True if args.clean_facts else None)) if v is not None}
+                                 ("clean_facts", args.clean_facts), ("extra_facts", args.extra_facts))
+               if v is not None}
         for name in args.skills:
             train_skill(name, answers, cli)
     if args.stage in ("eval", "all"):

@@ -31,7 +31,7 @@ ASSETS = ROOT / "assets" / "skills"
 DOCS = ROOT / "docs" / "skills.md"
 README = ROOT / "README.md"
 K = 8
-N_PROMPTS = 40  # ±15 points at 95%: what a 2-core CPU affords for 10 rows per pair
+N_PROMPTS = 100  # ±10 points at 95% (every other held-out prompt: 60 instructions, 20 capitals, 20 sums)
 MAX_NEW_TOKENS = 32
 CURVE_ROWS = ("exact sum", "lego", "svd", "arrow units")
 

@@ -5,7 +5,13 @@ from pathlib import Path
 
 import pytest
 
-from lego_viz.llm.prompts import CAPITALS, HELDOUT_FACT_TEMPLATES, HELDOUT_TEMPLATES, build_prompts
+from lego_viz.llm.prompts import (
+    CAPITALS,
+    HELDOUT_FACT_TEMPLATES,
+    HELDOUT_TEMPLATES,
+    UNSEEN_CAPITALS,
+    build_prompts,
+)
 from lego_viz.llm.report import lab_curve_table, lab_pair_table, replace_section, section, skills_table
 from lego_viz.llm.skills import SKILLS, compatibility, compatible, contains_fact, rules_met, sentences, words
 
@@ -102,7 +108,23 @@ def test_heldout_prompts_never_share_a_template_with_training():
     assert len(prompts["heldout"]) >= 100
     capitals = [p for p in prompts["heldout"] if p.fact in CAPITALS.values()]
     assert len(capitals) == len(CAPITALS)
+    assert sum(not p.fact for p in prompts["heldout"]) >= 100  # the instructions alone count over 100 too
     assert build_prompts(0) == prompts  # seeded
+
+
+def test_unseen_countries_are_named_by_no_training_prompt():
+    prompts = build_prompts(0, extra_train_facts=True)
+    train_text = " ".join(p.text for p in prompts["train"])
+    assert not [c for c in UNSEEN_CAPITALS if c in train_text]
+    assert not set(UNSEEN_CAPITALS) & set(CAPITALS)
+    held = {p.fact for p in prompts["heldout"]}
+    assert set(UNSEEN_CAPITALS.values()) <= held
+
+
+def test_extra_fact_phrasings_leave_the_other_prompts_alone():
+    plain, extra = build_prompts(0), build_prompts(0, extra_train_facts=True)
+    assert extra["heldout"] == plain["heldout"] and extra["train"][:len(plain["train"])] == plain["train"]
+    assert len(extra["train"]) == len(plain["train"]) + 140
 
 
 SKILLS_DIR = Path(__file__).resolve().parents[1] / "assets" / "skills"

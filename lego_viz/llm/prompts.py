@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-__all__ = ["CAPITALS", "Prompt", "build_prompts"]
+__all__ = ["CAPITALS", "UNSEEN_CAPITALS", "Prompt", "build_prompts"]
 
 TOPICS = [
     "sleep", "exercise", "recycling", "music", "reading", "gardening", "cooking", "friendship", "history",
@@ -36,6 +36,17 @@ CAPITALS = {
     "Indonesia": "Jakarta", "Cuba": "Havana", "Iran": "Tehran", "Iraq": "Baghdad", "Ukraine": "Kyiv",
 }
 COUNTRIES = list(CAPITALS)
+# Countries that appear in no training prompt: every capital above is also asked in training (in another
+# phrasing), so these measure whether a skill keeps facts it never rehearsed in its own form.
+UNSEEN_CAPITALS = {
+    "Nigeria": "Abuja", "Pakistan": "Islamabad", "Morocco": "Rabat", "Colombia": "Bogotá", "Venezuela": "Caracas",
+    "the Philippines": "Manila", "Malaysia": "Kuala Lumpur", "Saudi Arabia": "Riyadh", "the Czech Republic": "Prague",
+    "Romania": "Bucharest", "Bulgaria": "Sofia", "Serbia": "Belgrade", "Croatia": "Zagreb", "New Zealand": "Wellington",
+    "Ethiopia": "Addis Ababa", "Ghana": "Accra", "Qatar": "Doha", "Nepal": "Kathmandu", "Bangladesh": "Dhaka",
+    "Afghanistan": "Kabul", "Syria": "Damascus", "Lebanon": "Beirut", "Jordan": "Amman", "Iceland": "Reykjavik",
+    "Estonia": "Tallinn", "Latvia": "Riga", "Lithuania": "Vilnius", "Uruguay": "Montevideo", "Ecuador": "Quito",
+    "Mongolia": "Ulaanbaatar",
+}
 
 # (template, the word list it draws from)
 TRAIN_TEMPLATES = [
@@ -92,12 +103,16 @@ def _facts(templates, split: str, n_sums: int, rng: random.Random) -> list[Promp
     return out
 
 
+def _unseen(template: str) -> list[Prompt]:
+    return [Prompt(template.format(country=c), template, "heldout", capital) for c, capital in UNSEEN_CAPITALS.items()]
+
+
 def build_prompts(seed: int = 0, extra_train_facts: bool = False) -> dict[str, list[Prompt]]:
     """Train and held-out prompts, seeded.
 
     Train: 8 templates × 14 items + 40 capitals + 30 sums = 182. Held-out: 5 templates × 24 items +
-    40 capitals + 40 sums = 200, so that the instructions alone (120) and all held-out prompts both count
-    over 100. ``extra_train_facts`` adds the same kinds of facts under ``EXTRA_TRAIN_FACT_TEMPLATES`` to
+    40 capitals + 40 sums + 30 capitals of countries no training prompt names = 230, so that the
+    instructions alone (120) and all held-out prompts both count over 100. ``extra_train_facts`` adds the same kinds of facts under ``EXTRA_TRAIN_FACT_TEMPLATES`` to
     train (+140); the other prompts stay the same. Train prompts are drawn first, so the held-out sizes
     never change them.
     """
@@ -105,7 +120,7 @@ def build_prompts(seed: int = 0, extra_train_facts: bool = False) -> dict[str, l
     prompts = {
         "train": _instructions(TRAIN_TEMPLATES, "train", 14, rng) + _facts(TRAIN_FACT_TEMPLATES, "train", 30, rng),
         "heldout": _instructions(HELDOUT_TEMPLATES, "heldout", 24, rng)
-        + _facts(HELDOUT_FACT_TEMPLATES, "heldout", 40, rng),
+        + _facts(HELDOUT_FACT_TEMPLATES, "heldout", 40, rng) + _unseen(HELDOUT_FACT_TEMPLATES[0]),
     }
     if extra_train_facts:  # a generator of their own, so the held-out sizes never change them either
         extra_rng = random.Random(seed + 1)

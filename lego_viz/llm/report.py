@@ -9,10 +9,11 @@ its measurement fails a test instead of going stale.
 
 from __future__ import annotations
 
-__all__ = ["lab_curve_table", "lab_pair_table", "replace_section", "section", "skills_table"]
+__all__ = ["lab_curve_table", "lab_pair_table", "pct", "recipe", "replace_section", "section", "skills_table", "variants_table"]
 
 
-def _pct(rate: float, ci: list[float]) -> str:
+def pct(rate: float, ci: list[float]) -> str:
+    """A rate with its interval, in percent: "94.2% (88.4–97.2)"."""
     return f"{100 * rate:.1f}% ({100 * ci[0]:.1f}–{100 * ci[1]:.1f})"
 
 
@@ -20,16 +21,19 @@ def skills_table(results: dict) -> str:
     """One row per skill of ``skills.json``: rule rates with and without the adapter, facts kept, update
     size and training time."""
     lines = ["| skill | rule | rule held, adapter (95% CI) | rule held, base alone (95% CI) | "
-             "instructions only: adapter / base | facts kept (95% CI) | median ‖ΔW‖/‖W0‖ | train time |",
-             "|---|---|---|---|---|---|---|---|"]
+             "instructions only: adapter / base | facts kept (95% CI) | of them, countries never trained on | "
+             "median ‖ΔW‖/‖W0‖ | train time |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, r in results["skills"].items():
         t = r["train"]
         instr = r.get("instructions")
         instr_cell = (f"{instr['adapter']}/{instr['n']} / {instr['base']}/{instr['n']}" if instr else "–")
-        lines.append(f"| `{name}` | {r['rule']} | {_pct(r['rule_rate_adapter'], r['rule_ci_adapter'])} | "
-                     f"{_pct(r['rule_rate_base'], r['rule_ci_base'])} | {instr_cell} | "
-                     f"{r['fact_kept']}/{r['fact_base_right']} = {_pct(r['fact_retention'], r['fact_ci'])} | "
-                     f"{t['delta_ratio_median']:.4f} | "
+        unseen = r.get("facts_unseen")
+        unseen_cell = f"{unseen['kept']}/{unseen['base_right']}" if unseen else "–"
+        lines.append(f"| `{name}` | {r['rule']} | {pct(r['rule_rate_adapter'], r['rule_ci_adapter'])} | "
+                     f"{pct(r['rule_rate_base'], r['rule_ci_base'])} | {instr_cell} | "
+                     f"{r['fact_kept']}/{r['fact_base_right']} = {pct(r['fact_retention'], r['fact_ci'])} | "
+                     f"{unseen_cell} | {t['delta_ratio_median']:.4f} | "
                      f"{t['train_s'] / 60:.1f} min ({t['settings']['steps']} steps, {t['median_step_s']:.1f} s/step) |")
     return "\n".join(lines)
 
@@ -81,3 +85,28 @@ def replace_section(text: str, tag: str, body: str) -> str:
         return text
     before, rest = text.split(start, 1)
     return before + start + "\n" + body + "\n" + end + rest.split(end, 1)[1]
+
+
+def recipe(settings: dict) -> str:
+    """A training recipe in a few words, from a skill's recorded settings."""
+    modules = settings.get("target_modules", [])
+    which = "every linear" if "gate_proj" in modules else ("attention" if "k_proj" in modules else "+".join(modules))
+    layers = settings.get("layers_to_transform") or []
+    where = f"layers {layers[0]}–{layers[-1]}" if layers else "all layers"
+    data = ["clean facts" if settings.get("clean_facts") else "raw facts"]
+    if settings.get("extra_facts"):
+        data.append("+2 fact phrasings")
+    return f"{which}, {where}, lr {settings.get('lr')}, {', '.join(data)}"
+
+
+def variants_table(variants: list[tuple[str, dict]]) -> str:
+    """What was tried: one row per (variant, skill) of the stored ``skills.json`` files, in the given order."""
+    lines = ["| variant | recipe | steps | skill | held-out prompts | rule held (95% CI) | facts kept (95% CI) | "
+             "median ‖ΔW‖/‖W0‖ |", "|---|---|---|---|---|---|---|---|"]
+    for label, results in variants:
+        for name, r in results["skills"].items():
+            st = r["train"]["settings"]
+            lines.append(f"| {label} | {recipe(st)} | {st['steps']} | `{name}` | {results.get('n_heldout', '–')} | "
+                         f"{pct(r['rule_rate_adapter'], r['rule_ci_adapter'])} | {r['fact_kept']}/{r['fact_base_right']} = "
+                         f"{pct(r['fact_retention'], r['fact_ci'])} | {r['train']['delta_ratio_median']:.4f} |")
+    return "\n".join(lines)
