@@ -98,3 +98,29 @@ def test_composition_only_keeps_the_base_only_runs(tiny_zoo, tmp_path, capsys) -
     # other settings than the earlier results: refused with the reason
     assert main([*argv, "--gamma", "0.01", "--composition-only"]) == 2
     assert "differ in gamma" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (" " * ((1 << 20) + 1), "larger than 1 MiB"),
+    ('{"smora": [', "not valid JSON"),
+    (b"\xff\xfe{}", "not valid JSON"),
+    ("[1, 2]", 'no "smora" object'),
+    ('{"smora": {"nonsense": 1}}', "unknown SMoRA config keys"),
+])
+def test_a_hostile_smora_config_is_one_message(tmp_path, capsys, content, message):
+    """Oversized, broken or foreign smora_config.json files end in one line from the CLI (exit 2), never a
+    traceback or a read of an unbounded file."""
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    path = folder / "smora_config.json"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ValueError, match=message):
+        read_smora_config(folder)
+    assert main(["smora-eval", str(folder)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_composition_only_reads_previous_results_with_a_cap(tmp_path, capsys):
+    (tmp_path / "results.json").write_text("{" * 100_000)
+    assert main(["smora-train", "--composition-only", "--out", str(tmp_path)]) == 2
+    assert "results.json is not valid JSON" in capsys.readouterr().err

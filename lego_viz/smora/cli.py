@@ -40,6 +40,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     from lego_viz.smora.assets import RESULTS_NAME
     from lego_viz.smora.experiment import ExperimentConfig, rerun_composition, run_experiment
+    from lego_viz.smora.io import MAX_RESULTS_BYTES, read_json
     from lego_viz.smora.report import results_markdown
 
     torch.set_num_threads(args.threads)
@@ -49,7 +50,7 @@ def run_train(args: argparse.Namespace) -> int:
         previous = args.out / RESULTS_NAME
         if not previous.is_file():
             raise FileNotFoundError(f"--composition-only needs earlier results at {previous}; run without it first")
-        results = rerun_composition(json.loads(previous.read_text()), config, args.zoo, args.out, args.device)
+        results = rerun_composition(read_json(previous, MAX_RESULTS_BYTES), config, args.zoo, args.out, args.device)
     else:
         results = run_experiment(config, zoo_dir=args.zoo, out_dir=args.out, device=args.device)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import torch
@@ -14,6 +16,8 @@ from lego_viz.smora.inject import inject_smora, smora_layers
 
 CONFIG_NAME = "smora_config.json"
 WEIGHTS_NAME = "smora_model.safetensors"
+MAX_CONFIG_BYTES = 1 << 20  # a SMoRA config is a few kB
+MAX_RESULTS_BYTES = 64 << 20  # an experiment's results.json is about 80 kB
 # Everything a SMoRA layer owns except the wrapped base layer: factors, router, β and rank sources.
 _LAYER_KEYS = ("lora_A", "lora_B", "router.weight", "router.bias", "unit_source")
 
@@ -53,13 +57,32 @@ def save_smora(model: nn.Module, folder: str | Path, force: bool = False, extra:
     return folder
 
 
+def read_json(path: str | Path, max_bytes: int) -> object:
+    """A JSON file read with a size cap: a regular file (a pipe or device never blocks the read), at most
+    ``max_bytes``, valid UTF-8 JSON; anything else is a ``ValueError`` that names the file."""
+    path = Path(path)
+    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise ValueError(f"{path} is not a regular file (a device or pipe?)")
+        data = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ValueError(f"{path} is larger than {max_bytes >> 20} MiB; not a file lego-viz wrote")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({str(exc)[:120]})") from None
+
+
 def read_smora_config(folder: str | Path) -> tuple[SMoRAConfig, dict]:
     """The config and the `extra` metadata of a saved SMoRA folder."""
     path = Path(folder) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: not a SMoRA adapter folder")
-    payload = json.loads(path.read_text())
-    return SMoRAConfig.from_dict(payload["smora"]), payload.get("extra", {})
+    payload = read_json(path, MAX_CONFIG_BYTES)
+    if not isinstance(payload, dict) or not isinstance(payload.get("smora"), dict):
+        raise ValueError(f"{path} has no \"smora\" object: not a SMoRA config written by save_smora")
+    extra = payload.get("extra", {})
+    return SMoRAConfig.from_dict(payload["smora"]), extra if isinstance(extra, dict) else {}
 
 
 def load_smora(model: nn.Module, folder: str | Path) -> SMoRAConfig:
