@@ -121,3 +121,18 @@ def test_merge_leaves_cores_to_its_reader_and_hashes(monkeypatch, cores, threads
         assert torch.get_num_threads() == expected
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_k_pattern_may_hold_commas(tmp_path):
+    """A per-module --k splits at the comma after each number only, so a regex quantifier like {1,2} is
+    one name (it was cut in two, and the merge refused a pattern that was never written)."""
+    from lego_viz.cli.commands import _k_value
+
+    assert _k_value(r"self_attn\.(q|v)_pro{1,2}j=2,*=3") == {r"self_attn\.(q|v)_pro{1,2}j": 2, "*": 3}
+    assert _k_value(" q_proj = 8 ,, v_proj=4 ,") == {"q_proj": 8, "v_proj": 4}
+    dirs = [save_peft_folder(make_adapter(n, seed=i), tmp_path / n) for i, n in enumerate("ab")]
+    assert main(["merge", *map(str, dirs), "--method", "svd", "--k", r"(q|v)_pro{1,2}j=2,*=3",
+                 "--out", str(tmp_path / "m")]) == 0
+    config = json.loads((tmp_path / "m" / "adapter_config.json").read_text())
+    ranks = set(config.get("rank_pattern", {}).values()) | {config["r"]}
+    assert ranks == {2, 3}, config

@@ -59,14 +59,26 @@ def float_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 1,0.5; got {_cut(text)}") from None
 
 
+# One NAME=INT of a per-module --k; a comma ends it only after the number, so a pattern's own commas
+# (``layers\.(1|2){1,2}\.q_proj=8``) stay in the name.
+_K_PART = re.compile(r"[\s,]*([^=,\s][^=]*?)\s*=\s*(\d+)\s*(?:,|$)")
+
+
 def _k_value(text: str) -> int | dict[str, int]:
-    """``8`` or ``q_proj=8,v_proj=4,*=6`` (per-module ranks)."""
+    """``8`` or ``q_proj=8,v_proj=4,*=6`` (per-module ranks; names may be patterns with commas)."""
     try:
         if "=" not in text:
             return int(text)
-        return {key.strip(): int(value) for key, value in (part.rsplit("=", 1) for part in text.split(",") if part.strip())}
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer or NAME=INT,... ; got {_cut(text)}") from None
+    ranks, pos = {}, 0
+    while text[pos:].strip(" ,"):
+        match = _K_PART.match(text, pos)
+        if match is None:
+            raise argparse.ArgumentTypeError(f"expected an integer or NAME=INT,... ; got {_cut(text)}")
+        ranks[match.group(1)] = int(match.group(2))
+        pos = match.end()
+    return ranks
 
 
 def _option(text: str) -> tuple[str, object]:
