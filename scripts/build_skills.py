@@ -257,7 +257,7 @@ def write_docs(results: dict) -> None:
 
 
 # Every variant tried, in the order of docs/skills.md's "What was tried" (folders of build/llm_skills/variants/).
-TRIED = ("shipped32", "long", "v1_shipped", "attn", "attn_facts", "clean", "clean_long", "clean_256", "clean_x",
+TRIED = ("shipped32", "v1_shipped", "attn", "attn_facts", "clean", "clean_long", "clean_256", "clean_x",
          "clean_x_long")
 _KEEP = ("rule_rate_adapter", "rule_ci_adapter", "fact_kept", "fact_base_right", "fact_retention", "fact_ci")
 

@@ -12,7 +12,14 @@ from lego_viz.llm.prompts import (
     UNSEEN_CAPITALS,
     build_prompts,
 )
-from lego_viz.llm.report import lab_curve_table, lab_pair_table, replace_section, section, skills_table
+from lego_viz.llm.report import (
+    lab_curve_table,
+    lab_pair_table,
+    replace_section,
+    section,
+    skills_table,
+    variants_table,
+)
 from lego_viz.llm.skills import SKILLS, compatibility, compatible, contains_fact, rules_met, sentences, words
 
 ANSWERS = [
@@ -149,3 +156,10 @@ def test_sections_are_replaced_between_their_markers():
     assert replace_section(text, "t", "new").startswith("head\n") and text.endswith("tail")
     assert replace_section("no markers", "t", "new") == "no markers"
     assert section("no markers", "t") is None
+
+
+def test_what_was_tried_equals_its_stored_record():
+    tried = json.loads((SKILLS_DIR / "tried.json").read_text())
+    text = DOCS[1].read_text(encoding="utf-8")
+    assert section(text, "tried") == variants_table(list(tried.items())), "rerun scripts/build_skills.py tried"
+    assert "v1_shipped" in tried and all(v["skills"] for v in tried.values())
