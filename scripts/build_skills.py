@@ -265,7 +265,8 @@ _KEEP = ("rule_rate_adapter", "rule_ci_adapter", "fact_kept", "fact_base_right",
 def collect_tried() -> dict:
     """The numbers of every variant tried → assets/skills/tried.json and docs/skills.md's table."""
     tried = {}
-    for name in TRIED:
+    others = sorted(d.name for d in (WORK / "variants").glob("*") if d.name not in TRIED)
+    for name in (*TRIED, *others):
         path = WORK / "variants" / name / "skills.json"
         if not path.exists():
             continue
