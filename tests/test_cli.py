@@ -130,6 +130,7 @@ def test_a_k_pattern_may_hold_commas(tmp_path):
 
     assert _k_value(r"self_attn\.(q|v)_pro{1,2}j=2,*=3") == {r"self_attn\.(q|v)_pro{1,2}j": 2, "*": 3}
     assert _k_value(" q_proj = 8 ,, v_proj=4 ,") == {"q_proj": 8, "v_proj": 4}
+    assert _k_value("(?=q)q_proj=2") == {"(?=q)q_proj": 2}  # an equals sign stays in the name too (refused later, as RE2 has no lookaround)
     dirs = [save_peft_folder(make_adapter(n, seed=i), tmp_path / n) for i, n in enumerate("ab")]
     assert main(["merge", *map(str, dirs), "--method", "svd", "--k", r"(q|v)_pro{1,2}j=2,*=3",
                  "--out", str(tmp_path / "m")]) == 0

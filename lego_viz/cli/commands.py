@@ -60,8 +60,8 @@ def float_list(text: str) -> list[float]:
 
 
 # One NAME=INT of a per-module --k; a comma ends it only after the number, so a pattern's own commas
-# (``layers\.(1|2){1,2}\.q_proj=8``) stay in the name.
-_K_PART = re.compile(r"[\s,]*([^=,\s][^=]*?)\s*=\s*(\d+)\s*(?:,|$)")
+# and equals signs (``layers\.(1|2){1,2}\.q_proj=8``, ``(?=q)q_proj=2``) stay in the name.
+_K_PART = re.compile(r"[\s,]*([^,\s].*?)\s*=\s*(\d+)\s*(?:,|$)")
 
 
 def _k_value(text: str) -> int | dict[str, int]:
