@@ -258,21 +258,23 @@ def write_docs(results: dict) -> None:
 
 # Every variant tried, in the order of docs/skills.md's "What was tried" (folders of build/llm_skills/variants/).
 TRIED = ("shipped32", "v1_shipped", "attn", "attn_facts", "clean", "clean_long", "clean_256", "clean_x",
-         "clean_x_long")
-_KEEP = ("rule_rate_adapter", "rule_ci_adapter", "fact_kept", "fact_base_right", "fact_retention", "fact_ci")
+         "clean_x_long", "final_upper64", "final_short32")
+_KEEP = ("rule_rate_adapter", "rule_ci_adapter", "fact_kept", "fact_base_right", "fact_retention", "fact_ci",
+         "facts_unseen")
 
 
 def collect_tried() -> dict:
     """The numbers of every variant tried → assets/skills/tried.json and docs/skills.md's table."""
     tried = {}
     others = sorted(d.name for d in (WORK / "variants").glob("*") if d.name not in TRIED)
-    for name in (*TRIED, *others):
-        path = WORK / "variants" / name / "skills.json"
+    # The shipped set last, so that the table ends on what the adapters in assets/ measure.
+    paths = [(name, WORK / "variants" / name / "skills.json") for name in (*TRIED, *others)]
+    for name, path in [*paths, ("shipped", ASSETS / "skills.json")]:
         if not path.exists():
             continue
         results = json.loads(path.read_text())
         tried[name] = dict(n_heldout=results.get("n_heldout", 120), skills={
-            s: {**{k: r[k] for k in _KEEP}, "train": {k: r["train"][k] for k in ("settings", "delta_ratio_median",
+            s: {**{k: r[k] for k in _KEEP if k in r}, "train": {k: r["train"][k] for k in ("settings", "delta_ratio_median",
                                                                                   "train_s", "median_step_s")}}
             for s, r in results["skills"].items()})
     (ASSETS / "tried.json").write_text(json.dumps(tried, indent=1) + "\n")

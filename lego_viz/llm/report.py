@@ -28,12 +28,10 @@ def skills_table(results: dict) -> str:
         t = r["train"]
         instr = r.get("instructions")
         instr_cell = (f"{instr['adapter']}/{instr['n']} / {instr['base']}/{instr['n']}" if instr else "–")
-        unseen = r.get("facts_unseen")
-        unseen_cell = f"{unseen['kept']}/{unseen['base_right']}" if unseen else "–"
         lines.append(f"| `{name}` | {r['rule']} | {pct(r['rule_rate_adapter'], r['rule_ci_adapter'])} | "
                      f"{pct(r['rule_rate_base'], r['rule_ci_base'])} | {instr_cell} | "
                      f"{r['fact_kept']}/{r['fact_base_right']} = {pct(r['fact_retention'], r['fact_ci'])} | "
-                     f"{unseen_cell} | {t['delta_ratio_median']:.4f} | "
+                     f"{_unseen(r)} | {t['delta_ratio_median']:.4f} | "
                      f"{t['train_s'] / 60:.1f} min ({t['settings']['steps']} steps, {t['median_step_s']:.1f} s/step) |")
     return "\n".join(lines)
 
@@ -99,14 +97,19 @@ def recipe(settings: dict) -> str:
     return f"{which}, {where}, lr {settings.get('lr')}, {', '.join(data)}"
 
 
+def _unseen(r: dict) -> str:
+    unseen = r.get("facts_unseen")
+    return f"{unseen['kept']}/{unseen['base_right']}" if unseen else "–"
+
+
 def variants_table(variants: list[tuple[str, dict]]) -> str:
     """What was tried: one row per (variant, skill) of the stored ``skills.json`` files, in the given order."""
     lines = ["| variant | recipe | steps | skill | held-out prompts | rule held (95% CI) | facts kept (95% CI) | "
-             "median ‖ΔW‖/‖W0‖ |", "|---|---|---|---|---|---|---|---|"]
+             "of them, unseen countries | median ‖ΔW‖/‖W0‖ |", "|---|---|---|---|---|---|---|---|---|"]
     for label, results in variants:
         for name, r in results["skills"].items():
             st = r["train"]["settings"]
             lines.append(f"| {label} | {recipe(st)} | {st['steps']} | `{name}` | {results.get('n_heldout', '–')} | "
                          f"{pct(r['rule_rate_adapter'], r['rule_ci_adapter'])} | {r['fact_kept']}/{r['fact_base_right']} = "
-                         f"{pct(r['fact_retention'], r['fact_ci'])} | {r['train']['delta_ratio_median']:.4f} |")
+                         f"{pct(r['fact_retention'], r['fact_ci'])} | {_unseen(r)} | {r['train']['delta_ratio_median']:.4f} |")
     return "\n".join(lines)
