@@ -3,8 +3,9 @@
 ``from lego_viz.adapters import load_adapters, LoraAdapter, ...`` is the public surface; the modules
 beneath are :mod:`~lego_viz.adapters.types` (imported by everything), :mod:`~lego_viz.adapters.loading`,
 :mod:`~lego_viz.adapters.stored`, :mod:`~lego_viz.adapters.safetensors_io`,
-:mod:`~lego_viz.adapters.patterns` (rank_pattern keys matched in bounded time) and
-:mod:`~lego_viz.adapters.control` (the random-direction control adapters).
+:mod:`~lego_viz.adapters.patterns` (rank_pattern keys matched in bounded time),
+:mod:`~lego_viz.adapters.control` (the random-direction control adapters) and
+:mod:`~lego_viz.adapters.files` (small user files read with a cap, never blocking).
 """
 
 from lego_viz.adapters.loading import (

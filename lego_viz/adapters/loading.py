@@ -17,7 +17,6 @@ import math
 import os
 import pickle
 import shutil
-import stat
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Sequence
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lego_viz.adapters.files import FileTooLarge, NotRegularFile, read_capped
 from lego_viz.adapters.patterns import PatternTable
 from lego_viz.adapters.types import (
     CONFIG_NAME,
@@ -255,15 +255,14 @@ def _json_object(label: str):
 def _read_config(folder: Path, label: str) -> dict:
     path = folder / CONFIG_NAME
     try:
-        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as handle:  # a FIFO must not block
-            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-                raise AdapterError(f"{label}: {CONFIG_NAME} is not a regular file (a device or pipe?).")
-            data = handle.read(MAX_CONFIG_BYTES + 1)
-        if len(data) > MAX_CONFIG_BYTES:
-            raise AdapterError(f"{label}: {CONFIG_NAME} is larger than {MAX_CONFIG_BYTES >> 20} MiB; not a PEFT config.")
+        data = read_capped(path, MAX_CONFIG_BYTES)
         config = json.loads(data.decode("utf-8"), parse_int=_json_int, object_pairs_hook=_json_object(label))
     except FileNotFoundError:
         raise AdapterError(f"{label}: {CONFIG_NAME} is missing.") from None
+    except NotRegularFile:
+        raise AdapterError(f"{label}: {CONFIG_NAME} is not a regular file (a device or pipe?).") from None
+    except FileTooLarge:
+        raise AdapterError(f"{label}: {CONFIG_NAME} is larger than {MAX_CONFIG_BYTES >> 20} MiB; not a PEFT config.") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AdapterError(f"{label}: {CONFIG_NAME} is not valid JSON ({exc}).") from None
     except RecursionError:

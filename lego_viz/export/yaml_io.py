@@ -11,12 +11,12 @@ Messages name the line and key, and show values cut short (:func:`lego_viz.adapt
 from __future__ import annotations
 
 import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from lego_viz.adapters.files import FileTooLarge, NotRegularFile, read_capped
 from lego_viz.adapters.types import AdapterError, shown
 
 MAX_CONFIG_BYTES = 512 << 10  # a recipe of 1,000 adapters is ~250 kB; libyaml reads 1 MB in 3 s
@@ -55,19 +55,16 @@ def read_yaml(path: str | os.PathLike, what: str = "config"):
 
 def _read_text(path: Path, label: str) -> str:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the open
+        data = read_capped(path, MAX_CONFIG_BYTES)
     except FileNotFoundError:
         raise ConfigError(f"{label} does not exist.") from None
     except OSError as exc:
         raise ConfigError(f"{label} cannot be read ({exc.strerror}).") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise ConfigError(f"{label} is not a regular file (a folder, device or pipe); give a YAML file.")
-    with os.fdopen(fd, "rb") as handle:
-        data = handle.read(MAX_CONFIG_BYTES + 1)
-    if len(data) > MAX_CONFIG_BYTES:
+    except NotRegularFile:
+        raise ConfigError(f"{label} is not a regular file (a folder, device or pipe); give a YAML file.") from None
+    except FileTooLarge:
         raise ConfigError(f"{label} is larger than {MAX_CONFIG_BYTES >> 10} KiB; a merge config is a few kB: "
-                          "is this the right file?")
+                          "is this the right file?") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -26,8 +26,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import stat
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +33,7 @@ from pathlib import Path
 import torch
 
 from lego_viz.adapters import LoraAdapter, LoraModule
+from lego_viz.adapters.files import FileTooLarge, NotRegularFile, read_capped
 from lego_viz.checks.invariance import check_outputs, logits_with, lora_hooks
 from lego_viz.models.base import adapter_heads, swapped_parameters
 
@@ -165,17 +164,13 @@ def read_texts(path: str | Path, max_texts: int = MAX_TEXTS) -> tuple[list[str],
     if kind not in ("txt", "jsonl"):
         raise TextError(f"{path.name}: give a .txt (one prompt per line) or .jsonl file.")
     try:
-        # Non-blocking, so a FIFO cannot hang the open; then only a regular file is read, and at most
-        # one byte past the cap (a symlink to /dev/zero has size 0 and no end).
-        handle = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        raw = read_capped(path, MAX_TEXT_BYTES)
     except OSError as exc:
         raise TextError(f"{path.name}: cannot be read ({exc.strerror}).") from None
-    with os.fdopen(handle, "rb") as file:
-        if not stat.S_ISREG(os.fstat(handle).st_mode):
-            raise TextError(f"{path.name} is not a regular file (a device, pipe or folder); give a .txt or .jsonl file.")
-        raw = file.read(MAX_TEXT_BYTES + 1)
-    if len(raw) > MAX_TEXT_BYTES:
-        raise TextError(f"{path.name} is larger than {MAX_TEXT_BYTES // 1000} kB; give fewer or shorter prompts.")
+    except NotRegularFile:
+        raise TextError(f"{path.name} is not a regular file (a device, pipe or folder); give a .txt or .jsonl file.") from None
+    except FileTooLarge:
+        raise TextError(f"{path.name} is larger than {MAX_TEXT_BYTES // 1000} kB; give fewer or shorter prompts.") from None
     try:
         content = raw.decode("utf-8")
     except UnicodeDecodeError:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import stat
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lego_viz.adapters.files import FileTooLarge, NotRegularFile, read_capped
 from lego_viz.smora.config import SMoRAConfig
 from lego_viz.smora.inject import inject_smora, smora_layers
 
@@ -61,12 +60,12 @@ def read_json(path: str | Path, max_bytes: int) -> object:
     """A JSON file read with a size cap: a regular file (a pipe or device never blocks the read), at most
     ``max_bytes``, valid UTF-8 JSON; anything else is a ``ValueError`` that names the file."""
     path = Path(path)
-    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as handle:
-        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-            raise ValueError(f"{path} is not a regular file (a device or pipe?)")
-        data = handle.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise ValueError(f"{path} is larger than {max_bytes >> 20} MiB; not a file lego-viz wrote")
+    try:
+        data = read_capped(path, max_bytes)
+    except NotRegularFile:
+        raise ValueError(f"{path} is not a regular file (a device or pipe?)") from None
+    except FileTooLarge:
+        raise ValueError(f"{path} is larger than {max_bytes >> 20} MiB; not a file lego-viz wrote") from None
     try:
         return json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
