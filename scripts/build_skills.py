@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lego_viz.llm.generate import greedy  # noqa: E402
-from lego_viz.llm.lab import wilson as lab_wilson  # noqa: E402
+from lego_viz.llm.lab import wilson  # noqa: E402  (rounded; stored as a JSON list)
 from lego_viz.llm.prompts import UNSEEN_CAPITALS, build_prompts  # noqa: E402
 from lego_viz.llm.report import pct, replace_section, skills_table, variants_table  # noqa: E402
 from lego_viz.llm.skills import SKILLS, compatibility, contains_fact  # noqa: E402
@@ -52,11 +52,6 @@ OVERRIDES: dict[str, dict] = {"upper": {"steps": 128}, "lower": {"steps": 128}, 
 
 def log(msg: str) -> None:
     print(time.strftime("%H:%M:%S"), msg, flush=True)
-
-
-def wilson(k: int, n: int) -> list[float]:
-    """95% Wilson score interval of k successes in n, rounded for the stored file."""
-    return [round(x, 4) for x in lab_wilson(k, n)]
 
 
 def base_answers(model, tok) -> dict:
@@ -316,7 +311,8 @@ def main() -> None:
         return
     model, tok = load_base()
     answers = base_answers(model, tok)
-    answers = with_extra_facts(model, tok, answers)
+    if args.stage in ("train", "all"):  # only training reads the extra fact phrasings
+        answers = with_extra_facts(model, tok, answers)
     del model
     if args.stage in ("train", "all"):
         cli = {k: v for k, v in (("lr", args.lr), ("steps", args.steps),

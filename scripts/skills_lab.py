@@ -51,9 +51,9 @@ def alone_rows(skills: list[str], idx: list[int], cut) -> list[dict]:
     the lab's token budget (a greedy answer's first tokens are the shorter greedy answer)."""
     base = json.loads((WORK / "base_answers.json").read_text())["heldout"]
     out = []
+    stored = {s: json.loads((WORK / f"outputs_{s}.json").read_text()) for s in skills}  # each file read once
     for label, outs in [("base", [cut(base[i]["answer"]) for i in idx])] + [
-            (f"{s} alone", [cut(json.loads((WORK / f"outputs_{s}.json").read_text())[i]) for i in idx])
-            for s in skills]:
+            (f"{s} alone", [cut(stored[s][i]) for i in idx]) for s in skills]:
         held = both_rules(outs, skills)
         out.append(dict(label=label, skills=skills, k=None, rate=round(held / len(idx), 4), ci=list(wilson(held, len(idx))),
                         held=held, n=len(idx), per_rule={s: both_rules(outs, [s]) for s in skills}, seconds=0.0,
